@@ -1,0 +1,13 @@
+"""The ``imagefarm`` command line: one Typer app, one module per verb group.
+
+Every command takes its settings from flags over ``IMAGEFARM_*`` variables
+(see ``imagefarm.settings``) and turns library errors into one clear line and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+from ._app import app, main  # noqa: F401
+
+# each module registers its commands on ``app``
+from . import demo, doctor  # noqa: E402,F401

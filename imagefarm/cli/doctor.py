@@ -1,0 +1,67 @@
+"""``imagefarm doctor`` and ``imagefarm dev up|down``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .. import devstack
+from ..doctor import run_checks
+from ..settings import Settings
+from ._app import app, console, emit_json, friendly, out
+
+
+@app.command()
+@friendly
+def doctor(
+    to: Optional[str] = typer.Option(None, help="registry prefix to check (IMAGEFARM_TO)"),
+    broker_url: Optional[str] = typer.Option(None, help="Redis URL to check (IMAGEFARM_BROKER_URL)"),
+    no_services: bool = typer.Option(False, "--no-services", help="check only local tools, not registry/Redis"),
+    json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Check buildah, podman (really starts a container), skopeo, the registry and Redis.
+
+    Prints what is missing with the command that fixes it; exits 1 if anything is.
+    """
+    settings = Settings.load(to=to, broker_url=broker_url)
+    checks = run_checks(settings, services=not no_services)
+    if json_out:
+        emit_json([c.__dict__ for c in checks])
+    else:
+        table = Table("part", "", "detail", "fix")
+        for c in checks:
+            table.add_row(c.part, "[green]ok[/]" if c.ok else "[red]MISSING[/]", c.detail, c.fix)
+        out.print(table)
+    missing = [c for c in checks if not c.ok]
+    if missing:
+        if not json_out:
+            for c in missing:
+                out.print(f"missing {c.part}: {c.detail}; fix: {c.fix}", soft_wrap=True, highlight=False, markup=False)
+        console.print(f"[red]{len(missing)} part(s) missing[/]: run the fix shown for each")
+        raise typer.Exit(1)
+
+
+dev = typer.Typer(help="The embedded default: a local registry and Redis for one machine.", no_args_is_help=True)
+app.add_typer(dev, name="dev")
+
+
+@dev.command("up")
+@friendly
+def dev_up(
+    to: Optional[str] = typer.Option(None, help="registry prefix; its host:port is where the registry listens"),
+    broker_url: Optional[str] = typer.Option(None, help="Redis URL; its port is where Redis listens"),
+) -> None:
+    """Start the local registry and Redis (idempotent; data kept under the state dir)."""
+    settings = Settings.load(to=to, broker_url=broker_url)
+    for ep in devstack.up(settings):
+        out.print(f"{ep.name:9} {ep.host}:{ep.port}  pid {ep.pid}")
+
+
+@dev.command("down")
+@friendly
+def dev_down() -> None:
+    """Stop the local registry and Redis started by `dev up`."""
+    stopped = devstack.down(Settings.load())
+    out.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))

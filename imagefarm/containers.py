@@ -1,0 +1,106 @@
+"""Run podman, buildah and skopeo with the project's own container configuration.
+
+Nothing global is touched: every call gets ``CONTAINERS_CONF``,
+``CONTAINERS_REGISTRIES_CONF`` and ``CONTAINERS_STORAGE_CONF`` pointing at files the
+project ships (runc, ulimits, no short names) and a storage.conf written under the
+state directory, so tests and users each get isolated image storage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .errors import ToolError, ToolMissing
+from .settings import Settings
+
+DATA = Path(__file__).resolve().parent / "data"
+
+INSTALL_HINT = {
+    "podman": "apt-get install -y podman runc",
+    "buildah": "apt-get install -y buildah",
+    "skopeo": "apt-get install -y skopeo",
+    "runc": "apt-get install -y runc",
+    "docker-registry": "apt-get install -y docker-registry",
+    "redis-server": "apt-get install -y redis-server",
+    "debootstrap": "apt-get install -y debootstrap",
+    "fuse-overlayfs": "apt-get install -y fuse-overlayfs",
+    "htpasswd": "apt-get install -y apache2-utils",
+    "git": "apt-get install -y git",
+}
+
+
+def which(tool: str) -> str:
+    """Path of ``tool`` or ``ToolMissing`` saying how to install it."""
+    path = shutil.which(tool)
+    if not path:
+        hint = INSTALL_HINT.get(tool, f"install {tool}")
+        raise ToolMissing(f"{tool} is not installed (or not on PATH): run `{hint}` or scripts/setup")
+    return path
+
+
+def storage_conf(state_dir: Path) -> Path:
+    """Write (once) a storage.conf keeping images under ``state_dir``."""
+    root = state_dir / "containers"
+    conf = root / "storage.conf"
+    text = (
+        "# written by imagefarm: container storage under its state directory\n"
+        "[storage]\n"
+        'driver = "overlay"\n'
+        f'graphroot = "{root / "storage"}"\n'
+        f'runroot = "{root / "run"}"\n'
+    )
+    if not conf.exists() or conf.read_text() != text:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = conf.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(conf)
+    return conf
+
+
+def container_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment podman/buildah/skopeo run with."""
+    env = dict(os.environ if base is None else base)
+    env["CONTAINERS_CONF"] = str(DATA / "containers.conf")
+    env["CONTAINERS_REGISTRIES_CONF"] = str(DATA / "registries.conf")
+    env["CONTAINERS_STORAGE_CONF"] = str(storage_conf(settings.state_dir))
+    env.setdefault("BUILDAH_ISOLATION", "chroot")
+    return env
+
+
+def run(
+    settings: Settings,
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float | None = 600,
+    input: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a container tool; raise ``ToolError`` with its stderr on failure."""
+    exe = which(argv[0])
+    full_env = container_env(settings)
+    if env:
+        full_env.update(env)
+    try:
+        proc = subprocess.run(
+            [exe, *argv[1:]],
+            capture_output=True,
+            text=input is None,
+            input=input,
+            env=full_env,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ToolError(f"`{' '.join(argv[:3])} ...` timed out after {timeout}s") from exc
+    if isinstance(proc.stdout, bytes):
+        proc = subprocess.CompletedProcess(
+            proc.args, proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+        )
+    if check and proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise ToolError(f"`{' '.join(argv[:4])}` failed (exit {proc.returncode}):\n{tail}")
+    return proc

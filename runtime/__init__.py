@@ -1,0 +1,1 @@
+"""The runtime server (installed as ``imagefarm.runtime``)."""

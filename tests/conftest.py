@@ -1,0 +1,120 @@
+"""Session fixtures: real services on free loopback ports, isolated container storage.
+
+Nothing here is a mock. The registry is Debian's docker-registry, Redis is
+redis-server, containers run under podman with the project's own configuration and
+storage under a temporary state directory. Everything started is stopped at the end.
+Slow parts (debootstrapped rootfs, payload) are cached under the user's cache dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imagefarm.containers import run
+from imagefarm.settings import Settings
+from imagefarm.testing.images import FixtureFactory
+from imagefarm.testing.services import Redis, Registry
+
+REQUIRED = {
+    "docker-registry": "apt-get install -y docker-registry",
+    "redis-server": "apt-get install -y redis-server",
+    "podman": "apt-get install -y podman runc",
+    "runc": "apt-get install -y runc",
+    "buildah": "apt-get install -y buildah",
+    "skopeo": "apt-get install -y skopeo",
+    "debootstrap": "apt-get install -y debootstrap",
+    "htpasswd": "apt-get install -y apache2-utils",
+    "git": "apt-get install -y git",
+}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    missing = [f"{tool} ({fix})" for tool, fix in REQUIRED.items() if not shutil.which(tool)]
+    if missing:
+        raise pytest.UsageError(
+            "the test suite needs real tools that are not installed: " + ", ".join(missing)
+            + ". Run scripts/setup (or `make test`), which installs them."
+        )
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The user's cache (debootstrap rootfs, payload): shared across runs on purpose."""
+    return Settings().cache_dir
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Settings:
+    """Settings with a private state dir (so podman/buildah storage is isolated)."""
+    state = tmp_path_factory.mktemp("state")
+    s = Settings(state_dir=state, cache_dir=cache_dir)
+    yield s
+    # leave no container or mount behind
+    run(s, ["podman", "rm", "--all", "--force", "--time", "0"], check=False, timeout=120)
+    run(s, ["buildah", "rm", "--all"], check=False, timeout=120)
+    run(s, ["podman", "system", "reset", "--force"], check=False, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    with Registry.create(tmp_path_factory.mktemp("registry")) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    """A registry that requires htpasswd basic auth (user ``farm``, password ``s3cret``)."""
+    with Registry.create(tmp_path_factory.mktemp("auth-registry"), users={"farm": "s3cret"}) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Redis:
+    with Redis.create(tmp_path_factory.mktemp("redis")) as r:
+        yield r
+
+
+@pytest.fixture(scope="session")
+def fixtures(settings: Settings, registry: Registry) -> FixtureFactory:
+    """Makes r2e-style bases in the session registry."""
+    with FixtureFactory(settings, registry.host) as f:
+        yield f
+
+
+@pytest.fixture(scope="session")
+def r2e_base(fixtures: FixtureFactory):
+    return fixtures.r2e_base()
+
+
+@pytest.fixture(scope="session")
+def busybox_base(fixtures: FixtureFactory):
+    return fixtures.busybox_base()
+
+
+@pytest.fixture(scope="session")
+def multiarch_base(fixtures: FixtureFactory):
+    return fixtures.multiarch()
+
+
+@pytest.fixture
+def cli_env(settings: Settings, registry: Registry, redis_server: Redis) -> dict[str, str]:
+    """Environment for running the ``imagefarm`` CLI against the session services."""
+    env = dict(os.environ)
+    env.update({
+        "IMAGEFARM_STATE_DIR": str(settings.state_dir),
+        "IMAGEFARM_CACHE_DIR": str(settings.cache_dir),
+        "IMAGEFARM_TO": f"{registry.host}/prebuilt",
+        "IMAGEFARM_BROKER_URL": redis_server.url,
+    })
+    return env
+
+
+def imagefarm_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed ``imagefarm`` console script as a user would."""
+    exe = shutil.which("imagefarm") or str(Path(os.sys.executable).parent / "imagefarm")
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=timeout)

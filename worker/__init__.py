@@ -1,0 +1,1 @@
+"""The farm: Celery app and tasks (installed as ``imagefarm.worker``)."""
