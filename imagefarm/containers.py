@@ -42,29 +42,42 @@ def which(tool: str) -> str:
     return path
 
 
+def _write_once(path: Path, text: str) -> Path:
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
 def storage_conf(state_dir: Path) -> Path:
-    """Write (once) a storage.conf keeping images under ``state_dir``."""
-    root = state_dir / "containers"
-    conf = root / "storage.conf"
-    text = (
+    """A storage.conf keeping images under ``state_dir``."""
+    root = Path(state_dir) / "containers"
+    return _write_once(root / "storage.conf", (
         "# written by imagefarm: container storage under its state directory\n"
         "[storage]\n"
         'driver = "overlay"\n'
         f'graphroot = "{root / "storage"}"\n'
         f'runroot = "{root / "run"}"\n'
-    )
-    if not conf.exists() or conf.read_text() != text:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = conf.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(conf)
-    return conf
+    ))
+
+
+def containers_conf(state_dir: Path) -> Path:
+    """The shipped containers.conf plus this state directory's run-time paths."""
+    root = Path(state_dir) / "containers"
+    return _write_once(root / "containers.conf", (DATA / "containers.conf").read_text() + (
+        "# added for this state directory\n"
+        f'tmp_dir = "{root / "tmp"}"\n'
+        f'static_dir = "{root / "libpod"}"\n'
+        f'volume_path = "{root / "volumes"}"\n'
+    ))
 
 
 def container_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment podman/buildah/skopeo run with."""
     env = dict(os.environ if base is None else base)
-    env["CONTAINERS_CONF"] = str(DATA / "containers.conf")
+    env["CONTAINERS_CONF"] = str(containers_conf(settings.state_dir))
     env["CONTAINERS_REGISTRIES_CONF"] = str(DATA / "registries.conf")
     env["CONTAINERS_STORAGE_CONF"] = str(storage_conf(settings.state_dir))
     env.setdefault("BUILDAH_ISOLATION", "chroot")

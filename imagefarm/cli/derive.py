@@ -1,0 +1,56 @@
+"""``imagefarm derive BASE``: one base -> one agent-server image, printed as ref@digest."""
+
+from __future__ import annotations
+
+import typer
+
+from ..settings import Settings
+from ._app import app, console, emit_json, friendly, out
+
+
+@app.command("derive")
+@friendly
+def derive_cmd(
+    base_ref: str = typer.Argument(..., metavar="BASE_REF", help="base image, e.g. namanjain12/pandas_final:<commit>"),
+    to: str = typer.Option(None, "--to", help="registry prefix to push to (IMAGEFARM_TO)"),
+    recipe: str = typer.Option(None, "--recipe", help="recipe name or path (IMAGEFARM_RECIPE)"),
+    platform: str = typer.Option(None, "--platform", help="platform picked from image indexes"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    payload_layer: str = typer.Option(
+        None, "--payload-layer", hidden=True,
+        help="use this tar+gzip layer blob as the payload instead of building the recipe's"),
+) -> None:
+    """Derive the agent-server image of BASE_REF and push it under --to.
+
+    The fast path appends the recipe's payload layer to the base by manifest surgery
+    (no base layer is pulled); recipes of kind "buildah" are built with buildah. A
+    derive that already exists is reported as skipped and costs two requests.
+    """
+    from ..derive import AppendPayload, derive
+    from ..derive.build import build
+    from ..recipe import recipe_for
+
+    settings = Settings.load(to=to, recipe=recipe, platform=platform)
+    rec = recipe_for(settings)
+    if rec.kind == "buildah":
+        result = build(base_ref, rec, settings)
+    else:
+        if payload_layer:
+            from ..derive.values import payload_from_file
+            payload = payload_from_file(payload_layer, rec)
+        else:
+            from ..payload import build_payload, load_payload
+            found = load_payload(settings, rec)
+            if found is None:
+                console.print(f"building the agent-server payload for recipe {rec.name} "
+                              "(minutes the first time, cached afterwards) ...")
+                found = build_payload(settings, rec, log=lambda m: console.print(m, highlight=False))
+            payload = AppendPayload.of(found, rec)
+        result = derive(base_ref, payload, settings)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    out.print(result.ref, highlight=False, soft_wrap=True)
+    state = "already there (skipped)" if result.skipped else f"{result.kind} derive"
+    console.print(f"{state}: {result.requests} requests, {result.blobs_uploaded} blobs / "
+                  f"{result.bytes_moved} bytes sent", highlight=False)

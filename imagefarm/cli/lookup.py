@@ -1,0 +1,75 @@
+"""``imagefarm lookup`` and ``imagefarm serve-lookup``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..lookup import Lookup, build_command, normalise_query
+from ..settings import Settings
+from ._app import app, console, emit_json, friendly, out
+
+
+@app.command()
+@friendly
+def lookup(
+    base: list[str] = typer.Argument(..., help="base reference(s), e.g. namanjain12/pandas_final:<commit>"),
+    to: Optional[str] = typer.Option(None, help="registry prefix prebuilt images live under (IMAGEFARM_TO)"),
+    recipe: Optional[str] = typer.Option(None, help="recipe name or path (IMAGEFARM_RECIPE)"),
+    lockfile: Optional[Path] = typer.Option(None, help="answer from this lockfile first"),
+    json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Which prebuilt image serves this base? Exit 1 if any base has none."""
+    settings = Settings.load(to=to, recipe=recipe)
+    lk = Lookup(settings, lockfile=lockfile)
+    try:
+        answers = lk.resolve_many(base)
+    finally:
+        lk.close()
+    results, missing = [], 0
+    for q, a in zip(base, answers):
+        if isinstance(a, Exception):
+            raise a
+        if a is None:
+            missing += 1
+            ref = str(normalise_query(q))
+            results.append({"base": ref, "found": False, "build": build_command(ref, lk.to)})
+            if not json_out:
+                console.print(f"[red]no prebuilt image[/] for {ref}; build it with: {build_command(ref, lk.to)}",
+                              highlight=False)
+        else:
+            results.append({"found": True, **a.to_json()})
+            if not json_out:
+                out.print(f"{a.pinned}" + ("" if a.verified else "  (not verified)"), highlight=False)
+    if json_out:
+        emit_json(results if len(results) > 1 else results[0])
+    if missing:
+        raise typer.Exit(1)
+
+
+@app.command("serve-lookup")
+@friendly
+def serve_lookup(
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8780, help="port to listen on"),
+    to: Optional[str] = typer.Option(None, help="registry prefix (IMAGEFARM_TO)"),
+    recipe: Optional[str] = typer.Option(None, help="recipe name or path (IMAGEFARM_RECIPE)"),
+    lockfile: Optional[Path] = typer.Option(None, help="answer from this lockfile first"),
+    api_key: Optional[str] = typer.Option(None, envvar="IMAGEFARM_LOOKUP_API_KEY",
+                                          help="require this X-API-Key (optional for lookups)"),
+    ttl: float = typer.Option(60.0, help="seconds a found answer is cached"),
+) -> None:
+    """Serve lookups over HTTP: /v1/lookup, /healthz, /metrics, /docs."""
+    import uvicorn
+
+    from ..lookup_api import create_app
+
+    settings = Settings.load(to=to, recipe=recipe)
+    lk = Lookup(settings, lockfile=lockfile, ttl=ttl)
+    logging.getLogger("imagefarm").info("lookup API on %s:%s (auth %s)", host, port, "on" if api_key else "off")
+    console.print(f"lookup API on http://{host}:{port} for {lk.to} (API key {'required' if api_key else 'not required'})")
+    uvicorn.run(create_app(lk, api_key), host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,15 @@
+"""OCI registry access: a thread-safe client, auth, and manifests as values.
+
+``RegistryClient`` does the HTTP; ``manifests`` parses and validates what it reads;
+``auth`` finds credentials and answers challenges; ``stats`` counts the traffic.
+"""
+
+from __future__ import annotations
+
+from .auth import Credentials, load_credentials, scope
+from .client import RegistryClient, Resolved
+from .manifests import Index, Manifest, parse, select_platform
+from .stats import Stats
+
+__all__ = ["Credentials", "Index", "Manifest", "RegistryClient", "Resolved", "Stats",
+           "load_credentials", "parse", "scope", "select_platform"]

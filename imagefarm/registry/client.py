@@ -1,0 +1,539 @@
+"""A small OCI distribution client over httpx: manifests, blobs, mounts, streamed copies.
+
+Why not oras-py (``oras`` on PyPI)? It speaks the same API and its auth-header parser
+is used here (``auth.parse_challenge``), but it has no cross-repository blob mount
+(the whole point of the fast derive path), it reads a blob into memory to upload it
+(``fd.read()``), it cannot stream a blob from one registry into another, and it is
+built on ``requests`` without a per-request retry policy. This client is sync and
+safe to share between the threads of a pool: one ``httpx.Client`` (HTTP/1.1
+keep-alive, pooled connections), auth state behind locks, per-thread stats.
+
+Failure policy: 429, 5xx and dropped connections are retried with exponential
+backoff and jitter, then raise ``TransientRegistryError`` / ``RegistryUnreachable``;
+401/403 raise ``AuthError`` saying how to log in; 404 raises ``NotFound`` quoting the
+registry. Plain HTTP is used for loopback registries and ``settings.insecure_registries``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import httpx
+
+from .. import oci
+from ..errors import (AuthError, NotFound, RegistryError, RegistryUnreachable,
+                      TransientRegistryError, UnsupportedMedia)
+from ..oci import Descriptor
+from ..reference import Reference
+from ..settings import Settings
+from . import manifests as mf
+from .auth import Authenticator, Challenge, Credentials, load_credentials, rejected, scope
+from .stats import StatsSink
+
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+CHUNK = 1 << 20
+#: configs are small; refuse absurd ones instead of reading them into memory
+CONFIG_LIMIT = 16 * 1024 * 1024
+
+Body = Callable[[], Iterable[bytes] | bytes]
+BlobSource = Path | bytes | Callable[[], Iterable[bytes]] | Iterable[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A reference resolved to one platform's image manifest."""
+
+    ref: Reference
+    manifest: mf.Manifest
+    index: mf.Index | None = None
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+
+class _OneShot:
+    """Body factory for a single-use iterator: a retry that needs it again is refused."""
+
+    def __init__(self, it: Iterable[bytes]):
+        self._it, self._used = it, False
+
+    def __call__(self) -> Iterable[bytes]:
+        if self._used:
+            raise TransientRegistryError("upload from a one-shot stream failed part way and cannot be replayed")
+        self._used = True
+        return self._it
+
+
+class RegistryClient:
+    """Talk to any number of registries; every method takes a ``Reference``."""
+
+    def __init__(self, settings: Settings | None = None, *, retries: int = 5, backoff: float = 0.2,
+                 max_backoff: float = 8.0, timeout: float = 60.0,
+                 credentials: dict[str, Credentials] | None = None) -> None:
+        self.settings = settings or Settings.load()
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        n = self.settings.registry_concurrency
+        # a streamed cross-registry copy holds two connections (GET and PUT)
+        limits = httpx.Limits(max_connections=2 * n, max_keepalive_connections=2 * n)
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=10.0, pool=600.0),
+            # TCP_NODELAY: headers and body go out in two writes; Nagle plus a delayed
+            # ACK can hold a small PUT body back for tens of milliseconds
+            transport=httpx.HTTPTransport(limits=limits, socket_options=[
+                (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]),
+            follow_redirects=False,
+        )
+        creds = credentials if credentials is not None else load_credentials(self.settings.auth_file)
+        self._auth = Authenticator(creds, self._fetch_token)
+        self._pinged: set[str] = set()
+        self._ping_lock = threading.Lock()
+        self.stats = StatsSink()
+
+    # -- lifecycle -------------------------------------------------------------
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "RegistryClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def track(self):
+        """``with client.track() as s:`` counts this thread's requests into ``s``."""
+        return self.stats.track()
+
+    # -- transport -------------------------------------------------------------
+    def base_url(self, ref: Reference) -> str:
+        plain = ref.is_loopback or ref.registry in self.settings.insecure_registries \
+            or ref.api_host in self.settings.insecure_registries
+        return f"{'http' if plain else 'https'}://{ref.api_host}"
+
+    def _url(self, ref: Reference, tail: str) -> str:
+        return f"{self.base_url(ref)}/v2/{ref.repository}/{tail}"
+
+    def _sleep(self, attempt: int, resp: httpx.Response | None) -> None:
+        delay = min(self.max_backoff, self.backoff * (2 ** attempt))
+        delay = delay / 2 + random.uniform(0, delay / 2)
+        if resp is not None and resp.headers.get("Retry-After", "").isdigit():
+            delay = min(self.max_backoff, float(resp.headers["Retry-After"]))
+        time.sleep(delay)
+
+    def _send(self, method: str, url: str, headers: dict[str, str], body: Body | None,
+              params: dict[str, str] | None, stream: bool, follow: bool) -> httpx.Response:
+        content = body() if body is not None else None
+        if content is not None and not isinstance(content, (bytes, bytearray)):
+            content = self._count_up(content)
+        elif content is not None:
+            self.stats.add(bytes_up=len(content))
+        target = httpx.URL(url)
+        if params:  # merge: an upload Location carries its own query (``_state``)
+            target = target.copy_merge_params(params)
+        req = self._http.build_request(method, target, headers=headers, content=content)
+        self.stats.add(requests=1)
+        resp = self._http.send(req, stream=True, follow_redirects=follow)
+        if not stream:
+            try:
+                resp.read()
+            finally:
+                resp.close()
+            self.stats.add(bytes_down=len(resp.content))
+        return resp
+
+    def _count_up(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for c in chunks:
+            self.stats.add(bytes_up=len(c))
+            yield c
+
+    def _ensure_auth(self, ref: Reference) -> None:
+        """Learn once per registry how it authenticates (``GET /v2/``), so uploads are
+        sent with credentials up front and never streamed twice."""
+        if ref.registry in self._pinged:
+            return
+        with self._ping_lock:
+            if ref.registry in self._pinged:
+                return
+            self.ping(ref)
+            self._pinged.add(ref.registry)
+
+    def ping(self, ref: Reference) -> None:
+        """``GET /v2/``: raises ``RegistryUnreachable`` if nothing answers."""
+        resp = self._request("GET", ref, f"{self.base_url(ref)}/v2/", scopes=(), what="the API root",
+                             ok=(200, 401), auth=False)
+        if resp.status_code == 401:
+            www = resp.headers.get("WWW-Authenticate", "")
+            if self._auth.credentials(ref.registry) is not None or "bearer" in www.lower():
+                self._auth.learn(ref.registry, www)
+
+    def _request(self, method: str, ref: Reference, url: str, *, scopes: Sequence[str], what: str,
+                 ok: Sequence[int] = (200,), headers: dict[str, str] | None = None,
+                 body: Body | None = None, params: dict[str, str] | None = None,
+                 stream: bool = False, follow: bool = False, retries: int | None = None,
+                 auth: bool = True, missing_ok: bool = False) -> httpx.Response:
+        """One logical request: auth, retries, and error mapping. Returns an ``ok`` response
+        (or a 404 with ``missing_ok``); a streamed response must be closed by the caller."""
+        if auth:
+            self._ensure_auth(ref)
+        retries = self.retries if retries is None else retries
+        host = ref.registry
+        attempt = 0
+        while True:
+            resp: httpx.Response | None = None
+            try:
+                resp = self._send_authed(method, ref, url, scopes, what, headers, body, params,
+                                         stream, follow, auth)
+            except httpx.TransportError as exc:
+                if attempt >= retries:
+                    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                        raise RegistryUnreachable(
+                            f"cannot reach registry {host} for {what} after {attempt + 1} tries "
+                            f"({type(exc).__name__}: {exc}): is it running and is the address right?"
+                            f"{'' if ref.is_loopback else ' (plain HTTP registries belong in insecure_registries)'}"
+                        ) from None
+                    raise TransientRegistryError(
+                        f"registry {host} dropped the connection during {what} {attempt + 1} times "
+                        f"({type(exc).__name__}: {exc})") from None
+            else:
+                if resp.status_code not in RETRY_STATUS or attempt >= retries:
+                    break
+                if stream:
+                    resp.close()
+            attempt += 1
+            self.stats.add(retries=1)
+            self._sleep(attempt - 1, resp)
+        code = resp.status_code
+        if code in ok or (missing_ok and code == 404):
+            return resp
+        if stream:
+            resp.read()
+            resp.close()
+        msg = registry_message(resp)
+        if code in RETRY_STATUS:
+            raise TransientRegistryError(f"registry {host} failed {what} with {code} after "
+                                         f"{attempt + 1} tries: {msg}")
+        if code in (401, 403):
+            raise AuthError(rejected(host, what, self._auth.credentials(host)) + f" (registry said: {msg})")
+        if code == 404:
+            raise NotFound(f"{what}: not found in registry {host} (registry said: {msg})")
+        raise RegistryError(f"registry {host} refused {what} with HTTP {code}: {msg}")
+
+    def _send_authed(self, method, ref, url, scopes, what, headers, body, params, stream, follow, auth):
+        hdrs = dict(headers or {})
+        if auth:
+            h = self._auth.header(ref.registry, scopes)
+            if h:
+                hdrs["Authorization"] = h
+        resp = self._send(method, url, hdrs, body, params, stream, follow)
+        if resp.status_code != 401 or not auth:
+            return resp
+        www = resp.headers.get("WWW-Authenticate", "")
+        if stream:
+            resp.close()
+        hdrs["Authorization"] = self._auth.challenged(ref.registry, www, scopes, what=what)
+        return self._send(method, url, hdrs, body, params, stream, follow)
+
+    def _fetch_token(self, ch: Challenge, scopes: Sequence[str], creds: Credentials | None) -> tuple[str, float]:
+        params: list[tuple[str, str]] = [("service", ch.service)] if ch.service else []
+        params += [("scope", s) for s in scopes]
+        headers = {"Authorization": creds.basic} if creds else {}
+        host = urllib.parse.urlsplit(ch.realm).netloc or ch.realm
+        for attempt in range(self.retries + 1):
+            try:
+                self.stats.add(requests=1)
+                resp = self._http.get(ch.realm, params=params, headers=headers)
+            except httpx.TransportError as exc:
+                if attempt >= self.retries:
+                    raise RegistryUnreachable(f"cannot reach token server {ch.realm}: {exc}") from None
+                self._sleep(attempt, None)
+                continue
+            if resp.status_code in RETRY_STATUS and attempt < self.retries:
+                self._sleep(attempt, resp)
+                continue
+            break
+        if resp.status_code in (401, 403):
+            raise AuthError(rejected(ch.service or host, f"a token for {' '.join(scopes) or 'login'}", creds))
+        if resp.status_code != 200:
+            raise RegistryError(f"token server {ch.realm} answered {resp.status_code}: {resp.text[:200]}")
+        try:
+            doc = resp.json()
+            token = doc.get("token") or doc["access_token"]
+        except (ValueError, KeyError):
+            raise RegistryError(f"token server {ch.realm} sent no token") from None
+        return token, float(doc.get("expires_in") or 60)
+
+    # -- manifests -------------------------------------------------------------
+    def get_manifest(self, ref: Reference, *, scopes: Sequence[str] | None = None) -> mf.Manifest | mf.Index:
+        """GET the manifest or index ``ref`` names (size-limited, digest-checked)."""
+        what = f"manifest {ref}"
+        resp = self._request("GET", ref, self._url(ref, f"manifests/{ref.identifier}"),
+                             scopes=scopes or (scope(ref.repository),), what=what,
+                             headers={"Accept": oci.ACCEPT}, stream=True)
+        try:
+            size = int(resp.headers.get("Content-Length") or 0)
+            if size > mf.MANIFEST_LIMIT:
+                raise UnsupportedMedia(f"{what}: manifest is {size} bytes, over the "
+                                       f"{mf.MANIFEST_LIMIT} byte limit")
+            raw = _read_limited(resp, mf.MANIFEST_LIMIT, what)
+            self.stats.add(bytes_down=len(raw))
+        finally:
+            resp.close()
+        digest = oci.sha256_digest(raw)
+        if ref.digest and ref.digest != digest:
+            raise RegistryError(f"{what}: registry {ref.registry} returned content with digest {digest}")
+        return mf.parse(raw, resp.headers.get("Content-Type"), digest=digest, where=what)
+
+    def head_manifest(self, ref: Reference, *, scopes: Sequence[str] | None = None) -> Descriptor | None:
+        """Descriptor of ``ref`` (digest from Docker-Content-Digest) or None if absent."""
+        resp = self._request("HEAD", ref, self._url(ref, f"manifests/{ref.identifier}"),
+                             scopes=scopes or (scope(ref.repository),), what=f"manifest {ref}",
+                             headers={"Accept": oci.ACCEPT}, missing_ok=True)
+        if resp.status_code == 404:
+            return None
+        return Descriptor(resp.headers.get("Content-Type", "").split(";")[0],
+                          resp.headers.get("Docker-Content-Digest", ""),
+                          int(resp.headers.get("Content-Length") or 0))
+
+    def resolve(self, ref: Reference, platform: str | None = None, *,
+                scopes: Sequence[str] | None = None) -> Resolved:
+        """The image manifest ``ref`` means on ``platform`` (indexes resolved)."""
+        got = self.get_manifest(ref, scopes=scopes)
+        if isinstance(got, mf.Manifest):
+            return Resolved(ref, got)
+        platform = platform or self.settings.platform
+        entry = mf.select_platform(got, platform, where=f"image index {ref}")
+        child = self.get_manifest(ref.with_digest(entry.digest), scopes=scopes)
+        if not isinstance(child, mf.Manifest):
+            raise UnsupportedMedia(f"image index {ref}: entry for {platform} is itself an index")
+        return Resolved(ref, child, got)
+
+    def put_manifest(self, ref: Reference, raw: bytes, media_type: str, *,
+                     scopes: Sequence[str] | None = None) -> str:
+        """PUT a manifest under ``ref``'s tag (or digest); returns its digest."""
+        resp = self._request("PUT", ref, self._url(ref, f"manifests/{ref.identifier}"),
+                             scopes=scopes or (scope(ref.repository, True),), what=f"push of manifest {ref}",
+                             headers={"Content-Type": media_type}, body=lambda: raw, ok=(201, 200))
+        return resp.headers.get("Docker-Content-Digest") or oci.sha256_digest(raw)
+
+    def list_tags(self, ref: Reference, *, page_size: int | None = None) -> list[str]:
+        """Every tag of ``ref``'s repository, following ``Link: <...>; rel="next"`` pages."""
+        url = self._url(ref, "tags/list")
+        params = {"n": str(page_size)} if page_size else None
+        tags: list[str] = []
+        while url:
+            resp = self._request("GET", ref, url, scopes=(scope(ref.repository),),
+                                 what=f"tag list of {ref.name}", params=params)
+            tags += resp.json().get("tags") or []
+            url, params = _next_link(resp, self.base_url(ref)), None
+        return tags
+
+    # -- blobs -----------------------------------------------------------------
+    def blob_exists(self, ref: Reference, digest: str, *, scopes: Sequence[str] | None = None) -> bool:
+        resp = self._request("HEAD", ref, self._url(ref, f"blobs/{digest}"),
+                             scopes=scopes or (scope(ref.repository),), what=f"blob {digest[:19]} in {ref.name}",
+                             missing_ok=True, follow=True)
+        return resp.status_code == 200
+
+    def get_blob_bytes(self, ref: Reference, digest: str, *, limit: int = CONFIG_LIMIT,
+                       scopes: Sequence[str] | None = None) -> bytes:
+        """A small blob (a config) in memory, size-limited and digest-checked."""
+        what = f"blob {digest[:19]} of {ref.name}"
+        with self.open_blob(ref, digest, scopes=scopes) as chunks:
+            buf = bytearray()
+            for c in chunks:
+                buf += c
+                if len(buf) > limit:
+                    raise UnsupportedMedia(f"{what}: larger than {limit} bytes")
+        data = bytes(buf)
+        if oci.sha256_digest(data) != digest:
+            raise RegistryError(f"{what}: content does not match its digest")
+        return data
+
+    @contextlib.contextmanager
+    def open_blob(self, ref: Reference, digest: str, *, scopes: Sequence[str] | None = None
+                  ) -> Iterator[Iterator[bytes]]:
+        """Stream a blob (redirects to storage followed); yields an iterator of chunks."""
+        resp = self._request("GET", ref, self._url(ref, f"blobs/{digest}"),
+                             scopes=scopes or (scope(ref.repository),),
+                             what=f"blob {digest[:19]} of {ref.name}", stream=True, follow=True)
+        try:
+            yield self._count_down(resp.iter_raw(CHUNK))
+        finally:
+            resp.close()
+
+    def _count_down(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for c in chunks:
+            self.stats.add(bytes_down=len(c))
+            yield c
+
+    def mount_blob(self, ref: Reference, digest: str, from_repo: str, *,
+                   scopes: Sequence[str] | None = None) -> tuple[bool, str | None]:
+        """Cross-repository mount within one registry: (True, None) if mounted, else
+        (False, upload location) -- the registry opened an upload session instead."""
+        scopes = scopes or (scope(ref.repository, True), scope(from_repo))
+        resp = self._request("POST", ref, self._url(ref, "blobs/uploads/"), scopes=scopes,
+                             what=f"mount of blob {digest[:19]} from {from_repo} into {ref.name}",
+                             params={"mount": digest, "from": from_repo}, ok=(201, 202))
+        if resp.status_code == 201:
+            self.stats.add(blobs_mounted=1)
+            return True, None
+        return False, self._location(ref, resp)
+
+    def start_upload(self, ref: Reference, *, scopes: Sequence[str] | None = None) -> str:
+        resp = self._request("POST", ref, self._url(ref, "blobs/uploads/"),
+                             scopes=scopes or (scope(ref.repository, True),),
+                             what=f"blob upload to {ref.name}", ok=(202,))
+        return self._location(ref, resp)
+
+    def _location(self, ref: Reference, resp: httpx.Response) -> str:
+        loc = resp.headers.get("Location")
+        if not loc:
+            raise RegistryError(f"registry {ref.registry} opened an upload without a Location header")
+        return urllib.parse.urljoin(self.base_url(ref) + "/", loc)
+
+    def upload_blob(self, ref: Reference, digest: str, source: BlobSource, *, size: int | None = None,
+                    chunk_size: int | None = None, location: str | None = None,
+                    scopes: Sequence[str] | None = None) -> None:
+        """Upload a blob streamed from a file, bytes, an iterator, or a factory of
+        iterators (a factory or a file can be replayed: a transient failure restarts the
+        upload in a fresh session). ``chunk_size`` switches to PATCH-chunked upload."""
+        scopes = scopes or (scope(ref.repository, True),)
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            size = path.stat().st_size if size is None else size
+            factory: Callable[[], Iterable[bytes]] = lambda: _file_chunks(path)
+        elif isinstance(source, (bytes, bytearray)):
+            data = bytes(source)
+            size = len(data)
+            factory = lambda: [data]
+        elif callable(source):
+            factory = source
+        else:
+            factory = _OneShot(source)
+        attempt = 0
+        while True:
+            try:
+                loc = location or self.start_upload(ref, scopes=scopes)
+                location = None  # a restart needs a fresh session
+                counted = _Counted(factory())
+                if chunk_size:
+                    self._put_chunked(ref, digest, counted, loc, chunk_size, scopes)
+                else:
+                    headers = {"Content-Type": "application/octet-stream"}
+                    if size is not None:
+                        headers["Content-Length"] = str(size)
+                    self._request("PUT", ref, loc, scopes=scopes, what=f"upload of blob {digest[:19]} to {ref.name}",
+                                  headers=headers, body=_once(counted), params={"digest": digest},
+                                  ok=(201, 204), retries=0)
+                self.stats.add(blobs_uploaded=1, blob_bytes_uploaded=counted.n)
+                return
+            except (TransientRegistryError, RegistryUnreachable):
+                if attempt >= self.retries or isinstance(factory, _OneShot):
+                    raise
+            attempt += 1
+            self.stats.add(retries=1)
+            self._sleep(attempt - 1, None)
+
+    def _put_chunked(self, ref, digest, chunks, loc, chunk_size, scopes) -> None:
+        offset = 0
+        what = f"chunked upload of blob {digest[:19]} to {ref.name}"
+        for piece in _rechunk(chunks, chunk_size):
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(piece)),
+                       "Content-Range": f"{offset}-{offset + len(piece) - 1}"}
+            resp = self._request("PATCH", ref, loc, scopes=scopes, what=what, headers=headers,
+                                 body=lambda p=piece: p, ok=(202,), retries=0)
+            loc = self._location(ref, resp)
+            offset += len(piece)
+        self._request("PUT", ref, loc, scopes=scopes, what=what, params={"digest": digest},
+                      headers={"Content-Length": "0"}, ok=(201, 204), retries=0)
+
+    def copy_blob(self, src: Reference, dst: Reference, desc: Descriptor, *, location: str | None = None,
+                  scopes: Sequence[str] | None = None) -> None:
+        """Stream a blob from one registry into another (GET piped into PUT, never
+        whole in memory); a dropped transfer restarts from a fresh GET."""
+        stack: list[contextlib.ExitStack] = []
+
+        def open_source() -> Iterator[bytes]:
+            while stack:
+                stack.pop().close()
+            es = contextlib.ExitStack()
+            stack.append(es)
+            return es.enter_context(self.open_blob(src, desc.digest))
+
+        try:
+            self.upload_blob(dst, desc.digest, open_source, size=desc.size, location=location, scopes=scopes)
+        finally:
+            while stack:
+                stack.pop().close()
+
+
+class _Counted:
+    """Counts the bytes an upload actually sent (for ``blob_bytes_uploaded``)."""
+
+    def __init__(self, it: Iterable[bytes]):
+        self._it, self.n = it, 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for c in self._it:
+            self.n += len(c)
+            yield c
+
+
+def _once(it: Iterable[bytes]) -> Body:
+    return _OneShot(it)
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk
+
+
+def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    buf = bytearray()
+    for c in chunks:
+        buf += c
+        while len(buf) >= size:
+            yield bytes(buf[:size])
+            del buf[:size]
+    if buf:
+        yield bytes(buf)
+
+
+def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
+    buf = bytearray()
+    for c in resp.iter_bytes(CHUNK):
+        buf += c
+        if len(buf) > limit:
+            raise UnsupportedMedia(f"{what}: manifest is over the {limit} byte limit")
+    return bytes(buf)
+
+
+def _next_link(resp: httpx.Response, base: str) -> str | None:
+    link = resp.headers.get("Link", "")
+    for part in link.split(","):
+        if 'rel="next"' in part and "<" in part:
+            return urllib.parse.urljoin(base + "/", part[part.index("<") + 1:part.index(">")])
+    return None
+
+
+def registry_message(resp: httpx.Response) -> str:
+    """The registry's own words: ``CODE: message`` from its JSON errors, else the body."""
+    try:
+        errors = resp.json().get("errors") or []
+        if errors:
+            return "; ".join(f"{e.get('code', '?')}: {e.get('message', '')}".strip() for e in errors)
+    except (ValueError, AttributeError):
+        pass
+    text = (resp.text or "").strip()
+    return text[:300] or f"HTTP {resp.status_code} with no body"
+
