@@ -1,0 +1,89 @@
+"""``imagefarm payload build|show``: the agent-server payload layer of a recipe."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+
+from ..settings import Settings
+from ._app import app, console, emit_json, friendly, out
+
+payload_app = typer.Typer(help="The agent-server payload: one layer that runs on any x86_64 base.",
+                          no_args_is_help=True)
+app.add_typer(payload_app, name="payload")
+
+
+def _summary(p, cached: bool | None = None) -> dict:
+    d = p.to_json()
+    d["digest"] = p.layer.digest
+    d["size"] = p.layer.size
+    if cached is not None:
+        d["cached"] = cached
+    return d
+
+
+def _print(p, cached: bool | None = None) -> None:
+    out.print(f"recipe        {p.recipe_name} ({p.recipe_digest[:19]})", highlight=False)
+    out.print(f"agent-server  {p.agent_server_version} (python {p.python_version})", highlight=False)
+    out.print(f"digest        {p.layer.digest}", highlight=False)
+    out.print(f"diff_id       {p.layer.diff_id}", highlight=False)
+    out.print(f"size          {p.layer.size / 1e6:.1f} MB compressed, "
+              f"{p.uncompressed_size / 1e6:.1f} MB unpacked", highlight=False)
+    out.print(f"blob          {p.layer.path}", highlight=False, soft_wrap=True)
+    if cached is not None:
+        out.print(f"cached        {'yes' if cached else f'no (built in {p.build_seconds:.0f}s)'}", highlight=False)
+
+
+@payload_app.command("build")
+@friendly
+def build_cmd(
+    recipe: str = typer.Option(None, "--recipe", help="recipe name or path (IMAGEFARM_RECIPE)"),
+    force: bool = typer.Option(False, "--force", help="rebuild even when cached"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Build (or find in the cache) the payload layer of a recipe.
+
+    Minutes the first time (debootstrap of the builder, the server's install); a
+    cache hit afterwards, until the recipe changes.
+    """
+    from ..payload import build_payload, load_payload
+    from ..recipe import recipe_for
+
+    settings = Settings.load(recipe=recipe)
+    rec = recipe_for(settings)
+    cached = not force and load_payload(settings, rec) is not None
+    t0 = time.monotonic()
+    if not cached:
+        console.print(f"building the payload of recipe {rec.name} (openhands-agent-server "
+                      f"{rec.agent_server_version}) ...", highlight=False)
+    p = build_payload(settings, rec, force=force,
+                      log=lambda m: console.print(f"[{time.monotonic() - t0:5.0f}s] {m}", highlight=False,
+                                                  markup=False, soft_wrap=True))
+    if as_json:
+        emit_json(_summary(p, cached))
+    else:
+        _print(p, cached)
+
+
+@payload_app.command("show")
+@friendly
+def show_cmd(
+    recipe: str = typer.Option(None, "--recipe", help="recipe name or path (IMAGEFARM_RECIPE)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Show the cached payload of a recipe (version, size, digest); exit 1 if not built."""
+    from ..payload import load_payload
+    from ..recipe import recipe_for
+
+    settings = Settings.load(recipe=recipe)
+    rec = recipe_for(settings)
+    p = load_payload(settings, rec)
+    if p is None:
+        console.print(f"no payload built for recipe {rec.name} ({rec.digest[:19]}): "
+                      f"run `imagefarm payload build --recipe {rec.name}`", highlight=False)
+        raise typer.Exit(1)
+    if as_json:
+        emit_json(_summary(p))
+    else:
+        _print(p)
