@@ -1,0 +1,117 @@
+"""``imagefarm prebuild``, ``imagefarm status`` and ``imagefarm worker``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..prebuild import BatchState, load_state, run_batch
+from ..settings import Settings
+from ._app import app, console, emit_json, friendly, out
+
+
+@app.command()
+@friendly
+def prebuild(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="hub id (R2E-Gym/R2E-Gym-Subset), parquet/jsonl/txt file or directory"),
+    to: Optional[str] = typer.Option(None, help="registry prefix for prebuilt images (IMAGEFARM_TO)"),
+    recipe: Optional[str] = typer.Option(None, help="recipe name or path (IMAGEFARM_RECIPE)"),
+    executor: str = typer.Option("local", help="local (thread pool, no Redis) or celery (workers on the broker)"),
+    limit: Optional[int] = typer.Option(None, min=1, help="only the first N unique bases"),
+    lockfile: Optional[Path] = typer.Option(None, help="write instance -> base@digest -> prebuilt@digest here"),
+    verify: str = typer.Option("all", help="boot-check all, none, or a sample of N images"),
+    workers: int = typer.Option(8, min=1, help="local executor: parallel derives"),
+    verify_timeout: float = typer.Option(120.0, help="seconds an image may take to answer /alive"),
+    broker_url: Optional[str] = typer.Option(None, help="celery executor: Redis URL (IMAGEFARM_BROKER_URL)"),
+    json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Turn every base image of a dataset into a verified agent-server image.
+
+    Interrupt with Ctrl-C and run again: finished images are not redone.
+    """
+    if executor not in ("local", "celery"):
+        raise typer.BadParameter("--executor must be local or celery")
+    settings = Settings.load(to=to, recipe=recipe, broker_url=broker_url)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[counts]}"), TextColumn("{task.fields[rate]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+    task_id = None
+    t0 = time.monotonic()
+
+    def on_progress(state: BatchState) -> None:
+        nonlocal task_id
+        if task_id is None:
+            task_id = progress.add_task("prebuild", total=state.total, counts="", rate="")
+        rate = state.done / max(time.monotonic() - t0, 1e-9)
+        progress.update(task_id, completed=state.done, rate=f"{rate:.1f} img/s", counts=(
+            f"derived {state.derived} skipped {state.skipped} failed {state.failed} "
+            f"verified {state.verified}" + (f" verify-failed {state.verify_failed}" if state.verify_failed else "")))
+
+    try:
+        with progress:
+            result = run_batch(settings, dataset, executor=executor, limit=limit, verify=verify,
+                               lockfile=lockfile, workers=workers, verify_timeout=verify_timeout,
+                               on_progress=on_progress, log=lambda m: console.print(m, highlight=False))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: run the same command again to resume; finished images are kept")
+        raise typer.Exit(130)
+    state = result.state
+    if json_out:
+        emit_json({**state.__dict__, "done": state.done})
+    else:
+        _summary(state)
+    if state.failed or state.verify_failed:
+        raise typer.Exit(1)
+
+
+def _summary(state: BatchState) -> None:
+    secs = (state.finished or time.time()) - state.started
+    out.print(f"batch {state.batch_id}: {state.total} bases, derived {state.derived}, already done "
+              f"{state.skipped}, failed {state.failed}, verified {state.verified}, verify failed "
+              f"{state.verify_failed}, bad rows {state.bad_rows} in {secs:.1f}s")
+    if state.lockfile:
+        out.print(f"lockfile: {state.lockfile}")
+    if state.failures:
+        out.print(f"[bold red]failures[/] ({len(state.failures)}):")
+        for f in state.failures[:200]:
+            out.print(f"  {f['base']}  [{f['stage']}]  {f['reason'][:500]}", markup=False, highlight=False)
+        if len(state.failures) > 200:
+            out.print(f"  ... and {len(state.failures) - 200} more (imagefarm status --json)")
+
+
+@app.command()
+@friendly
+def status(batch: Optional[str] = typer.Argument(None, help="batch id (default: the latest)"),
+           json_out: bool = typer.Option(False, "--json")) -> None:
+    """Report a running or finished prebuild batch."""
+    state = load_state(Settings.load(), batch)
+    if state is None:
+        console.print("no batch found: start one with `imagefarm prebuild --dataset ...`")
+        raise typer.Exit(1)
+    if json_out:
+        emit_json({**state.__dict__, "done": state.done})
+        return
+    out.print(f"[bold]{state.status}[/] {state.done}/{state.total} ({state.executor}, dataset {state.dataset})")
+    _summary(state)
+
+
+@app.command()
+@friendly
+def worker(
+    queues: str = typer.Option("derive,verify", help="queues to consume: derive (no podman needed), verify"),
+    concurrency: int = typer.Option(max(2, os.cpu_count() or 2), help="parallel tasks in this worker"),
+    broker_url: Optional[str] = typer.Option(None, help="Redis URL (IMAGEFARM_BROKER_URL)"),
+    loglevel: str = typer.Option("INFO"),
+) -> None:
+    """Start a Celery worker for the farm (on a CPU node; see worker/README.md for SLURM)."""
+    if broker_url:
+        os.environ["IMAGEFARM_BROKER_URL"] = broker_url
+    argv = [sys.executable, "-m", "celery", "-A", "imagefarm.worker.app", "worker", "-Q", queues,
+            "--concurrency", str(concurrency), "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    os.execv(sys.executable, argv)
