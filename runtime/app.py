@@ -1,0 +1,195 @@
+"""The FastAPI app: the OpenHands remote runtime API over a ``RuntimeManager``.
+
+``create_app(settings, backend, resolver, config)`` wires everything; the CLI
+(``imagefarm runtime serve``) and the tests run it under uvicorn.
+
+Status codes, chosen after what the clients do with them:
+
+* 401 missing or wrong ``X-API-Key`` (compared with ``hmac.compare_digest``);
+* 404 ``/start`` of an image with no prebuilt image (``detail`` names the base and
+  the ``imagefarm derive`` / ``imagefarm prebuild`` command); neither client retries
+  a 404 on ``/start`` and both surface ``detail`` (V0 appends it to its error);
+  404 also for an unknown session (both clients read that as "new session") or
+  runtime id;
+* 429 when ``--max-runtimes`` run (V0's request helper retries 429 with backoff);
+* 501 ``/build`` and ``/build_status``: this server never builds;
+* 422 a body of the wrong shape (FastAPI's validation), never a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+
+from imagefarm.apikey import HEADER, key_matches
+from imagefarm.errors import ImagefarmError, InvalidReference, RegistryError
+from imagefarm.settings import Settings
+
+from .backend import PodmanBackend
+from .errors import BuildRefused, NoPrebuiltImage, RuntimeServerError
+from .manager import RuntimeManager, ServeConfig, pinned_image
+from .models import (ActionResult, ErrorBody, Health, ImageDetails, ImageExists, RegistryPrefix,
+                     RuntimeInfo, RuntimeList, RuntimeRef, StartRequest)
+from .resolver import Resolver
+
+log = logging.getLogger("imagefarm.runtime")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or wrong X-API-Key"},
+    404: {"model": ErrorBody, "description": "unknown runtime/session, or no prebuilt image"},
+}
+BUILD_REFUSAL = ("this runtime server starts prebuilt images only and never builds: build agent-server "
+                 "images ahead of time with `imagefarm derive <base> --to {to}` or `imagefarm prebuild "
+                 "--to {to}`, then start them by their base or prebuilt reference")
+
+
+def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
+               config: ServeConfig) -> FastAPI:
+    manager = RuntimeManager(settings, backend, resolver, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if config.disable_auth:
+            log.warning("!!! AUTHENTICATION DISABLED (--disable-auth): anyone who reaches this port "
+                        "can start containers on this node !!!")
+        await manager.startup()
+        try:
+            yield
+        finally:
+            await manager.shutdown()
+
+    app = FastAPI(
+        title="imagefarm runtime server",
+        version="1",
+        summary="OpenHands remote runtime API (APIRemoteWorkspace and V0 RemoteRuntime) "
+                "starting prebuilt agent-server images under podman",
+        lifespan=lifespan,
+    )
+    app.state.manager = manager
+
+    def require_key(x_api_key: str | None = Header(None, alias="X-API-Key",
+                                                  description="the server's API key")) -> None:
+        if config.disable_auth:
+            return
+        if not key_matches(x_api_key, config.api_key or ""):  # hmac.compare_digest
+            raise HTTPException(401, f"missing or wrong API key: send it in the {HEADER} header",
+                                headers={"WWW-Authenticate": HEADER})
+
+    @app.exception_handler(RuntimeServerError)
+    async def _runtime_error(request: Request, exc: RuntimeServerError) -> JSONResponse:
+        headers = {"Retry-After": "10"} if exc.status_code == 429 else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(InvalidReference)
+    async def _bad_ref(request: Request, exc: InvalidReference) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(RegistryError)
+    async def _registry(request: Request, exc: RegistryError) -> JSONResponse:
+        return JSONResponse({"detail": f"the registry could not be asked for a prebuilt image: {exc}"},
+                            status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(ImagefarmError)
+    async def _other(request: Request, exc: ImagefarmError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=500)
+
+    # -- no auth: liveness of the server itself -------------------------------------------
+    def health() -> Health:
+        return Health(server_id=manager.server_id, runtimes=manager.live_count(),
+                      max_runtimes=config.max_runtimes, auth=not config.disable_auth)
+
+    app.get("/alive", response_model=Health, tags=["server"], summary="liveness (no auth)")(health)
+    app.get("/health", response_model=Health, tags=["server"], summary="liveness (no auth)")(health)
+
+    api = APIRouter(dependencies=[Depends(require_key)], responses=ERRORS)
+
+    @api.post("/start", response_model=RuntimeInfo, tags=["runtimes"],
+              responses={429: {"model": ErrorBody, "description": "server full (--max-runtimes)"}})
+    async def start(req: StartRequest) -> RuntimeInfo:
+        """Start a runtime for ``session_id`` from the prebuilt image serving ``image``.
+
+        Answers at once (``pod_status`` pending); poll ``/sessions/{session_id}`` for
+        ``ready``. A second ``/start`` for a live session answers the same runtime.
+        """
+        return manager.info(await manager.start(req))
+
+    @api.get("/sessions/batch", response_model=list[RuntimeInfo], tags=["runtimes"])
+    async def sessions_batch(ids: list[str] = Query(default_factory=list)) -> list[RuntimeInfo]:
+        """The runtimes of the given session ids (unknown ids are left out)."""
+        out = []
+        for sid in ids:
+            rid = manager.by_session.get(sid)
+            if rid:
+                out.append(manager.info(manager.records[rid]))
+        return out
+
+    @api.get("/sessions/{session_id}", response_model=RuntimeInfo, tags=["runtimes"])
+    async def session(session_id: str) -> RuntimeInfo:
+        """The runtime of a session: ``status`` (running/paused/error) and ``pod_status``."""
+        rec = manager.by_session_id(session_id)
+        manager.touch(rec)
+        await manager.refresh(rec)
+        return manager.info(rec)
+
+    @api.get("/runtime/{runtime_id}", response_model=RuntimeInfo, tags=["runtimes"])
+    async def runtime(runtime_id: str) -> RuntimeInfo:
+        """One runtime by id (V0 polls this for ``pod_status``)."""
+        rec = manager.get(runtime_id)
+        manager.touch(rec)
+        await manager.refresh(rec)
+        return manager.info(rec)
+
+    @api.get("/list", response_model=RuntimeList, tags=["runtimes"])
+    async def list_runtimes() -> RuntimeList:
+        return RuntimeList(runtimes=[manager.info(r) for r in manager.records.values()])
+
+    @api.post("/stop", response_model=ActionResult, tags=["runtimes"])
+    async def stop(req: RuntimeRef) -> ActionResult:
+        await manager.stop(req.runtime_id)
+        return ActionResult(runtime_id=req.runtime_id, status="stopped")
+
+    @api.post("/pause", response_model=ActionResult, tags=["runtimes"])
+    async def pause(req: RuntimeRef) -> ActionResult:
+        rec = await manager.pause(req.runtime_id)
+        return ActionResult(runtime_id=rec.runtime_id, status=rec.status)
+
+    @api.post("/resume", response_model=ActionResult, tags=["runtimes"])
+    async def resume(req: RuntimeRef) -> ActionResult:
+        rec = await manager.resume(req.runtime_id)
+        return ActionResult(runtime_id=rec.runtime_id, status=rec.status,
+                            session_api_key=rec.session_api_key, url=rec.url)
+
+    @api.get("/image_exists", response_model=ImageExists, tags=["images"])
+    async def image_exists(image: str = Query(..., min_length=1, max_length=1024)) -> ImageExists:
+        """Whether a prebuilt image serves ``image`` (V0 asks before starting)."""
+        try:
+            hit = await manager.resolve(image)
+        except NoPrebuiltImage as exc:
+            return ImageExists(exists=False, detail=str(exc))
+        size = await manager.image_size(hit)
+        return ImageExists(exists=True, image=ImageDetails(
+            image=image, prebuilt_image=pinned_image(hit), base_image=getattr(hit, "base", None),
+            image_size_bytes=int(size), verified=bool(getattr(hit, "verified", False)),
+            agent_server_version=getattr(hit, "agent_server_version", None)))
+
+    @api.get("/registry_prefix", response_model=RegistryPrefix, tags=["images"])
+    async def registry_prefix() -> RegistryPrefix:
+        """Where prebuilt images live (``--to``)."""
+        return RegistryPrefix(registry_prefix=manager.to)
+
+    @api.post("/build", tags=["images"], responses={501: {"model": ErrorBody}})
+    async def build() -> None:
+        """Refused: this server starts prebuilt images only."""
+        raise BuildRefused(BUILD_REFUSAL.format(to=manager.to))
+
+    @api.get("/build_status", tags=["images"], responses={501: {"model": ErrorBody}})
+    async def build_status() -> None:
+        """Refused: this server starts prebuilt images only (there are no builds)."""
+        raise BuildRefused(BUILD_REFUSAL.format(to=manager.to))
+
+    app.include_router(api)
+    return app

@@ -1,0 +1,753 @@
+"""Runtimes: resolve, start, watch, pause, stop, reap; persisted and reconciled.
+
+One runtime is one podman container running a prebuilt agent-server image, labelled
+``imagefarm.runtime=1``, ``imagefarm.runtime.server=<server id>``,
+``imagefarm.runtime.id=<runtime id>`` and ``imagefarm.runtime.session=<session id>``,
+published on ``<publish address>:<host port from the range>`` to the agent server's
+port (``--port N`` in the command, else 60000).
+
+``/start`` answers at once (record written, port reserved); a background task pulls
+the image if the node lacks it (``pod_status`` pending), creates the container
+(running) and probes ``{url}/alive`` then ``{url}/health`` every 50-100 ms until both
+answer (ready), or reports the exit with the container's last log lines (failed; an
+OOM kill is reported as crashloopbackoff, which both clients explain as "possibly
+OOM, try again"). A monitor notices containers that exit later; a reaper removes
+runtimes idle longer than ``idle_timeout`` (idle = no API call for the runtime and,
+where the agent server tells, no agent activity per ``GET {url}/server_info``
+``idle_time``; else no CPU time used) and failed ones after ``failed_ttl``.
+
+User policy (``user_policy="image"``, the default): APIRemoteWorkspace always asks for
+``run_as_user`` 10001 (and ``runtime_class`` sysbox-runc), but r2e images are
+root-owned and have no user 10001, and the agent server run as 10001 there cannot
+write its state (HOME) nor ``/testbed``. So the container runs as the image's own
+user (``USER`` of the image config; root for r2e images) and the decision is logged
+per runtime. ``user_policy="requested"`` honours ``run_as_user``/``fs_group`` with
+``HOME=/tmp``, for images prepared for that user. Unknown runtime classes are
+ignored with a log line: everything runs under podman with runc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import secrets
+import shlex
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from imagefarm.errors import ImagefarmError
+from imagefarm.reference import parse
+from imagefarm.settings import Settings
+
+from .backend import LABEL, LABEL_ID, LABEL_SERVER, LABEL_SESSION, ContainerSpec, PodmanBackend
+from .errors import BackendError, CapacityFull, NoPrebuiltImage, RuntimeServerError, UnknownRuntime
+from .models import ContainerStatus, RuntimeInfo, StartRequest
+from .resolver import Resolver, describe_base, prefix_of
+from .state import Record, Store
+
+log = logging.getLogger("imagefarm.runtime")
+
+DEFAULT_AGENT_PORT = 60000
+LIVE = ("running", "paused")
+
+
+@dataclass
+class ServeConfig:
+    api_key: str | None = None
+    disable_auth: bool = False
+    max_runtimes: int = 32
+    port_range: tuple[int, int] = (30000, 39999)
+    idle_timeout: float = 3600.0          #: seconds; 0 = never reap
+    publish_address: str = "127.0.0.1"    #: where container ports are published
+    public_host: str | None = None        #: host in the URLs handed out (default: see url_host)
+    cpus_per_factor: float = 1.0
+    memory_mib_per_factor: int = 4096
+    pids_limit: int = 4096
+    user_policy: Literal["image", "requested"] = "image"
+    stop_on_exit: bool = False            #: remove every runtime when the server stops (SLURM)
+    failed_ttl: float = 600.0
+    ready_timeout: float = 900.0
+    monitor_interval: float = 1.0
+    log_tail: int = 50
+    state_dir: Path | None = None         #: default: settings.state_dir / "runtime"
+
+    def __post_init__(self) -> None:
+        lo, hi = self.port_range
+        if not (1024 <= lo <= hi <= 65535):
+            raise ImagefarmError(f"invalid port range {lo}-{hi}: expected A-B within 1024-65535")
+        if not self.disable_auth and not self.api_key:
+            raise ImagefarmError("an API key is required (--api-key or IMAGEFARM_RUNTIME_API_KEY), "
+                                 "or run with --disable-auth explicitly")
+        if self.max_runtimes < 1:
+            raise ImagefarmError("--max-runtimes must be at least 1")
+
+    @property
+    def url_host(self) -> str:
+        if self.public_host:
+            return self.public_host
+        if self.publish_address in ("", "0.0.0.0", "::"):
+            return socket.getfqdn()
+        return self.publish_address
+
+    @property
+    def probe_host(self) -> str:
+        return "127.0.0.1" if self.publish_address in ("", "0.0.0.0", "::") else self.publish_address
+
+
+def parse_command(command: str | list[str]) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+def agent_port(argv: list[str]) -> int:
+    """``--port N`` / ``--port=N``; V0: the positional after ``-m <module>``; else 60000."""
+    for i, a in enumerate(argv):
+        if a == "--port" and i + 1 < len(argv) and argv[i + 1].isdigit():
+            return int(argv[i + 1])
+        if a.startswith("--port=") and a[7:].isdigit():
+            return int(a[7:])
+    if "-m" in argv:
+        i = argv.index("-m")
+        if i + 2 < len(argv) and argv[i + 2].isdigit():
+            return int(argv[i + 2])
+    return DEFAULT_AGENT_PORT
+
+
+@dataclass
+class _Live:
+    """In-memory companions of a record (never persisted)."""
+
+    task: asyncio.Task | None = None
+    cpu: float | None = None
+    user_note: str = ""
+    ready_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class RuntimeManager:
+    def __init__(self, settings: Settings, backend: PodmanBackend, resolver: Resolver,
+                 config: ServeConfig) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.resolver = resolver
+        self.config = config
+        self.to = prefix_of(settings.to)
+        self.store = Store(config.state_dir or settings.state_dir / "runtime")
+        self.server_id = ""
+        self.records: dict[str, Record] = {}
+        self.by_session: dict[str, str] = {}
+        self.live: dict[str, _Live] = {}
+        self._pulls: dict[str, asyncio.Future] = {}
+        self._image_users: dict[str, str] = {}
+        self._sizes: dict[str, int] = {}
+        self._chores: set[asyncio.Task] = set()
+        self._present: set[str] = set()
+        self._ticks = 0
+        self._registry: Any = None
+        self._bg: list[asyncio.Task] = []
+        self._http: httpx.AsyncClient | None = None
+        self._port_cursor = config.port_range[0]
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.store.lock()
+        self.server_id = self.store.server_id()
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=1.0), trust_env=False)
+        for rec in self.store.all():
+            self._index(rec)
+        await self.reconcile()
+        self._bg = [asyncio.create_task(self._monitor_loop(), name="runtime-monitor"),
+                    asyncio.create_task(self._reaper_loop(), name="runtime-reaper")]
+        log.info("runtime server %s: %d runtime(s) found again, cap %d, ports %d-%d, idle timeout %s",
+                 self.server_id, len(self.records), self.config.max_runtimes, *self.config.port_range,
+                 f"{self.config.idle_timeout:g}s" if self.config.idle_timeout else "off")
+
+    async def shutdown(self) -> None:
+        for t in self._bg + [lv.task for lv in self.live.values() if lv.task]:
+            t.cancel()
+        await asyncio.gather(*self._bg, *[lv.task for lv in self.live.values() if lv.task],
+                             return_exceptions=True)
+        if self.config.stop_on_exit and self.records:
+            log.info("stopping %d runtime(s) on exit (--stop-on-exit)", len(self.records))
+            await self.backend.remove(*[r.container for r in self.records.values()])
+            for rid in list(self.records):
+                self._forget(rid)
+        elif self.records:
+            log.info("leaving %d runtime(s) running; a restarted server finds them again", len(self.records))
+        if self._http:
+            await self._http.aclose()
+        if self._registry is not None:
+            self._registry.close()
+        self.store.close()
+
+    async def reconcile(self) -> None:
+        """Match records with containers: leftovers removed, lost records dropped."""
+        containers = await self.backend.list({LABEL_SERVER: self.server_id})
+        by_rid = {c.labels.get(LABEL_ID, ""): c for c in containers}
+        leftovers = [c for c in containers if c.labels.get(LABEL_ID, "") not in self.records]
+        if leftovers:
+            log.warning("removing %d container(s) left by a crash (labels of server %s, no state record): %s",
+                        len(leftovers), self.server_id, ", ".join(c.name for c in leftovers))
+            await self.backend.remove(*[c.name for c in leftovers])
+        others = [c for c in await self.backend.list({LABEL: "1"})
+                  if c.labels.get(LABEL_SERVER) != self.server_id]
+        if others:
+            log.info("%d runtime container(s) of other servers left alone", len(others))
+        for rid, rec in list(self.records.items()):
+            c = by_rid.get(rid)
+            if c is None:
+                log.warning("runtime %s (session %s): its container is gone; forgetting it", rid, rec.session_id)
+                self._forget(rid)
+            elif c.state == "running":
+                rec.status, rec.pod_status = "running", "running"
+                self._watch(rec)
+            elif c.state == "paused":
+                rec.status = "paused"
+                self._save(rec)
+            elif c.state in ("created", "configured", "initialized"):
+                log.warning("runtime %s was never started (server crashed while creating it); removing it", rid)
+                await self.backend.remove(rec.container)
+                self._forget(rid)
+            elif rec.status != "error":
+                await self._mark_exited(rec)
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def _index(self, rec: Record) -> None:
+        self.records[rec.runtime_id] = rec
+        self.by_session[rec.session_id] = rec.runtime_id
+        self.live.setdefault(rec.runtime_id, _Live())
+
+    def _save(self, rec: Record) -> None:
+        self.store.put(rec)
+
+    def _forget(self, rid: str) -> None:
+        rec = self.records.pop(rid, None)
+        if rec and self.by_session.get(rec.session_id) == rid:
+            del self.by_session[rec.session_id]
+        lv = self.live.pop(rid, None)
+        if lv and lv.task and lv.task is not asyncio.current_task():
+            lv.task.cancel()
+        self.store.delete(rid)
+
+    def touch(self, rec: Record) -> None:
+        rec.last_activity = time.time()
+        self._save(rec)
+
+    def get(self, runtime_id: str) -> Record:
+        rec = self.records.get(runtime_id)
+        if rec is None:
+            raise UnknownRuntime(f"no runtime {runtime_id!r} on this server (stopped, reaped or never started)")
+        return rec
+
+    def by_session_id(self, session_id: str) -> Record:
+        rid = self.by_session.get(session_id)
+        if rid is None:
+            raise UnknownRuntime(f"no runtime for session {session_id!r}")
+        return self.records[rid]
+
+    def live_count(self) -> int:
+        return sum(1 for r in self.records.values() if r.status in LIVE)
+
+    def info(self, rec: Record) -> RuntimeInfo:
+        state = {"pending": "waiting", "running": "running", "ready": "running"}.get(rec.pod_status, "terminated")
+        if rec.status == "paused":
+            state = "paused"
+        cs = ContainerStatus(state=state, ready=rec.pod_status == "ready" and rec.status == "running",
+                             restart_count=rec.restart_count, exit_code=rec.exit_code, reason=rec.reason or None)
+        return RuntimeInfo(
+            runtime_id=rec.runtime_id, session_id=rec.session_id, url=rec.url,
+            session_api_key=rec.session_api_key, status=rec.status, pod_status=rec.pod_status,
+            image=rec.image, prebuilt_image=rec.prebuilt, base_image=rec.base, work_hosts={},
+            restart_count=rec.restart_count, restart_reasons=[rec.reason] if rec.reason and rec.status == "error" else [],
+            container_statuses=[cs], pod_logs=rec.pod_logs or None,
+            run_as_user=rec.user if rec.user else "image", resource_factor=rec.resource_factor,
+            created_at=rec.created_at, last_activity=rec.last_activity)
+
+    # -- resolution -----------------------------------------------------------------------
+    async def resolve(self, image: str):
+        """The resolver's hit for ``image``; ``NoPrebuiltImage`` without one."""
+        parse(image)  # InvalidReference (400) before any registry traffic
+        hit = await asyncio.to_thread(self.resolver.resolve, image)
+        if hit is None:
+            raise NoPrebuiltImage(image, describe_base(image), self.to)
+        return hit
+
+    async def image_size(self, hit: Any) -> int:
+        """Bytes of the prebuilt image (config + layers, compressed), from the hit or the registry."""
+        size = getattr(hit, "size", None)
+        if size:
+            return int(size)
+        pinned = pinned_image(hit)
+        if pinned not in self._sizes:
+            def fetch() -> int:
+                from imagefarm.registry import RegistryClient
+
+                if self._registry is None:
+                    self._registry = RegistryClient(self.settings)
+                m = self._registry.resolve(parse(pinned)).manifest
+                return m.config.size + sum(layer.size for layer in m.layers)
+            try:
+                self._sizes[pinned] = await asyncio.to_thread(fetch)
+            except (ImagefarmError, OSError) as exc:
+                log.info("size of %s unknown: %s", pinned, exc)
+                return 0
+        return self._sizes[pinned]
+
+    # -- start ------------------------------------------------------------------------------
+    async def start(self, req: StartRequest) -> Record:
+        existing = self.by_session.get(req.session_id)
+        if existing and self.records[existing].status in LIVE:
+            rec = self.records[existing]
+            log.info("runtime %s: /start for session %s which already runs: answering the same runtime",
+                     rec.runtime_id, rec.session_id)
+            self.touch(rec)
+            return rec
+        hit = await self.resolve(req.image)
+        # from here to the record being indexed there is no await: check and reserve atomically
+        existing = self.by_session.get(req.session_id)
+        if existing:
+            rec = self.records[existing]
+            if rec.status in LIVE:
+                return rec
+            old = rec.container
+            self._forget(existing)
+            task = asyncio.create_task(self._remove_quietly(old))
+            self._chores.add(task)
+            task.add_done_callback(self._chores.discard)
+        if self.live_count() >= self.config.max_runtimes:
+            raise CapacityFull(
+                f"this runtime server is full: {self.config.max_runtimes} runtimes run (--max-runtimes); "
+                "stop one (POST /stop) or retry later")
+        argv = parse_command(req.command)
+        cport = agent_port(argv)
+        hport = self._free_port()
+        rid = secrets.token_hex(8)
+        now = time.time()
+        rec = Record(
+            runtime_id=rid, session_id=req.session_id, container=f"imagefarm-rt-{rid}",
+            image=req.image, prebuilt=pinned_image(hit), base=getattr(hit, "base", None) or None,
+            host_port=hport, container_port=cport, url=f"http://{self.config.url_host}:{hport}",
+            session_api_key=secrets.token_urlsafe(32), user=None, status="running", pod_status="pending",
+            created_at=now, last_activity=now, resource_factor=float(req.resource_factor),
+            extra={"size": getattr(hit, "size", None), "verified": bool(getattr(hit, "verified", False)),
+                   "agent_server_version": getattr(hit, "agent_server_version", None)})
+        self._index(rec)
+        self._save(rec)
+        lv = self.live[rid]
+        lv.task = asyncio.create_task(self._launch(rec, req, argv), name=f"launch-{rid}")
+        log.info("runtime %s: session %s, image %s -> %s, port %d -> %d",
+                 rid, rec.session_id, req.image, rec.prebuilt, hport, cport)
+        return rec
+
+    def _free_port(self) -> int:
+        lo, hi = self.config.port_range
+        used = {r.host_port for r in self.records.values()}
+        n = hi - lo + 1
+        for i in range(n):
+            port = lo + (self._port_cursor - lo + i) % n
+            if port in used:
+                continue
+            if _bindable(self.config.publish_address, port):
+                self._port_cursor = lo + (port - lo + 1) % n
+                return port
+        raise CapacityFull(f"no free port in the range {lo}-{hi} (--port-range): stop runtimes or widen it")
+
+    async def _remove_quietly(self, name: str) -> None:
+        try:
+            await self.backend.remove(name)
+        except BackendError as exc:
+            log.warning("could not remove %s: %s", name, exc)
+
+    async def _ensure_image(self, rec: Record, req: StartRequest) -> None:
+        image = rec.prebuilt
+        if image in self._present:  # pinned by digest: once here, the same bytes
+            return
+        if await self.backend.image_exists(image):
+            self._present.add(image)
+            return
+        if req.image_pull_policy == "Never":
+            raise BackendError(f"{image} is not on this node and image_pull_policy is Never")
+        pull = self._pulls.get(image)
+        if pull is None:  # one pull per image, owned by no runtime: a /stop never cancels another's pull
+            pull = asyncio.create_task(self._pull(image), name=f"pull-{image[-12:]}")
+            self._pulls[image] = pull
+            pull.add_done_callback(lambda _t: self._pulls.pop(image, None))
+        await asyncio.shield(pull)
+
+    async def _pull(self, image: str) -> None:
+        t0 = time.monotonic()
+        await self.backend.pull(image, tls_verify=self._tls_verify(image))
+        log.info("pulled %s in %.1fs", image, time.monotonic() - t0)
+        self._present.add(image)
+
+    def _tls_verify(self, image: str) -> bool:
+        ref = parse(image)
+        if ref.is_loopback:
+            return False
+        return not (ref.registry in self.settings.insecure_registries)
+
+    async def _image_user(self, image: str) -> str:
+        if image not in self._image_users:
+            data = await self.backend.image_inspect(image) or {}
+            self._image_users[image] = ((data.get("Config") or {}).get("User") or "").strip()
+        return self._image_users[image]
+
+    async def _launch(self, rec: Record, req: StartRequest, argv: list[str]) -> None:
+        t0 = time.monotonic()
+        lv = self.live[rec.runtime_id]
+        try:
+            await self._ensure_image(rec, req)
+            env = dict(req.environment)
+            multiline = sorted(k for k, v in env.items() if "\n" in v or "\r" in v)
+            if multiline:
+                log.warning("runtime %s: newlines in %s became spaces (podman env files hold one line "
+                            "per variable)", rec.runtime_id, ", ".join(multiline))
+            if "SESSION_API_KEY" in env:
+                log.warning("runtime %s: the request's SESSION_API_KEY is replaced by the server's own",
+                            rec.runtime_id)
+            env["SESSION_API_KEY"] = rec.session_api_key
+            env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+            user, extra = await self._user_decision(rec, req, env)
+            if req.runtime_class and req.runtime_class not in ("runc", "default"):
+                log.info("runtime %s: runtime_class %r ignored: this server runs podman with runc",
+                         rec.runtime_id, req.runtime_class)
+            factor = rec.resource_factor
+            spec = ContainerSpec(
+                name=rec.container, image=rec.prebuilt, argv=argv, env=env,
+                labels={LABEL: "1", LABEL_SERVER: self.server_id, LABEL_ID: rec.runtime_id,
+                        LABEL_SESSION: rec.session_id},
+                publish=[(self.config.publish_address, rec.host_port, rec.container_port)],
+                working_dir=req.working_dir or None, user=user,
+                cpus=min(self.config.cpus_per_factor * factor, float(os.cpu_count() or 1)),
+                memory=f"{int(self.config.memory_mib_per_factor * factor)}m",
+                pids_limit=self.config.pids_limit, extra=extra)
+            for attempt in range(3):
+                try:
+                    await self.backend.run(spec)
+                    break
+                except BackendError as exc:
+                    if "workdir" in str(exc) and "does not exist" in str(exc) and spec.working_dir and attempt < 2:
+                        await self.backend.remove(rec.container)
+                        log.info("runtime %s: working_dir %s does not exist in the image: the image's own "
+                                 "working directory is used", rec.runtime_id, spec.working_dir)
+                        spec.working_dir = None
+                        continue
+                    if spec.image in self._present and "image not known" in str(exc) and attempt < 2:
+                        self._present.discard(spec.image)  # removed behind our back: pull again
+                        await self.backend.remove(rec.container)
+                        await self._ensure_image(rec, req)
+                        continue
+                    if "address already in use" in str(exc).lower() and attempt < 2:
+                        await self.backend.remove(rec.container)
+                        rec.host_port = self._free_port()
+                        rec.url = f"http://{self.config.url_host}:{rec.host_port}"
+                        spec.publish = [(self.config.publish_address, rec.host_port, rec.container_port)]
+                        log.info("runtime %s: port taken, retrying on %d", rec.runtime_id, rec.host_port)
+                        continue
+                    raise
+            rec.pod_status = "running"
+            self._save(rec)
+            log.info("runtime %s: container created in %.2fs", rec.runtime_id, time.monotonic() - t0)
+            await self._wait_ready(rec, t0)
+        except asyncio.CancelledError:
+            raise
+        except RuntimeServerError as exc:
+            await self._fail(rec, str(exc))
+        except ImagefarmError as exc:
+            await self._fail(rec, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a launch must never die silently
+            log.exception("runtime %s: launch failed", rec.runtime_id)
+            await self._fail(rec, f"internal error: {exc}")
+        finally:
+            if lv.task is asyncio.current_task():
+                lv.task = None
+
+    async def _user_decision(self, rec: Record, req: StartRequest, env: dict[str, str]) -> tuple[str | None, list[str]]:
+        image_user = await self._image_user(rec.prebuilt)
+        wanted = req.run_as_user
+        if self.config.user_policy == "requested" and wanted is not None:
+            gid = req.run_as_group if req.run_as_group is not None else (req.fs_group if req.fs_group is not None else wanted)
+            env.setdefault("HOME", "/tmp")
+            rec.user = f"{wanted}:{gid}"
+            extra = ["--group-add", str(req.fs_group)] if req.fs_group is not None and req.fs_group != gid else []
+            log.info("runtime %s: runs as %s as requested (policy requested, HOME=%s)",
+                     rec.runtime_id, rec.user, env["HOME"])
+            return rec.user, extra
+        rec.user = None
+        if wanted is not None and str(wanted) != (image_user or "0") and not (wanted == 0 and not image_user):
+            log.info("runtime %s: requested run_as_user %s not applied: runs as the image's own user %s "
+                     "(policy image: r2e images are root-owned with no user %s; only the image user can "
+                     "write the working tree, e.g. /testbed)",
+                     rec.runtime_id, wanted, image_user or "root", wanted)
+        return None, []
+
+    async def _probe(self, rec: Record) -> bool:
+        base = f"http://{self.config.probe_host}:{rec.host_port}"
+        try:
+            for path in ("/alive", "/health"):
+                r = await self._http.get(base + path, timeout=2.0)
+                if not 200 <= r.status_code < 300:
+                    return False
+            return True
+        except httpx.HTTPError:
+            return False
+
+    async def _wait_ready(self, rec: Record, t0: float) -> None:
+        deadline = time.monotonic() + self.config.ready_timeout
+        delay, last_check = 0.05, time.monotonic()
+        while rec.runtime_id in self.records and rec.status == "running":
+            if await self._probe(rec):
+                self._set_ready(rec, t0)
+                return
+            now = time.monotonic()
+            if now - last_check > 1.0:
+                last_check = now
+                c = await self.backend.inspect(rec.container)
+                if c is None or c.state not in ("running", "paused", "created", "configured", "initialized"):
+                    await self._mark_exited(rec, c)
+                    return
+            if now > deadline:
+                await self._fail(rec, f"the agent server did not answer {rec.url}/alive within "
+                                      f"{self.config.ready_timeout:g}s", logs=True)
+                return
+            await asyncio.sleep(delay)
+            delay = 0.1 if now - t0 < 60 else 0.5
+
+    def _set_ready(self, rec: Record, t0: float | None) -> None:
+        if rec.pod_status == "ready":
+            return
+        rec.pod_status = "ready"
+        rec.ready_at = time.time()
+        self._save(rec)
+        lv = self.live.get(rec.runtime_id)
+        if lv:
+            lv.ready_event.set()
+        if t0 is not None:
+            log.info("runtime %s: ready in %.2fs after /start", rec.runtime_id, time.monotonic() - t0)
+
+    async def _mark_exited(self, rec: Record, c=None) -> None:
+        c = c or await self.backend.inspect(rec.container)
+        if c is None:
+            await self._fail(rec, "the container disappeared (removed outside this server?)", logs=False)
+            return
+        why = f"the container exited with code {c.exit_code}" + (f": {c.error}" if c.error else "")
+        await self._fail(rec, why, exit_code=c.exit_code, oom=c.oom_killed)
+
+    async def _fail(self, rec: Record, reason: str, *, exit_code: int | None = None, oom: bool = False,
+                    logs: bool = True) -> None:
+        if rec.runtime_id not in self.records:
+            return
+        tail = ""
+        if logs:
+            try:
+                tail = await self.backend.logs(rec.container, self.config.log_tail)
+            except BackendError:
+                tail = ""
+        hint = ""
+        low = (reason + tail).lower()
+        if "executable file not found" in low or "no such file or directory" in low and "/openhands/" in low:
+            hint = (" (the command does not exist in this image: agent-server images serve SDK clients "
+                    "(APIRemoteWorkspace, command /usr/local/bin/openhands-agent-server); a V0 "
+                    "RemoteRuntime's action execution server is not in them)")
+        rec.status = "error"
+        rec.pod_status = "crashloopbackoff" if oom else "failed"
+        rec.reason = ("OOMKilled: " if oom else "") + reason + hint
+        rec.exit_code = exit_code
+        rec.pod_logs = (tail or reason).strip()[-8000:]
+        rec.last_activity = time.time()
+        self._save(rec)
+        lines = [ln for ln in tail.strip().splitlines() if ln][-5:]
+        log.warning("runtime %s failed: %s%s", rec.runtime_id, rec.reason,
+                    ("; last log lines:\n    " + "\n    ".join(lines)) if lines else "")
+
+    def _watch(self, rec: Record) -> None:
+        """(Re)start readiness watching for a running, not yet ready runtime."""
+        lv = self.live.setdefault(rec.runtime_id, _Live())
+        if lv.task is None or lv.task.done():
+            rec.pod_status = "running"
+            self._save(rec)
+
+            async def watch() -> None:
+                try:
+                    await self._wait_ready(rec, None)
+                finally:
+                    if lv.task is asyncio.current_task():
+                        lv.task = None
+
+            lv.task = asyncio.create_task(watch(), name=f"watch-{rec.runtime_id}")
+
+    async def refresh(self, rec: Record) -> None:
+        """On a status poll: an immediate probe if running but not yet ready."""
+        if rec.status == "running" and rec.pod_status == "running" and await self._probe(rec):
+            self._set_ready(rec, None)
+
+    # -- pause / resume / stop --------------------------------------------------------------
+    async def pause(self, rid: str) -> Record:
+        rec = self.get(rid)
+        if rec.status == "paused":
+            return rec
+        if rec.status != "running" or rec.pod_status == "pending":
+            raise RuntimeServerError(f"runtime {rid} cannot be paused while {rec.status}/{rec.pod_status}")
+        await self.backend.pause(rec.container)
+        rec.status = "paused"
+        self.touch(rec)
+        log.info("runtime %s paused", rid)
+        return rec
+
+    async def resume(self, rid: str) -> Record:
+        rec = self.get(rid)
+        if rec.status == "running":
+            self.touch(rec)
+            return rec
+        if rec.status != "paused":
+            raise RuntimeServerError(f"runtime {rid} cannot be resumed: it is {rec.status} ({rec.reason})")
+        await self.backend.unpause(rec.container)
+        rec.status = "running"
+        rec.pod_status = "running"
+        self.touch(rec)
+        self._watch(rec)
+        await self.refresh(rec)
+        log.info("runtime %s resumed", rid)
+        return rec
+
+    async def stop(self, rid: str, why: str = "stopped") -> None:
+        rec = self.get(rid)
+        lv = self.live.get(rid)
+        task = lv.task if lv else None
+        self._forget(rid)  # cancels a launch in flight
+        if task is not None and task is not asyncio.current_task():
+            # let a cancelled `podman run` die before removing, or the container could appear after
+            await asyncio.wait([task], timeout=15)
+        await self.backend.remove(rec.container)
+        log.info("runtime %s (session %s) %s", rid, rec.session_id, why)
+
+    # -- background -------------------------------------------------------------------------
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.monitor_interval)
+            try:
+                await self._monitor_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("runtime monitor tick failed")
+
+    async def _sweep_orphans(self) -> None:
+        """Remove containers of this server that no record owns (e.g. a start cancelled mid-way)."""
+        known = {r.container for r in self.records.values()}
+        orphans = [c.name for c in await self.backend.list({LABEL_SERVER: self.server_id})
+                   if c.name not in known and c.labels.get(LABEL_ID) not in self.records]
+        if orphans:
+            log.warning("removing %d container(s) of this server without a runtime record: %s",
+                        len(orphans), ", ".join(orphans))
+            await self.backend.remove(*orphans)
+
+    async def _monitor_once(self) -> None:
+        self._ticks += 1
+        if self._ticks % 60 == 0:
+            await self._sweep_orphans()
+        watched = [r for r in self.records.values()
+                   if r.status in LIVE and r.pod_status != "pending"
+                   and not (self.live.get(r.runtime_id) and self.live[r.runtime_id].task)]
+        if not watched:
+            return
+        containers = {c.labels.get(LABEL_ID, ""): c for c in await self.backend.list({LABEL_SERVER: self.server_id})}
+        for rec in watched:
+            if rec.runtime_id not in self.records:
+                continue
+            c = containers.get(rec.runtime_id)
+            if c is None or c.state in ("exited", "stopped", "dead", "removing"):
+                await self._mark_exited(rec, await self.backend.inspect(rec.container) if c else None)
+            elif c.state == "paused" and rec.status != "paused":
+                rec.status = "paused"
+                self._save(rec)
+            elif c.state == "running" and rec.status == "paused":
+                rec.status = "running"
+                self._watch(rec)
+
+    async def _reaper_loop(self) -> None:
+        idle = self.config.idle_timeout
+        interval = max(0.5, min(30.0, (idle / 4) if idle else 30.0, self.config.failed_ttl / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._reap_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("runtime reaper tick failed")
+
+    async def _agent_activity(self, rec: Record) -> float | None:
+        """When the agent server last did something, per its /server_info (None if unknown)."""
+        try:
+            r = await self._http.get(f"http://{self.config.probe_host}:{rec.host_port}/server_info", timeout=2.0)
+            if r.status_code == 200:
+                idle = r.json().get("idle_time")
+                if isinstance(idle, (int, float)):
+                    return time.time() - float(idle)
+        except (httpx.HTTPError, ValueError):
+            pass
+        return None
+
+    async def _reap_once(self) -> None:
+        now = time.time()
+        for rec in [r for r in self.records.values() if r.status == "error"]:
+            if now - rec.last_activity > self.config.failed_ttl:
+                await self.stop(rec.runtime_id, "removed (failed and untouched)")
+        idle = self.config.idle_timeout
+        if not idle:
+            return
+        candidates = [r for r in self.records.values() if r.status in LIVE and now - r.last_activity > idle]
+        if not candidates:
+            return
+        need_cpu = []
+        for rec in candidates:
+            if rec.status == "running" and rec.pod_status == "ready":
+                seen = await self._agent_activity(rec)
+                if seen is not None:
+                    rec.last_activity = max(rec.last_activity, seen)
+                    continue
+            if rec.status == "running":
+                need_cpu.append(rec)
+        first_sample = set()
+        if need_cpu:
+            times = await self.backend.cpu_times([r.container for r in need_cpu])
+            for rec in need_cpu:
+                lv = self.live.setdefault(rec.runtime_id, _Live())
+                cpu = times.get(rec.container)
+                if lv.cpu is None:
+                    first_sample.add(rec.runtime_id)  # two samples are needed to see activity
+                elif cpu is not None and cpu - lv.cpu > 0.05:
+                    rec.last_activity = now
+                lv.cpu = cpu if cpu is not None else lv.cpu
+        for rec in candidates:
+            if rec.runtime_id in first_sample:
+                continue
+            if rec.runtime_id in self.records and now - rec.last_activity > idle:
+                await self.stop(rec.runtime_id, f"reaped after {now - rec.last_activity:.0f}s idle "
+                                                f"(--idle-timeout {idle:g}s)")
+
+
+def pinned_image(hit: Any) -> str:
+    """``repo@sha256:...`` from a resolver hit (``.pinned`` if it has one, else ``.image``)."""
+    image = getattr(hit, "pinned", None) or hit.image
+    if "@" in image:
+        return image
+    return f"{parse(image).name}@{hit.digest}"
+
+
+def _bindable(address: str, port: int) -> bool:
+    host = "0.0.0.0" if address in ("", "::") else address
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True

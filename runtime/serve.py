@@ -1,0 +1,146 @@
+"""Run the app under uvicorn: bind, announce the URL (atomically, to a file), serve.
+
+The listening socket is bound here (so ``--port 0`` works and the URL written to
+``url_file`` names the real port), and the URL file is written only once the server
+has reconciled its state and accepts requests: a training job that reads the file
+can use the URL at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+from imagefarm.settings import Settings
+
+from .manager import ServeConfig
+from .resolver import RegistryResolver, Resolver
+
+log = logging.getLogger("imagefarm.runtime")
+
+
+def default_resolver(settings: Settings, kind: str = "auto") -> Resolver:
+    """``lookup`` (imagefarm.lookup.Lookup), ``registry`` (RegistryResolver), or ``auto``."""
+    if kind in ("auto", "lookup"):
+        try:
+            from imagefarm.lookup import Lookup  # type: ignore[import-not-found]
+        except ImportError:
+            if kind == "lookup":
+                raise
+        else:
+            log.info("resolving images with imagefarm.lookup.Lookup")
+            return Lookup(settings)
+    log.info("resolving images from the registry under %s (RegistryResolver)", settings.to)
+    return RegistryResolver(settings)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def advertised_url(host: str, port: int, public_host: str | None = None) -> str:
+    if public_host:
+        h = public_host
+    elif host in ("0.0.0.0", "::", ""):
+        h = socket.getfqdn()
+    else:
+        h = host
+    if ":" in h and not h.startswith("["):
+        h = f"[{h}]"
+    return f"http://{h}:{port}"
+
+
+def build_server(settings: Settings, config: ServeConfig, *, host: str = "127.0.0.1", port: int = 0,
+                 resolver: Resolver | None = None, url_file: Path | None = None,
+                 public_host: str | None = None, log_level: str = "info",
+                 on_ready: Callable[[str], None] | None = None):
+    """A ``uvicorn.Server`` (not yet running), its bound socket and its URL."""
+    import uvicorn
+
+    from .app import create_app
+    from .backend import PodmanBackend
+
+    sock = bind(host, port)
+    url = advertised_url(host, sock.getsockname()[1], public_host)
+    app = create_app(settings, PodmanBackend(settings), resolver or default_resolver(settings), config)
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:  # type: ignore[override]
+            await super().startup(sockets=sockets)
+            if self.should_exit:
+                return
+            if url_file:
+                write_atomic(Path(url_file), url + "\n")
+                log.info("wrote the server URL to %s", url_file)
+            log.info("runtime server listening on %s", url)
+            if on_ready:
+                on_ready(url)
+
+    # the stdlib loop, not uvloop: uvloop notices child exits through SIGCHLD, which only the
+    # main thread receives, so podman calls from a server in a thread would never return
+    ucfg = uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug",
+                          timeout_graceful_shutdown=10, lifespan="on", loop="asyncio")
+    return _Server(ucfg), sock, url
+
+
+def serve(settings: Settings, config: ServeConfig, **kwargs) -> None:
+    server, sock, _ = build_server(settings, config, **kwargs)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        raise SystemExit(1)
+
+
+class ServerThread:
+    """The real server in a thread of this process (tests, notebooks)."""
+
+    def __init__(self, settings: Settings, config: ServeConfig, resolver: Resolver | None = None,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        self.server, self.sock, self.url = build_server(settings, config, host=host, port=port,
+                                                        resolver=resolver, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the runtime server did not start (see its log)")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+    @property
+    def manager(self):
+        return self.server.config.app.state.manager

@@ -1,0 +1,155 @@
+"""Runtime server tests: real podman, real uvicorn, real registry, real derive and lookup.
+
+The "prebuilt" images here carry a STAND-IN agent server, not the real one: a
+``#!/bin/sh`` script at ``/usr/local/bin/openhands-agent-server`` that serves
+``/alive`` and ``/health`` with busybox httpd. It is appended to fixture bases with
+the project's own derive (``imagefarm.derive.Appender``) under the default recipe's
+name and digest, so ``imagefarm.lookup.Lookup`` finds them exactly as it finds real
+prebuilt images. Like the real server, it binds 0.0.0.0 only when
+``SESSION_API_KEY`` is set (else loopback, unreachable through the published port).
+``STANDIN_CRASH`` in the environment makes it print lines and exit 3.
+The real agent-server images are used by the end-to-end test of the lead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+import httpx
+import pytest
+
+from imagefarm import oci
+from imagefarm.testing.images import R2E_REPOS
+from imagefarm.testing.rootfs import busybox_binary
+
+from rtkit import API_KEY, STANDIN_AGENT_SERVER, CliServer
+
+
+@pytest.fixture(scope="session")
+def standin_layer(settings, tmp_path_factory) -> oci.Layer:
+    busybox = busybox_binary(settings.cache_dir)
+    ok = b'{"status":"ok"}\n'
+    entries = [oci.dir_entry(d) for d in ("usr", "usr/local", "usr/local/bin", "opt", "opt/standin-www")]
+    entries += [
+        ("usr/local/bin/busybox", busybox, None),
+        oci.file_entry("usr/local/bin/openhands-agent-server", STANDIN_AGENT_SERVER, 0o755),
+        oci.file_entry("opt/standin-www/alive", ok),
+        oci.file_entry("opt/standin-www/health", ok),
+        oci.file_entry("opt/standin-www/STAND-IN", b"not the real agent server\n"),
+    ]
+    return oci.write_layer(entries, tmp_path_factory.mktemp("standin"))
+
+
+@pytest.fixture(scope="session")
+def prebuilt_v0(rt_settings, prebuilt, standin_layer, rt_to, tmp_path_factory):
+    """The busybox base derived with a stand-in that also answers the V0 command
+    (``/openhands/micromamba/bin/micromamba ...``): for the real V0 client's start path.
+    Another recipe, so started by its derived reference (a lookup resolves that to itself)."""
+    import hashlib
+
+    from imagefarm.derive import Appender, AppendPayload
+
+    busybox = busybox_binary(rt_settings.cache_dir)
+    ok = b'{"status":"ok"}\n'
+    entries = [oci.dir_entry(d) for d in ("usr", "usr/local", "usr/local/bin", "opt", "opt/standin-www",
+                                           "openhands", "openhands/micromamba", "openhands/micromamba/bin")]
+    entries += [
+        ("usr/local/bin/busybox", busybox, None),
+        oci.file_entry("usr/local/bin/openhands-agent-server", STANDIN_AGENT_SERVER, 0o755),
+        oci.symlink_entry("openhands/micromamba/bin/micromamba", "/usr/local/bin/openhands-agent-server"),
+        oci.file_entry("opt/standin-www/alive", ok),
+        oci.file_entry("opt/standin-www/health", ok),
+    ]
+    layer = oci.write_layer(entries, tmp_path_factory.mktemp("standin-v0"))
+    digest = "sha256:" + hashlib.sha256(b"imagefarm runtime tests: V0 stand-in").hexdigest()
+    payload = AppendPayload(layer, "standin-v0", digest, "standin", ())
+    with Appender(rt_settings) as appender:
+        return appender.derive(prebuilt["busybox_base"], payload, to=rt_to)
+
+
+@pytest.fixture(scope="session")
+def rt_to(registry) -> str:
+    return f"{registry.host}/prebuilt"
+
+
+@pytest.fixture(scope="session")
+def rt_settings(settings, rt_to):
+    """The session settings (shared podman storage) with ``to`` at the test registry."""
+    return settings.model_copy(update={"to": rt_to})
+
+
+@pytest.fixture(scope="session")
+def prebuilt(rt_settings, fixtures, standin_layer, rt_to):
+    """Derive the stand-in onto a busybox base and an r2e base: {"busybox": r, "r2e": r}."""
+    from imagefarm.derive import Appender, AppendPayload
+    from imagefarm.recipe import recipe_for
+
+    recipe = recipe_for(rt_settings)
+    payload = AppendPayload(standin_layer, recipe.name, recipe.digest, recipe.agent_server_version, ())
+    busybox = fixtures.busybox_base(repo="fixtures/runtime-busybox", tag="1")
+    r2e = fixtures.r2e_base(R2E_REPOS[2])
+    with Appender(rt_settings) as appender:
+        out = {"busybox": appender.derive(busybox.ref, payload, to=rt_to),
+               "r2e": appender.derive(r2e.ref, payload, to=rt_to)}
+    out["busybox_base"], out["r2e_base"] = busybox.ref, r2e.ref
+    return out
+
+
+@pytest.fixture(scope="session")
+def lookup(rt_settings):
+    from imagefarm.lookup import Lookup
+
+    lk = Lookup(rt_settings)
+    yield lk
+    lk.close()
+
+
+@pytest.fixture
+def server_factory(rt_settings, lookup, tmp_path):
+    """``with server_factory(**config) as srv:`` a real server in a thread (Lookup resolver)."""
+    from imagefarm.runtime import ServeConfig
+    from imagefarm.runtime.serve import ServerThread
+
+    made = []
+
+    @contextlib.contextmanager
+    def make(resolver=None, **overrides):
+        lo = 20000 + (os.getpid() * 7 + len(made) * 113) % 20000
+        cfg = dict(api_key=API_KEY, port_range=(lo, lo + 99), state_dir=tmp_path / f"rt{len(made)}",
+                   monitor_interval=0.5, memory_mib_per_factor=512)
+        cfg.update(overrides)
+        srv = ServerThread(rt_settings, ServeConfig(**cfg), resolver=resolver or lookup)
+        made.append(srv)
+        with srv:
+            try:
+                yield srv
+            finally:  # leave nothing behind: every runtime of this server is stopped
+                for rid in list(srv.manager.records):
+                    httpx.post(f"{srv.url}/stop", json={"runtime_id": rid}, headers={"X-API-Key": API_KEY},
+                               timeout=60)
+
+    return make
+
+
+@pytest.fixture
+def client():
+    with httpx.Client(headers={"X-API-Key": API_KEY}, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture
+def cli_server(rt_settings, tmp_path):
+    """Factory of CLI servers sharing the session's state dir (and so its pulled images);
+    their runtime state is ``<state_dir>/runtime``."""
+    made = []
+
+    def make(extra=()):
+        srv = CliServer(rt_settings, rt_settings.state_dir / "runtime", "41000-41099", tmp_path, extra)
+        made.append(srv)
+        return srv
+
+    yield make
+    for srv in made:
+        srv.kill(signal.SIGTERM)
