@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 IMAGEFARM := $(VENV)/bin/imagefarm
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup test demo bench doctor clean
 
@@ -16,8 +17,10 @@ test: setup
 demo: setup
 	$(IMAGEFARM) demo
 
+# BENCH_ARGS: e.g. --quick, or --only derive,copy (see bench/README.md)
 bench: setup
-	$(PY) -m bench
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[bench]'
+	$(PY) -m bench $(BENCH_ARGS)
 
 doctor: setup
 	$(IMAGEFARM) doctor

@@ -11,15 +11,25 @@ from typing import Callable
 
 from fastapi import HTTPException, Request
 
+from .errors import ConfigError
+
 HEADER = "X-API-Key"
 
 
 def key_matches(sent: str | None, expected: str) -> bool:
-    return sent is not None and hmac.compare_digest(sent.encode(), expected.encode())
+    """Constant-time comparison; an empty key (sent or expected) never matches."""
+    if not sent or not expected:
+        return False
+    return hmac.compare_digest(sent.encode(), expected.encode())
 
 
 def require_key(expected: str | None) -> Callable[[Request], None]:
-    """A FastAPI dependency: no-op when ``expected`` is None (auth disabled)."""
+    """A FastAPI dependency: no-op when ``expected`` is None (auth disabled).
+
+    An empty key is refused: it would let anyone in who sends an empty header.
+    """
+    if expected is not None and not expected:
+        raise ConfigError("the API key is empty: set a non-empty key, or leave it unset to disable auth")
 
     def check(request: Request) -> None:
         if expected is None:

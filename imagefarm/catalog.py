@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import DatasetError, ImagefarmError
+from .errors import DatasetError, ImagefarmError, InvalidReference
 from .reference import Reference, parse
 
 IMAGE_COLUMNS = ("docker_image", "image", "image_name")
@@ -78,8 +78,19 @@ def swebench_image(instance_id: str) -> str:
     return f"docker.io/swebench/sweb.eval.x86_64.{instance_id.replace('__', '_1776_')}:latest".lower()
 
 
+def _ref_text(value: Any, field: str) -> str | None:
+    """A reference-valued field as text; anything but a string is bad input."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidReference(f"{field} is {value!r} ({type(value).__name__}), not an image reference")
+    return value
+
+
 def image_of(row: dict[str, Any]) -> tuple[str | None, str, str]:
-    """(image, instance id, data source) of one row, in any supported shape."""
+    """(image, instance id, data source) of one row, in any supported shape.
+
+    ``InvalidReference`` when a reference field holds something other than text."""
     source = str(row.get("data_source") or "")
     inst = row.get("instance")
     if isinstance(inst, str):
@@ -88,34 +99,39 @@ def image_of(row: dict[str, Any]) -> tuple[str | None, str, str]:
         except ValueError:
             inst = None
     if isinstance(inst, dict):
-        iid = str(inst.get("instance_id") or "")
-        if inst.get("image_name"):
-            return str(inst["image_name"]), iid, source
-        if inst.get("docker_image"):
-            return str(inst["docker_image"]), iid, source
+        iid = _ref_text(inst.get("instance_id"), "instance.instance_id") or ""
+        for key in ("image_name", "docker_image"):
+            if image := _ref_text(inst.get(key), f"instance.{key}"):
+                return image, iid, source
         if source.startswith(("swe-bench", "swe_bench")) or ("__" in iid and "/" not in iid):
             return (swebench_image(iid) if iid else None), iid, source
         return (iid or None), iid, source
     for col in IMAGE_COLUMNS:
-        if row.get(col):
-            image = str(row[col])
+        if image := _ref_text(row.get(col), col):
             iid = str(row.get("instance_id") or image)
             return image, iid, source
     return None, str(row.get("instance_id") or ""), source
 
 
 def _rows_parquet(path: Path) -> Iterator[dict[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetError(f"{path}: not a readable parquet file ({exc})") from None
     wanted = [c for c in ("instance", "data_source", "instance_id", *IMAGE_COLUMNS) if c in pf.schema_arrow.names]
     if not wanted:
         raise DatasetError(
             f"{path}: no image column (looked for 'instance' or one of {', '.join(IMAGE_COLUMNS)}; "
             f"found {', '.join(pf.schema_arrow.names[:12])})"
         )
-    for batch in pf.iter_batches(columns=wanted, batch_size=4096):
-        yield from batch.to_pylist()
+    try:
+        for batch in pf.iter_batches(columns=wanted, batch_size=4096):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetError(f"{path}: parquet file is damaged ({exc})") from None
 
 
 def _rows_jsonl(path: Path) -> Iterator[dict[str, Any] | BadRow]:
@@ -200,22 +216,30 @@ def load(spec: str, *, splits: tuple[str, ...] | None = None) -> Catalog:
         if splits and split not in splits:
             continue
         used.append(str(path))
-        for i, row in enumerate(_rows(path)):
-            if isinstance(row, BadRow):
-                bad.append(row)
-                continue
-            if not row:
-                continue
-            image, iid, source = image_of(row)
-            if not image:
-                bad.append(BadRow(path.name, i, "no image: needs docker_image, image or instance.instance_id"))
-                continue
-            try:
-                ref = parse(image)
-            except ImagefarmError as exc:
-                bad.append(BadRow(path.name, i, str(exc)))
-                continue
-            instances.append(Instance(iid or image, ref, split, i, source))
+        try:
+            for i, row in enumerate(_rows(path)):
+                if isinstance(row, BadRow):
+                    bad.append(row)
+                    continue
+                if not row:
+                    continue
+                try:
+                    image, iid, source = image_of(row)
+                    if not image:
+                        bad.append(BadRow(path.name, i, "no image: needs docker_image, image or instance.instance_id"))
+                        continue
+                    ref = parse(image)
+                except ImagefarmError as exc:
+                    bad.append(BadRow(path.name, i, str(exc)))
+                    continue
+                instances.append(Instance(iid or image, ref, split, i, source))
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                               "datasets are parquet, jsonl or text files") from None
+        except IsADirectoryError:
+            raise DatasetError(f"{path}: is a directory, not a dataset file") from None
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if not used:
         raise DatasetError(f"{spec}: no files for split(s) {', '.join(splits or ())}")
     return Catalog(tuple(instances), tuple(bad), tuple(used))

@@ -30,6 +30,10 @@ INSTALL_HINT = {
     "fuse-overlayfs": "apt-get install -y fuse-overlayfs",
     "htpasswd": "apt-get install -y apache2-utils",
     "git": "apt-get install -y git",
+    "slurmctld": "apt-get install -y slurm-wlm munge",
+    "slurmd": "apt-get install -y slurm-wlm munge",
+    "sbatch": "apt-get install -y slurm-wlm",
+    "munged": "apt-get install -y munge",
 }
 
 

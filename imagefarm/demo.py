@@ -1,42 +1,54 @@
 """The main job on the embedded default, end to end on one machine.
 
 Starts the local registry and Redis, makes sample r2e-style bases (there is no
-public registry to pull real ones from), pushes them under r2e names and lists
-what the registry holds. Each stage of the farm adds its step here as it lands.
+public registry to pull real ones from) and pushes them under r2e names, builds the
+agent-server payload (once; cached), prebuilds every base into a verified
+agent-server image with a lockfile, and answers a lookup for each base.
 """
 
 from __future__ import annotations
 
-import httpx
+import json
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
 from . import devstack
+from .lookup import Lookup
+from .prebuild import run_batch
 from .reference import parse
 from .settings import Settings
 from .testing.images import FixtureFactory
 
 
-def list_repositories(registry: str) -> list[tuple[str, str]]:
-    base = f"http://{registry}/v2"
-    repos = httpx.get(f"{base}/_catalog", params={"n": 1000}).json().get("repositories") or []
-    rows = []
-    for repo in repos:
-        for tag in httpx.get(f"{base}/{repo}/tags/list").json().get("tags") or []:
-            rows.append((repo, tag))
-    return rows
-
-
-def run_demo(settings: Settings, n_bases: int = 5, console: Console | None = None) -> list[str]:
+def run_demo(settings: Settings, n_bases: int = 5, verify: str = "1", console: Console | None = None) -> Path:
     console = console or Console(stderr=True)
     for ep in devstack.up(settings):
         console.print(f"[bold]{ep.name}[/] on {ep.host}:{ep.port}" + (" (already running)" if ep.pid == 0 else ""))
     registry = parse(settings.to + ":x").registry
-    with FixtureFactory(settings, f"{registry}", log=console.print) as factory:
-        console.print(f"making {n_bases} sample r2e-style bases and a busybox base, pushing to {registry}")
-        bases = [b.ref for b in factory.r2e_set(n_bases)] + [factory.busybox_base().ref]
-    table = Table("repository", "tag", title=f"images in {registry}")
-    for repo, tag in list_repositories(registry):
-        table.add_row(repo, tag)
-    Console().print(table)
-    return bases
+    with FixtureFactory(settings, registry, log=console.print) as factory:
+        console.print(f"[bold]bases[/]: making {n_bases} sample r2e-style bases, pushing them to {registry}")
+        bases = [b.ref for b in factory.r2e_set(n_bases)]
+    demo_dir = Path(settings.state_dir) / "demo"
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    dataset = demo_dir / "train.jsonl"
+    dataset.write_text("".join(json.dumps({"data_source": "r2e-gym", "instance": {"instance_id": b}}) + "\n"
+                               for b in bases))
+    lockfile = demo_dir / "lock.json"
+    console.print(f"[bold]prebuild[/]: {dataset} -> {settings.to} (payload built once, then cached)")
+    result = run_batch(settings, str(dataset), executor="local", verify=verify, lockfile=lockfile,
+                       log=lambda m: console.print(f"  {m}", highlight=False))
+    s = result.state
+    console.print(f"derived {s.derived}, already done {s.skipped}, failed {s.failed}, verified {s.verified}")
+    table = Table("base", "prebuilt image (pinned)", "verified", title="lookup: base -> prebuilt")
+    lk = Lookup(settings, lockfile=lockfile)
+    try:
+        for b in bases:
+            hit = lk.resolve(b)
+            table.add_row(parse(b).familiar, hit.pinned if hit else "[red]none[/]", "yes" if hit and hit.verified else "no")
+    finally:
+        lk.close()
+    Console(soft_wrap=True).print(table)
+    console.print(f"lockfile: {lockfile}\nstop the services with: imagefarm dev down")
+    return lockfile

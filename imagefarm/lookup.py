@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 from . import attest, oci
 from .catalog import image_of
-from .errors import ImagefarmError, InvalidReference, NotFound
+from .errors import ImagefarmError, InvalidReference, NotFound, UnsupportedMedia
 from .lockfile import Lockfile
 from .reference import Reference, parse
 from .registry import Manifest, RegistryClient
@@ -174,7 +174,7 @@ class Lookup:
             return None
         try:
             got = self.client.get_manifest(ref)
-        except NotFound:
+        except (NotFound, UnsupportedMedia):  # absent, or not an image (artifact, too big)
             return None
         if not isinstance(got, Manifest) or oci.ANN_BASE_DIGEST not in got.annotations:
             return None
@@ -229,7 +229,7 @@ class Lookup:
                 return self._manifests[key]
         try:
             got = self.client.get_manifest(ref)
-        except NotFound:
+        except (NotFound, UnsupportedMedia):  # e.g. an SBOM or signature tagged beside it
             got = None
         manifest = got if isinstance(got, Manifest) else None
         with self._lock:

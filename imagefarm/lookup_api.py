@@ -67,7 +67,10 @@ def _key(q: Any, i: int) -> str:
     """How a batch answer names a query: the string itself, or a row's image."""
     if isinstance(q, str):
         return q
-    image, _, _ = image_of(q)
+    try:
+        image, _, _ = image_of(q)
+    except ImagefarmError:
+        image = None
     return image or f"row {i}"
 
 

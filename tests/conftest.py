@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,8 @@ REQUIRED = {
     "debootstrap": "apt-get install -y debootstrap",
     "htpasswd": "apt-get install -y apache2-utils",
     "git": "apt-get install -y git",
+    "slurmctld": "apt-get install -y slurm-wlm munge",
+    "munged": "apt-get install -y munge",
 }
 
 
@@ -116,5 +119,35 @@ def cli_env(settings: Settings, registry: Registry, redis_server: Redis) -> dict
 
 def imagefarm_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the installed ``imagefarm`` console script as a user would."""
-    exe = shutil.which("imagefarm") or str(Path(os.sys.executable).parent / "imagefarm")
-    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run([IMAGEFARM, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+#: the console script of the environment running the tests (make test does not put it on PATH)
+IMAGEFARM = str(Path(sys.executable).parent / "imagefarm")
+
+
+@pytest.fixture(scope="session")
+def sdk_python(settings):
+    """openhands-workspace (APIRemoteWorkspace) under Python 3.13 from Debian's packages."""
+    from imagefarm.testing.clients import SDK, client_python
+
+    return client_python(settings, "sdk", SDK)
+
+
+@pytest.fixture(scope="session")
+def v0_python(settings):
+    """openhands-ai 0.59 (the V0 RemoteRuntime SkyRL uses) under Python 3.13."""
+    from imagefarm.testing.clients import V0, client_python
+
+    return client_python(settings, "v0", V0)
+
+
+@pytest.fixture(scope="session")
+def payload(settings):
+    """The real agent-server payload (built once, then cached under ~/.cache/imagefarm)."""
+    import sys
+
+    from imagefarm.payload import build_payload
+    from imagefarm.recipe import recipe_for
+
+    return build_payload(settings, recipe_for(settings), log=lambda m: print(m, file=sys.stderr))

@@ -10,4 +10,7 @@ from __future__ import annotations
 from ._app import app, main  # noqa: F401
 
 # each module registers its commands on ``app``
-from . import demo, doctor  # noqa: E402,F401
+from . import demo, doctor, farm, launch, lookup  # noqa: E402,F401
+from . import derive  # noqa: E402,F401
+from . import payload, verify  # noqa: E402,F401
+from . import runtime  # noqa: E402,F401

@@ -29,7 +29,9 @@ def derive_cmd(
     from ..derive import AppendPayload, derive
     from ..derive.build import build
     from ..recipe import recipe_for
+    from ..reference import parse
 
+    parse(base_ref)  # bad input fails at once, not after a payload build
     settings = Settings.load(to=to, recipe=recipe, platform=platform)
     rec = recipe_for(settings)
     if rec.kind == "buildah":

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from .. import oci
 from ..containers import run, which
-from ..errors import ToolError
 from ..settings import Settings
 from .rootfs import busybox_binary, debootstrap
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from derivekit import push_base, file_layer, synthetic_payload
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    exe = shutil.which("imagefarm") or str(Path(sys.executable).parent / "imagefarm")
+    exe = str(Path(sys.executable).parent / "imagefarm")
     return subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -125,7 +125,7 @@ def test_cli(cli_env, fixtures, derive_to, registry):
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_schemathesis_finds_no_server_error(api):
+def test_schemathesis_finds_no_server_error(api, tmp_path):
     """Property-based requests from the served OpenAPI document: never a 5xx."""
     import shutil
     import subprocess
@@ -135,7 +135,7 @@ def test_schemathesis_finds_no_server_error(api):
     exe = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     proc = subprocess.run([exe, "run", f"{api}/openapi.json", "--checks", "not_a_server_error",
                            "--max-examples", "40", "-H", "X-API-Key: k3y", "--phases", "examples,coverage,fuzzing"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     import re
 

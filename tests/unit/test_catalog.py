@@ -1,7 +1,6 @@
 """Datasets: hub cache (offline), SkyRL parquet, plain files; bad rows reported."""
 
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -83,3 +82,12 @@ def test_wrong_columns_is_a_clear_error(tmp_path):
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match="neither a file"):
         catalog.load(str(tmp_path / "nope.parquet"))
+
+
+def test_non_text_image_fields_are_bad_rows(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"docker_image": 5}\n{"instance": {"instance_id": ["x"]}}\n'
+                                      '{"docker_image": "namanjain12/a:1"}\n')
+    cat = catalog.load(str(tmp_path / "a.jsonl"))
+    assert [str(b) for b in cat.bases] == ["docker.io/namanjain12/a:1"]
+    assert [b.row for b in cat.bad_rows] == [0, 1]
+    assert "docker_image is 5 (int)" in cat.bad_rows[0].reason
