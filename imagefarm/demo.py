@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from . import devstack
 from .lookup import Lookup
@@ -41,14 +40,15 @@ def run_demo(settings: Settings, n_bases: int = 5, verify: str = "1", console: C
                        log=lambda m: console.print(f"  {m}", highlight=False))
     s = result.state
     console.print(f"derived {s.derived}, already done {s.skipped}, failed {s.failed}, verified {s.verified}")
-    table = Table("base", "prebuilt image (pinned)", "verified", title="lookup: base -> prebuilt")
+    out = Console(soft_wrap=True, highlight=False)
+    out.print("[bold]lookup[/]: base -> prebuilt image (pinned by digest)")
     lk = Lookup(settings, lockfile=lockfile)
     try:
         for b in bases:
             hit = lk.resolve(b)
-            table.add_row(parse(b).familiar, hit.pinned if hit else "[red]none[/]", "yes" if hit and hit.verified else "no")
+            state = ("verified" if hit.verified else "not verified") if hit else "[red]no prebuilt image[/]"
+            out.print(f"  {parse(b).familiar}\n    -> {hit.pinned if hit else '-'}  ({state})")
     finally:
         lk.close()
-    Console(soft_wrap=True).print(table)
     console.print(f"lockfile: {lockfile}\nstop the services with: imagefarm dev down")
     return lockfile
