@@ -84,10 +84,13 @@ def fetch_blob(settings: Settings, digest: str, size: int) -> Path:
     return final
 
 
-def derive_base(settings: Settings, base: str, recipe: str, layer: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Derive one base; ``ok: False`` with the reason for permanent failures."""
+def derive_base(settings: Settings, base: str, recipe: str, layer: dict[str, Any] | None = None,
+                publish: bool = True) -> dict[str, Any]:
+    """Derive one base; ``ok: False`` with the reason for permanent failures.
+
+    ``publish=False``: push by digest only; ``verify_image`` tags it once it boots."""
     try:
-        result = appender(settings).derive(base, payload_for(settings, recipe, layer))
+        result = appender(settings).derive(base, payload_for(settings, recipe, layer), publish=publish)
     except ImagefarmError as exc:
         if exc.transient:
             raise
@@ -96,13 +99,16 @@ def derive_base(settings: Settings, base: str, recipe: str, layer: dict[str, Any
 
 
 def verify_image(settings: Settings, image: str, digest: str, timeout: float = 120.0) -> dict[str, Any]:
-    """Boot-check one derived image and record the result in the registry."""
+    """Boot-check one derived image; if it boots, publish its tag, then record the
+    result in the registry (in that order: a crash in between only costs a re-verify).
+    An image that does not boot is never tagged, so no lookup or runtime serves it."""
     from .verify import verify
 
     ref = parse(image)
     pinned = f"{ref.name}@{digest}"
-    client = appender(settings).client
-    if attest.is_verified(client, ref, digest):
+    a = appender(settings)
+    if attest.is_verified(a.client, ref, digest):
+        a.publish(ref, digest)
         return {"ok": True, "image": image, "digest": digest, "verified": True, "skipped": True}
     try:
         result = verify(settings, pinned, timeout=timeout)
@@ -110,6 +116,6 @@ def verify_image(settings: Settings, image: str, digest: str, timeout: float = 1
         if exc.transient:
             raise
         return {"ok": False, "image": image, "digest": digest, "verified": False, "error": str(exc)}
-    record = result.to_json() if hasattr(result, "to_json") else dict(getattr(result, "__dict__", {}))
-    attest.record(client, ref, digest, record)
+    a.publish(ref, digest)
+    attest.record(a.client, ref, digest, result.to_json())
     return {"ok": True, "image": image, "digest": digest, "verified": True, "skipped": False}

@@ -7,6 +7,10 @@ queues a verify on its own queue. Progress is shown live and saved under the sta
 directory, so ``imagefarm status`` can report a running or finished batch. Re-running
 redoes nothing finished: a tag that holds the same derive is "done", a recorded
 verification is "verified".
+
+Publishing: an image chosen for verification is pushed by digest only; its tag (what
+lookups and runtimes find) is put when it has booted and answered. Images left out of
+the sample (``--verify N`` / ``none``) are tagged at once: that is the caller's choice.
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ def _alive(pid: int) -> bool:
 class Executor(Protocol):
     name: str
 
-    def derive(self, base: str) -> Any: ...
+    def derive(self, base: str, publish: bool) -> Any: ...
     def verify(self, image: str, digest: str) -> Any: ...
     def wait(self, handles: set[Any], timeout: float) -> Iterator[tuple[Any, dict[str, Any]]]: ...
     def close(self) -> None: ...
@@ -123,9 +127,9 @@ class LocalExecutor:
         self._derive_pool = ThreadPoolExecutor(workers, thread_name_prefix="derive")
         self._verify_pool = ThreadPoolExecutor(verify_workers, thread_name_prefix="verify")
 
-    def derive(self, base: str) -> Future:
+    def derive(self, base: str, publish: bool) -> Future:
         return self._derive_pool.submit(_retrying, lambda: jobs.derive_base(
-            self.settings, base, self.settings.recipe, self.layer), base)
+            self.settings, base, self.settings.recipe, self.layer, publish), base)
 
     def verify(self, image: str, digest: str) -> Future:
         return self._verify_pool.submit(_retrying, lambda: jobs.verify_image(
@@ -170,10 +174,10 @@ class CeleryExecutor:
         app.conf.broker_url = app.conf.result_backend = settings.broker_url
         self.settings, self.layer, self.verify_timeout, self.app = settings, layer, verify_timeout, app
 
-    def derive(self, base: str):
+    def derive(self, base: str, publish: bool):
         from .worker import tasks
 
-        return tasks.derive.apply_async(args=[base, self.settings.to, self.settings.recipe, self.layer])
+        return tasks.derive.apply_async(args=[base, self.settings.to, self.settings.recipe, self.layer, publish])
 
     def verify(self, image: str, digest: str):
         from .worker import tasks
@@ -265,8 +269,8 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
     if threading_main():
         signal.signal(signal.SIGTERM, _term)
     try:
-        for b in bases:
-            pending[ex.derive(b)] = ("derive", b)
+        for b in bases:  # an image to be verified is tagged (published) only once it boots
+            pending[ex.derive(b, b not in to_verify)] = ("derive", b)
         last_save = 0.0
         while pending:
             for handle, res in ex.wait(set(pending), timeout=0.5):

@@ -27,10 +27,11 @@ def _slots(settings: Settings) -> RedisSemaphore:
 
 
 @app.task(name="imagefarm.derive", bind=True, **RETRY)
-def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None = None) -> dict[str, Any]:
+def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None = None,
+           publish: bool = True) -> dict[str, Any]:
     settings = Settings.load(to=to, recipe=recipe)
     with _slots(settings).slot():
-        return jobs.derive_base(settings, base, recipe, layer)
+        return jobs.derive_base(settings, base, recipe, layer, publish)
 
 
 @app.task(name="imagefarm.verify", bind=True, **RETRY)

@@ -66,8 +66,12 @@ class Appender:
         self.close()
 
     # -- the verb ----------------------------------------------------------------
-    def derive(self, base: Reference | str, payload: PayloadLike, *, to: str | None = None) -> DeriveResult:
-        """Derive ``base`` with ``payload`` under ``to`` (default ``settings.to``)."""
+    def derive(self, base: Reference | str, payload: PayloadLike, *, to: str | None = None,
+               publish: bool = True) -> DeriveResult:
+        """Derive ``base`` with ``payload`` under ``to`` (default ``settings.to``).
+
+        ``publish=False`` pushes the manifest by digest only: the tag (what lookups and
+        runtimes find) is put by ``publish()`` once the image has proven it boots."""
         base = parse(base) if isinstance(base, str) else base
         if not hasattr(payload, "env"):  # e.g. imagefarm.payload.Payload: no recipe env
             payload = AppendPayload.of(payload)
@@ -82,13 +86,25 @@ class Appender:
             existing = existing_derive(self.client, target, resolved.digest, payload.recipe_digest,
                                        scopes=scopes)
             if existing is not None:
-                digest, skipped = existing, True
+                digest, skipped, published = existing, True, True
             else:
-                digest, skipped = self._derive(base, resolved, target, payload, to, scopes, where), False
+                digest = self._derive(base, resolved, target, payload, to, scopes, where, publish)
+                skipped, published = False, publish
         return DeriveResult(
             base=str(base), base_digest=resolved.digest, image=str(target), digest=digest,
             skipped=skipped, blobs_uploaded=st.blobs_uploaded, bytes_moved=st.blob_bytes_uploaded,
-            requests=st.requests)
+            requests=st.requests, published=published)
+
+    def publish(self, image: Reference | str, digest: str) -> bool:
+        """Tag the manifest ``digest`` as ``image`` (its deterministic tag); False if it
+        already was. The manifest bytes are copied as they are: the digest is kept."""
+        ref = parse(image) if isinstance(image, str) else image
+        current = self.client.head_manifest(ref)
+        if current is not None and current.digest == digest:
+            return False
+        got = self.client.get_manifest(ref.with_digest(digest))
+        self.client.put_manifest(Reference(ref.registry, ref.repository, ref.tag), got.raw, got.media_type)
+        return True
 
     # -- steps -------------------------------------------------------------------
     def _scopes(self, base: Reference, target: Reference) -> tuple[str, ...]:
@@ -99,7 +115,7 @@ class Appender:
         return tuple(out)
 
     def _derive(self, base: Reference, resolved: Resolved, target: Reference, payload: PayloadLike,
-                to: str, scopes: tuple[str, ...], where: str) -> str:
+                to: str, scopes: tuple[str, ...], where: str, publish: bool = True) -> str:
         m = resolved.manifest
         pinned = base.with_digest(m.digest)
         src_scopes = scopes if base.registry == target.registry else None
@@ -112,10 +128,11 @@ class Appender:
                                         where=where)
         manifest = surgery.derived_manifest(m, config, payload, ann)
         home = payload_home(to)
+        dest = target if publish else target.with_digest(oci.sha256_digest(manifest))
         for attempt in (0, 1):
             self._place_blobs(pinned, target, m, payload, config, home, scopes)
             try:
-                return self.client.put_manifest(target, manifest, oci.OCI_MANIFEST, scopes=scopes)
+                return self.client.put_manifest(dest, manifest, oci.OCI_MANIFEST, scopes=scopes)
             except RegistryError as exc:
                 if "BLOB_UNKNOWN" not in str(exc) or attempt:
                     raise

@@ -62,6 +62,7 @@ class DeriveResult:
     bytes_moved: int     #: blob bytes sent to the target registry
     requests: int        #: HTTP requests made (retries and token fetches included)
     kind: str = "append"  #: "append" (manifest surgery) or "buildah"
+    published: bool = True  #: the tag names it (False: pushed by digest, awaiting verify)
 
     @property
     def ref(self) -> str:

@@ -135,3 +135,30 @@ def test_worker_killed_mid_task(cli_env, fixtures, registry, workers, payload, t
             assert sorted(tags) == sorted(parse(e.image).tag for e in mine)
         _assert_registry_complete(target, to, lock)
         assert "WorkerLostError" in workers.log(0) or "SIGKILL" in workers.log(0)
+
+
+@pytest.mark.slow
+def test_image_that_does_not_boot_is_never_published(cli_env, fixtures, registry, tmp_path):
+    """recipes/broken.toml's server dies at import: verify fails with the reason, the
+    image is pushed by digest only (no tag), so neither lookup nor a runtime serves it."""
+    base = fixtures.r2e_base("namanjain12/pillow_final", "b" * 40).ref
+    ds = tmp_path / "one.txt"
+    ds.write_text(base + "\n")
+    to = f"{registry.host}/farm-broken"
+    lockfile = tmp_path / "lock.json"
+    proc = imagefarm_cli("prebuild", "--dataset", str(ds), "--to", to, "--recipe", "broken", "--verify", "all",
+                         "--lockfile", str(lockfile), "--json", env=cli_env, timeout=1200)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    state = json.loads(proc.stdout)
+    assert state["derived"] == 1 and state["verify_failed"] == 1 and state["verified"] == 0
+    assert "crash" in state["failures"][0]["reason"] and state["failures"][0]["stage"] == "verify"
+    entry = Lockfile.read(lockfile).entries[0]
+    assert not entry.verified
+    ref = parse(entry.image)
+    tags = httpx.get(f"{registry.url}/v2/{ref.repository}/tags/list").json().get("tags") or []
+    assert ref.tag not in tags  # never published
+    by_digest = httpx.head(f"{registry.url}/v2/{ref.repository}/manifests/{entry.image_digest}",
+                           headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    assert by_digest.status_code == 200  # but kept by digest, for a look at what failed
+    miss = imagefarm_cli("lookup", base, "--to", to, "--recipe", "broken", env=cli_env)
+    assert miss.returncode == 1 and "no prebuilt image" in miss.stderr
