@@ -58,7 +58,9 @@ class Settings(BaseSettings):
 
 def _repo_recipes() -> Path:
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "recipes", here / "data" / "recipes"):
+    # a source checkout (editable install) has recipes/ beside the package; a wheel
+    # carries them as the package data imagefarm/recipes
+    for candidate in (here.parent / "recipes", here / "recipes"):
         if candidate.is_dir():
             return candidate
     return here.parent / "recipes"
