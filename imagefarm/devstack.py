@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 from .errors import ConfigError
 from .reference import parse
+from .proc import pid_alive
 from .settings import Settings
 from .testing.services import Redis, Registry
 
@@ -33,21 +34,13 @@ def _pidfile(settings: Settings, name: str) -> Path:
     return settings.state_dir / "dev" / f"{name}.pid"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-
-
 def _read_pid(settings: Settings, name: str) -> int | None:
     p = _pidfile(settings, name)
     try:
         pid = int(p.read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    return pid if pid_alive(pid) else None
 
 
 def registry_port(settings: Settings) -> tuple[str, int]:
@@ -106,7 +99,7 @@ def down(settings: Settings) -> list[str]:
         if pid is not None:
             os.killpg(pid, signal.SIGTERM) if _is_group_leader(pid) else os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             stopped.append(name)
         _pidfile(settings, name).unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from . import jobs
 from .catalog import Catalog, load
 from .errors import ConfigError
 from .lockfile import Entry, Lockfile
+from .proc import pid_alive
 from .settings import Settings
 
 
@@ -93,17 +94,9 @@ def load_state(settings: Settings, batch_id: str | None = None) -> BatchState | 
         state = BatchState(**json.loads((d / f"{batch_id}.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    if state.status == "running" and not _alive(state.pid):
+    if state.status == "running" and not pid_alive(state.pid):
         state.status = "interrupted"
     return state
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
 
 
 # -- executors -------------------------------------------------------------------------
