@@ -1,0 +1,15 @@
+"""imagefarm benchmarks: ``python -m bench`` (or ``make bench``).
+
+Every figure in ``docs/BENCHMARKS.md`` is measured here, against real services started
+for the run (docker-registry, redis-server, Celery workers, the runtime server, the
+lookup API) on free loopback ports, and everything started is stopped again, also on
+Ctrl-C. Nothing here asserts a timing: figures are reported, never checked.
+
+Sections (``--only``): ``derive`` (fast path vs naive buildah, same bases, same
+registry), ``scale`` (fast path on many small bases, 1/4/8 threads), ``farm`` (Celery
+with 1/2/4 worker processes, plus the embedded local pool), ``copy`` (cross-registry
+derive: bytes moved vs unique bytes), ``runtime`` (``/start`` to ready), ``lookup``
+(in-process and HTTP, warm and cold).
+"""
+
+SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup")
