@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -49,6 +50,11 @@ class LookupHit:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "pinned": self.pinned}
+
+    @cached_property
+    def json_bytes(self) -> bytes:
+        """The HTTP answer, serialised once per hit (the warm path sends these bytes)."""
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
 
 
 def normalise_query(query: Any) -> Reference:
@@ -101,6 +107,16 @@ class Lookup:
             self.client.close()
 
     # -- public ---------------------------------------------------------------------
+    def peek(self, query: str) -> LookupHit | None:
+        """A cached answer for exactly this query text, without parsing or I/O (the
+        warm path of the HTTP service); None means "ask ``resolve``"."""
+        cached = self._hits.get(query)
+        if cached and cached[0] > time.monotonic():
+            self.stats["cache_hits"] += 1
+            self.stats["hits"] += 1
+            return cached[1]
+        return None
+
     def resolve(self, query: Any) -> LookupHit | None:
         """The prebuilt image for ``query`` or None; ``InvalidReference`` for bad input."""
         base = normalise_query(query)
@@ -116,8 +132,10 @@ class Lookup:
         with self._lock:
             self.stats["hits" if hit else "misses"] += 1
             if hit:
-                self._hits[key] = (now + self.ttl, hit)
-                self._hits.move_to_end(key)
+                # also under the text as asked, so ``peek`` finds it without parsing
+                for k in {key, query} if isinstance(query, str) else {key}:
+                    self._hits[k] = (now + self.ttl, hit)
+                    self._hits.move_to_end(k)
                 while len(self._hits) > self.max_entries:
                     self._hits.popitem(last=False)
         return hit
@@ -143,7 +161,10 @@ class Lookup:
                 self._tags.clear()
             else:
                 ref = normalise_query(base)
-                self._hits.pop(str(ref), None)
+                gone = self._hits.pop(str(ref), None)
+                if gone:  # and the same answer cached under the texts it was asked as
+                    for k in [k for k, v in self._hits.items() if v[1] is gone[1]]:
+                        del self._hits[k]
                 self._tags.pop(self._target_repo(ref), None)
 
     # -- resolution -----------------------------------------------------------------------
