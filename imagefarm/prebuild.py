@@ -261,18 +261,37 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
 
     if threading_main():
         signal.signal(signal.SIGTERM, _term)
+    def submit(stage: str, base: str) -> None:
+        o = outcomes[base]
+        handle = (ex.derive(base, base not in to_verify) if stage == "derive"  # verify first, then tag
+                  else ex.verify(o.image, o.digest))
+        pending[handle] = (stage, base)
+
+    # A result can be lost between a worker and the driver (the broker restarted just as
+    # the worker acknowledged and stored it: the task stays unacknowledged until the
+    # visibility timeout). Tasks are idempotent, so when nothing at all has finished for
+    # ``stall`` seconds the driver asks again for what it still waits on.
+    stall = max(120.0, 2 * verify_timeout) if executor == "celery" else None
     try:
-        for b in bases:  # an image to be verified is tagged (published) only once it boots
-            pending[ex.derive(b, b not in to_verify)] = ("derive", b)
-        last_save = 0.0
+        for b in bases:
+            submit("derive", b)
+        last_save, last_result = 0.0, time.monotonic()
         while pending:
             for handle, res in ex.wait(set(pending), timeout=0.5):
                 stage, base = pending.pop(handle)
+                last_result = time.monotonic()
                 _apply(state, outcomes[base], stage, res)
                 o = outcomes[base]
                 if stage == "derive" and o.ok and base in to_verify:
-                    pending[ex.verify(o.image, o.digest)] = ("verify", base)
+                    submit("verify", base)
             now = time.monotonic()
+            if stall and pending and now - last_result > stall:
+                log(f"no result for {stall:.0f}s: asking again for {len(pending)} task(s) (idempotent)")
+                stale = list(pending.values())
+                pending.clear()  # a late answer to an old handle is simply not waited for
+                for stage, base in stale:
+                    submit(stage, base)
+                last_result = now
             if on_progress:
                 on_progress(state)
             if now - last_save > 1.0:

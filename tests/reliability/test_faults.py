@@ -27,7 +27,7 @@ def _dataset(tmp_path: Path, bases: list[str]) -> Path:
 def _start_prebuild(env, dataset: Path, to: str, lockfile: Path, executor: str) -> subprocess.Popen:
     exe = str(Path(sys.executable).parent / "imagefarm")
     return subprocess.Popen([exe, "prebuild", "--dataset", str(dataset), "--to", to, "--executor", executor,
-                             "--verify", "none", "--json", "--lockfile", str(lockfile)],
+                             "--verify", "none", "--verify-timeout", "30", "--json", "--lockfile", str(lockfile)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
