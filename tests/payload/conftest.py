@@ -36,9 +36,7 @@ def broken_recipe() -> Recipe:
     return load_recipe("broken", RECIPES)
 
 
-@pytest.fixture(scope="session")
-def payload(settings: Settings, recipe: Recipe) -> Payload:
-    return build_payload(settings, recipe, log=_log)
+# ``payload`` (the default recipe's real payload) comes from tests/conftest.py
 
 
 @pytest.fixture(scope="session")
