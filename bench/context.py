@@ -88,26 +88,11 @@ class Plan:
 
 
 # -- registry access log ----------------------------------------------------------------------
-_LINE = re.compile(r'^(\S+) \S+ \S+ \[[^\]]+\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-) "[^"]*" "([^"]*)"')
-
-
 class LoggedRegistry(Registry):
     """docker-registry with its access log on (Apache combined format, in registry.log)."""
 
-    def _config(self) -> Path:
-        cfg = super()._config()
-        cfg.write_text(cfg.read_text().replace("disabled: true", "disabled: false"))
-        return cfg
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "registry.log"
-
-    def mark(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except OSError:
-            return 0
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw, access_log=True)
 
     def blob_size(self, digest: str) -> int:
         hexd = digest.split(":", 1)[1]
@@ -134,30 +119,24 @@ class LoggedRegistry(Registry):
         ...?mount= answered 201.
         """
         time.sleep(0.05)  # the registry writes the line right after the response
-        with open(self.log_path, "rb") as fh:
-            fh.seek(mark)
-            text = fh.read().decode(errors="replace")
         out = {"requests": 0, "by_method": {}, "pulled_bytes": 0, "pushed_bytes": 0, "pushed_blobs": 0,
                "mounts": 0, "manifest_puts": 0, "agents": {}, "pushed": {}}
-        for line in text.splitlines():
-            m = _LINE.match(line)
-            if not m:
-                continue
-            _ip, method, path, status, size, agent = m.groups()
+        for a in self.accesses(mark):
+            method, path, status, size, agent = a.method, a.path, str(a.status), a.size, a.agent
             out["requests"] += 1
             out["by_method"][method] = out["by_method"].get(method, 0) + 1
             short = agent.split("/")[0] or "-"
             out["agents"][short] = out["agents"].get(short, 0) + 1
-            if method == "GET" and "/blobs/sha256:" in path and status == "200" and size != "-":
-                out["pulled_bytes"] += int(size)
+            if method == "GET" and "/blobs/sha256:" in path and status == "200" and size is not None:
+                out["pulled_bytes"] += size
             elif method == "PUT" and "/blobs/uploads/" in path and status == "201":
                 dm = re.search(r"digest=(sha256(?::|%3A)[0-9a-f]{64})", path)
                 if dm:
                     digest = dm.group(1).replace("%3A", ":")
-                    size = self.blob_size(digest)
+                    blob = self.blob_size(digest)
                     out["pushed_blobs"] += 1
-                    out["pushed_bytes"] += size
-                    out["pushed"][digest] = size
+                    out["pushed_bytes"] += blob
+                    out["pushed"][digest] = blob
             elif method == "POST" and "mount=" in path and status == "201":
                 out["mounts"] += 1
             elif method == "PUT" and "/manifests/" in path:

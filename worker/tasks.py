@@ -3,10 +3,16 @@
 Transient errors (registry 429/5xx, dropped connections, Redis blips) retry with
 exponential backoff; permanent ones (base not found, malformed reference) come back
 as a failed result at once, with the reason.
+
+Every delivery of a task is counted in ``imagefarm:task:<id>`` (a hash: ``deliveries``,
+``redelivered`` -- the broker put it back after a lost worker --, ``retries`` -- the
+task's own retries -- and the worker process that took it last), the broker-side record the driver reads to report repeated work.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 import redis
@@ -19,16 +25,47 @@ from .semaphore import RedisSemaphore
 
 RETRY = dict(autoretry_for=(ImagefarmError, ConnectionError, OSError), retry_backoff=2, retry_backoff_max=120,
              retry_jitter=True, max_retries=8)
+RECORD_TTL = 7 * 24 * 3600
+_client: tuple[int, redis.Redis] | None = None
+
+
+def task_key(task_id: str) -> str:
+    return f"imagefarm:task:{task_id}"
+
+
+def _redis() -> redis.Redis:
+    """One client per (forked) process: pool processes must not share a parent's sockets."""
+    global _client
+    if _client is None or _client[0] != os.getpid():
+        _client = (os.getpid(), redis.Redis.from_url(app.conf.broker_url))
+    return _client[1]
+
+
+def _record_delivery(task) -> None:
+    """Count this delivery. Best effort: the work matters more than its bookkeeping."""
+    req = task.request
+    info = req.delivery_info or {}
+    try:
+        _redis().pipeline(transaction=False) \
+            .hincrby(task_key(req.id), "deliveries", 1) \
+            .hincrby(task_key(req.id), "redelivered", 1 if info.get("redelivered") else 0) \
+            .hset(task_key(req.id), mapping={"pid": os.getpid(), "retries": req.retries or 0,
+                                             "name": task.name, "arg": (req.args or [""])[0],
+                                             "host": req.hostname or socket.gethostname()}) \
+            .expire(task_key(req.id), RECORD_TTL) \
+            .execute()
+    except redis.RedisError:
+        pass
 
 
 def _slots(settings: Settings) -> RedisSemaphore:
-    client = redis.Redis.from_url(app.conf.broker_url)
-    return RedisSemaphore(client, "registry", settings.registry_concurrency)
+    return RedisSemaphore(_redis(), "registry", settings.registry_concurrency)
 
 
 @app.task(name="imagefarm.derive", bind=True, **RETRY)
 def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None = None,
            publish: bool = True) -> dict[str, Any]:
+    _record_delivery(self)
     settings = Settings.load(to=to, recipe=recipe)
     with _slots(settings).slot():
         return jobs.derive_base(settings, base, recipe, layer, publish)
@@ -36,5 +73,6 @@ def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None =
 
 @app.task(name="imagefarm.verify", bind=True, **RETRY)
 def verify(self, image: str, digest: str, to: str, recipe: str, timeout: float = 120.0) -> dict[str, Any]:
+    _record_delivery(self)
     settings = Settings.load(to=to, recipe=recipe)
     return jobs.verify_image(settings, image, digest, timeout)

@@ -117,7 +117,7 @@ def test_worker_killed_mid_task(cli_env, fixtures, registry, workers, payload, t
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             if "Task imagefarm.derive" in workers.log(0) and "received" in workers.log(0):
-                for child in workers.children(w):
+                for child in workers.pool(w):
                     os.kill(child, signal.SIGKILL)
                     killed = True
             time.sleep(0.05)
