@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 import redis
@@ -41,21 +42,29 @@ def _redis() -> redis.Redis:
     return _client[1]
 
 
-def _record_delivery(task) -> None:
-    """Count this delivery. Best effort: the work matters more than its bookkeeping."""
+def _record_delivery(task, patience: float = 300.0) -> None:
+    """Count this delivery before the work starts. A task can start while the broker is
+    away (it was prefetched): the record waits for Redis like the task's other Redis
+    calls do, and after ``patience`` the work goes ahead unrecorded."""
     req = task.request
     info = req.delivery_info or {}
-    try:
-        _redis().pipeline(transaction=False) \
-            .hincrby(task_key(req.id), "deliveries", 1) \
-            .hincrby(task_key(req.id), "redelivered", 1 if info.get("redelivered") else 0) \
-            .hset(task_key(req.id), mapping={"pid": os.getpid(), "retries": req.retries or 0,
-                                             "name": task.name, "arg": (req.args or [""])[0],
-                                             "host": req.hostname or socket.gethostname()}) \
-            .expire(task_key(req.id), RECORD_TTL) \
-            .execute()
-    except redis.RedisError:
-        pass
+    key = task_key(req.id)
+    deadline, delay = time.monotonic() + patience, 0.2
+    while True:
+        try:
+            _redis().pipeline(transaction=False) \
+                .hincrby(key, "deliveries", 1) \
+                .hincrby(key, "redelivered", 1 if info.get("redelivered") else 0) \
+                .hset(key, mapping={"pid": os.getpid(), "retries": req.retries or 0, "name": task.name,
+                                    "arg": (req.args or [""])[0], "host": req.hostname or socket.gethostname()}) \
+                .expire(key, RECORD_TTL) \
+                .execute()
+            return
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def _slots(settings: Settings) -> RedisSemaphore:

@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -83,7 +84,7 @@ class _Service:
 
 
 #: one line of the registry's access log (Apache combined format)
-_ACCESS_LINE = re.compile(r'^(\S+) \S+ \S+ \[[^\]]+\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-) "[^"]*" "([^"]*)"')
+_ACCESS_LINE = re.compile(r'^(\S+) \S+ \S+ \[([^\]]+)\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-) "[^"]*" "([^"]*)"')
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class Access:
     status: int
     size: int | None  #: response bytes
     agent: str
+    when: float       #: epoch seconds (the log has whole seconds)
 
 
 def read_access_log(path: Path, mark: int = 0) -> list[Access]:
@@ -109,8 +111,9 @@ def read_access_log(path: Path, mark: int = 0) -> list[Access]:
     for line in text.splitlines():
         m = _ACCESS_LINE.match(line)
         if m:
-            _ip, method, path_, status, size, agent = m.groups()
-            out.append(Access(method, path_, int(status), None if size == "-" else int(size), agent))
+            _ip, when, method, path_, status, size, agent = m.groups()
+            out.append(Access(method, path_, int(status), None if size == "-" else int(size), agent,
+                              datetime.strptime(when, "%d/%b/%Y:%H:%M:%S %z").timestamp()))
     return out
 
 

@@ -37,7 +37,7 @@ class Workers:
     by the test."""
 
     def __init__(self, env: dict[str, str], logdir: Path) -> None:
-        self.env, self.logdir, self.procs = env, logdir, []
+        self.env, self.logdir, self.procs, self.names = env, logdir, [], []
 
     def start(self, queues: str = "derive,verify", concurrency: int = 1, name: str | None = None) -> subprocess.Popen:
         from tests.conftest import IMAGEFARM
@@ -48,6 +48,7 @@ class Workers:
             [IMAGEFARM, "worker", "--queues", queues, "--concurrency", str(concurrency), "-n", f"{name}@%h"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
+        self.names.append(name)
         return proc
 
     @staticmethod
@@ -65,7 +66,7 @@ class Workers:
         return self.children(main) if main else []
 
     def log(self, i: int = 0) -> str:
-        return (self.logdir / f"w{i}.log").read_text(errors="replace")
+        return (self.logdir / f"{self.names[i]}.log").read_text(errors="replace")
 
     def stop_all(self) -> None:
         for p in self.procs:

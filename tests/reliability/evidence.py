@@ -128,14 +128,20 @@ def deliveries(records: dict[str, dict[str, str]]) -> dict[str, int]:
             "retries": sum(int(r.get("retries", 0)) for r in records.values())}
 
 
-def row(fault: str, bases: int, lost: int, ev: Evidence, counts: dict[str, int], state: dict, after: float,
+def row(fault: str, bases: int, lost: int, ev: Evidence, counts: dict[str, int], state: dict, cleared: float,
         command: str) -> str:
-    """One line of the fault table in docs/RELIABILITY.md, printed by the test."""
-    dup = (f"tag PUTs beyond one: {sum(n - 1 for n in ev.tag_puts.values())}; repeated blob uploads: "
-           f"{ev.repeated_uploads}, cut and redone: {ev.abandoned_uploads}; extra deliveries (broker): {counts.get('extra', 0)}, task retries: "
-           f"{counts.get('retries', 0)}; driver resubmits: {state.get('resubmitted', 0)}")
-    line = (f"| {fault} | {bases} | {lost} | {dup} | {after:.0f} s | "
-            f"{counts.get('tasks', 0)} task records, {counts.get('redelivered', 0)} restored by the broker; "
-            f"{len(ev.accesses)} registry requests | `{command}` |")
+    """One line of the fault table in docs/RELIABILITY.md, printed by the test. ``cleared``:
+    when the fault was over (epoch); the last tag PUT is read from the access log, the
+    batch's end from its state."""
+    last_tag = max(a.when for a in ev.accesses if a.method == "PUT" and a.status == 201
+                   and "/manifests/" in a.path and "/manifests/sha256" not in a.path and ".verified" not in a.path)
+    dup = (f"tag PUTs beyond one: {sum(n - 1 for n in ev.tag_puts.values())}; blob uploads repeated: "
+           f"{ev.repeated_uploads}, cut and redone: {ev.abandoned_uploads}; deliveries beyond one (broker): "
+           f"{counts.get('extra', '-')}, task retries: {counts.get('retries', '-')}; driver resubmits: "
+           f"{state.get('resubmitted', 0)}")
+    line = (f"| {fault} | {bases} | {lost} | {dup} | last tag {max(0.0, last_tag - cleared):.0f} s, batch done "
+            f"{state['finished'] - cleared:.0f} s | {counts.get('tasks', '-')} task records, "
+            f"{counts.get('redelivered', '-')} restored by the broker; {len(ev.accesses)} registry requests | "
+            f"`{command}` |")
     print("\nFAULT-ROW " + line, flush=True)
     return line
