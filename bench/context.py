@@ -53,6 +53,8 @@ class Plan:
     naive_budget_s: float     #: stop the naive loop (after >= 1 image) once this is spent
     fast_rounds: int          #: warm fast-path rounds over the realistic set
     small_bases: int          #: small bases for scale/farm/lookup
+    farm_full_bases: int      #: the farm at full size: R2E-Gym-Subset's 4,578 bases
+    farm_full_workers: int    #: Celery worker processes for the full-size run
     threads: tuple[int, ...]
     farm_workers: tuple[int, ...]
     local_workers: int
@@ -70,14 +72,14 @@ class Plan:
         if quick:
             base: dict[str, Any] = {
                 "real_bases": 2, "real_unique_mib": 20, "naive_bases": 1, "naive_budget_s": 150,
-                "fast_rounds": 5, "small_bases": 40, "threads": (1, 4, 8), "farm_workers": (1, 2, 4),
+                "fast_rounds": 5, "small_bases": 40, "farm_full_bases": 300, "farm_full_workers": 4, "threads": (1, 4, 8), "farm_workers": (1, 2, 4),
                 "local_workers": 8, "copy_bases": 2, "warm_starts": 3, "cold_starts": 1,
                 "cold_payload_starts": 0, "direct_starts": 2, "concurrent_starts": 0,
                 "lookup_seconds": 3.0, "lookup_concurrency": 16}
         else:
             base = {
                 "real_bases": 6, "real_unique_mib": 100, "naive_bases": 6, "naive_budget_s": 420,
-                "fast_rounds": 10, "small_bases": 200, "threads": (1, 4, 8), "farm_workers": (1, 2, 4),
+                "fast_rounds": 10, "small_bases": 200, "farm_full_bases": 4578, "farm_full_workers": 4, "threads": (1, 4, 8), "farm_workers": (1, 2, 4),
                 "local_workers": 8, "copy_bases": 6, "warm_starts": 20, "cold_starts": 2,
                 "cold_payload_starts": 2, "direct_starts": 6, "concurrent_starts": 8,
                 "lookup_seconds": 10.0, "lookup_concurrency": 32}
@@ -364,9 +366,13 @@ class Bench:
     def small_set(self) -> list[str]:
         """``small_bases`` r2e-shaped bases in registry A (the unique layer is a small
         repository checkout), pushed with the project's registry client in parallel."""
-        if self._small is not None:
-            return self._small
-        n = self.plan.small_bases
+        return self.base_set(self.plan.small_bases)
+
+    def base_set(self, n: int) -> list[str]:
+        """The first ``n`` of the small bases (a larger set contains every smaller one)."""
+        have = self._small or []
+        if len(have) >= n:
+            return have[:n]
         reg = self.registry()
         ff = self.factory
         t0 = time.monotonic()
@@ -400,7 +406,7 @@ class Bench:
             with ThreadPoolExecutor(8) as pool:
                 refs += list(pool.map(push, range(1, n)))
         self._small = refs
-        self.notes["small_set"] = {"n": n, "seconds": round(time.monotonic() - t0, 1)}
+        self.notes[f"small_set_{n}"] = {"n": n, "seconds": round(time.monotonic() - t0, 1)}
         self.log(f"{n} small bases ready in {time.monotonic() - t0:.1f}s")
         return refs
 

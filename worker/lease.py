@@ -59,7 +59,7 @@ class Lease(bootsteps.StartStopStep):
         visibility = float(opts.get("visibility_timeout", 3600))
         prefix = opts.get("global_keyprefix", "")
         key = prefix + opts.get("unacked_index_key", "unacked_index")
-        client = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=2)
+        client = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=0.5)
         every = max(0.5, visibility / 6)
         self._thread = threading.Thread(target=self._run, args=(client, key, every), name="imagefarm-lease",
                                         daemon=True)
@@ -78,11 +78,12 @@ class Lease(bootsteps.StartStopStep):
                 down = False
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if not down:
-                    log.warning("lease: cannot renew held messages (%s); retrying every second", exc)
+                    log.warning("lease: cannot renew held messages (%s); retrying", exc)
                 down = True
-            # while the broker is away, retry each second: the renewal must land before
-            # any worker's restore sweep (every few seconds) sees the old scores
-            self._stop.wait(1.0 if down else every)
+            # while the broker is away, retry ten times a second: when it is back the
+            # renewal must land before any restore sweep sees the old scores (a consumer's
+            # own reconnect, which sweeps at once, waits seconds between its attempts)
+            self._stop.wait(0.1 if down else every)
 
     def stop(self, worker) -> None:
         self._stop.set()

@@ -217,7 +217,14 @@ class Registry(_Service):
 
 @dataclass
 class Redis(_Service):
-    """redis-server on 127.0.0.1:<free port>, data in a private directory."""
+    """redis-server on 127.0.0.1:<free port>, data in a private directory (also the
+    ``dev`` stack's Redis).
+
+    ``appendonly yes`` with ``appendfsync always``: a queued task or a stored result that
+    Redis acknowledged is on disk, so a SIGKILL loses nothing; Redis groups the writes of
+    one event-loop turn into one fsync, cheap at the farm's rates. (``everysec`` could
+    lose the last second: a task the driver believes queued, a result a worker stored.)
+    """
 
     @classmethod
     def create(cls, workdir: Path | None = None) -> "Redis":

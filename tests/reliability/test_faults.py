@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def _dataset(tmp_path: Path, bases: list[str]) -> Path:
 def _prebuild(env, dataset: Path, lockfile: Path, executor: str = "celery", verify: str = "none") -> subprocess.Popen:
     exe = str(Path(sys.executable).parent / "imagefarm")
     return subprocess.Popen([exe, "prebuild", "--dataset", str(dataset), "--executor", executor,
-                             "--verify", verify, "--verify-timeout", "60", "--json", "--lockfile", str(lockfile)],
+                             "--verify", verify, "--json", "--lockfile", str(lockfile)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -222,24 +223,25 @@ def test_no_consumer_is_named_then_batch_finishes(farm, fixtures, payload, tmp_p
     workers.start("verify", concurrency=1, name="w0")  # a worker, but not on the queue that matters
     proc = _prebuild(env, _dataset(tmp_path, bases), lockfile)
     lines: list[str] = []
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        os.set_blocking(proc.stderr.fileno(), False)
-
-        def said() -> bool:
-            chunk = proc.stderr.read() or ""
-            lines.append(chunk)
-            return proc.poll() is not None or "no worker consumes queue 'derive'" in "".join(lines)
-
-        wait_for(said, "the driver to name the queue without a worker", timeout=90)
+        wait_for(lambda: proc.poll() is not None or any("no worker consumes queue 'derive'" in x for x in lines),
+                 "the driver to name the queue without a worker", timeout=90)
         text = "".join(lines)
         assert proc.poll() is None, text[-3000:]
         assert "imagefarm worker --queues derive" in text and "asking again" not in text, text[-3000:]
-        os.set_blocking(proc.stderr.fileno(), True)
         workers.start("derive", concurrency=1, name="w1")
+        assert proc.wait(300) == 0, "".join(lines)[-3000:] + _logs(workers)
     except BaseException:
         proc.kill()
         raise
-    state, _ = _finish(proc, lambda: _logs(workers))
+    reader.join(10)
+    state = json.loads(proc.stdout.read())
     assert state["derived"] == len(bases) and state["resubmitted"] == 0, state
     Evidence.read(target, to).check(lockfile, bases)
 
