@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from . import oci
-from .errors import NotFound
-from .reference import Reference
-from .registry import RegistryClient
+from imagefarm import oci
+from imagefarm.errors import NotFound
+from imagefarm.names.reference import Reference
+from imagefarm.registry import RegistryClient
 
 ARTIFACT_TYPE = "application/vnd.dev.imagefarm.verification.v1+json"
 EMPTY_TYPE = "application/vnd.oci.empty.v1+json"

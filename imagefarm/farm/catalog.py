@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import DatasetError, ImagefarmError, InvalidReference
-from .reference import Reference, parse
+from imagefarm.errors import DatasetError, ImagefarmError, InvalidReference
+from imagefarm.names.reference import Reference, parse
 
 IMAGE_COLUMNS = ("docker_image", "image", "image_name")
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".txt", ".list")

@@ -18,12 +18,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from . import attest, oci
-from .derive import Appender, AppendPayload
-from .derive.append import payload_home
-from .errors import ImagefarmError, PayloadError
-from .reference import parse
-from .settings import Settings
+from . import attest
+from imagefarm import oci
+from imagefarm.derive import Appender, AppendPayload
+from imagefarm.derive.append import payload_home
+from imagefarm.errors import ImagefarmError, PayloadError
+from imagefarm.names.reference import parse
+from imagefarm.settings import Settings
 
 _local = threading.local()
 _lock = threading.Lock()
@@ -42,8 +43,8 @@ def appender(settings: Settings) -> Appender:
 
 def payload_for(settings: Settings, recipe_name: str, layer: dict[str, Any] | None = None) -> AppendPayload:
     """The recipe's payload: local cache, else fetched from the target registry."""
-    from .payload import load_payload
-    from .recipe import recipe_for
+    from imagefarm.payload import load_payload
+    from imagefarm.payload.recipe import recipe_for
 
     recipe = recipe_for(settings, recipe_name)
     local = load_payload(settings, recipe)

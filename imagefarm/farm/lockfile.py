@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import __version__
-from .errors import ConfigError
-from .reference import Reference, parse
+from imagefarm import __version__
+from imagefarm.errors import ConfigError
+from imagefarm.names.reference import Reference, parse
 
 FORMAT = 1
 

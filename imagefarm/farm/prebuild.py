@@ -1,6 +1,6 @@
 """The batch: every base of a dataset -> a derived, verified agent-server image.
 
-One driver, two executors with the same units of work (``imagefarm.jobs``): a local
+One driver, two executors with the same units of work (``imagefarm.farm.jobs``): a local
 thread pool (the embedded default, no Redis) and Celery on Redis (CPU-node workers).
 Derives are submitted first; each finished derive that is chosen for verification
 queues a verify on its own queue. Progress is shown live and saved under the state
@@ -28,10 +28,10 @@ from typing import Any, Callable, Iterator, Protocol
 
 from . import jobs
 from .catalog import Catalog, load
-from .errors import ConfigError
+from imagefarm.errors import ConfigError
 from .lockfile import Entry, Lockfile
-from .proc import pid_alive
-from .settings import Settings
+from imagefarm.host.proc import pid_alive
+from imagefarm.settings import Settings
 
 
 @dataclass
@@ -142,7 +142,7 @@ class LocalExecutor:
 
 def _retrying(fn: Callable[[], dict[str, Any]], what: str, attempts: int = 6) -> dict[str, Any]:
     """The local pool's retry policy for transient errors (Celery has its own)."""
-    from .errors import ImagefarmError
+    from imagefarm.errors import ImagefarmError
 
     for attempt in range(attempts):
         try:
@@ -162,18 +162,18 @@ class CeleryExecutor:
     name = "celery"
 
     def __init__(self, settings: Settings, layer: dict[str, Any] | None, verify_timeout: float = 120.0) -> None:
-        from .worker.app import app
+        from imagefarm.worker.app import app
 
         app.conf.broker_url = app.conf.result_backend = settings.broker_url
         self.settings, self.layer, self.verify_timeout, self.app = settings, layer, verify_timeout, app
 
     def derive(self, base: str, publish: bool):
-        from .worker import tasks
+        from imagefarm.worker import tasks
 
         return tasks.derive.apply_async(args=[base, self.settings.to, self.settings.recipe, self.layer, publish])
 
     def verify(self, image: str, digest: str):
-        from .worker import tasks
+        from imagefarm.worker import tasks
 
         return tasks.verify.apply_async(args=[image, digest, self.settings.to, self.settings.recipe,
                                               self.verify_timeout])
@@ -228,8 +228,8 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
               verify: str = "all", lockfile: Path | None = None, workers: int = 8,
               verify_timeout: float = 120.0, on_progress: Callable[[BatchState], None] | None = None,
               log: Callable[[str], None] = lambda m: None) -> BatchResult:
-    from .payload import build_payload
-    from .recipe import recipe_for
+    from imagefarm.payload import build_payload
+    from imagefarm.payload.recipe import recipe_for
 
     cat = load(dataset).limited(limit)
     for bad in cat.bad_rows[:20]:
@@ -237,7 +237,7 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
     if len(cat.bad_rows) > 20:
         log(f"... and {len(cat.bad_rows) - 20} more bad rows")
     if not cat.bases:  # fail before the (possibly minutes-long) payload build
-        from .errors import DatasetError
+        from imagefarm.errors import DatasetError
 
         first = f"; first: {cat.bad_rows[0]}" if cat.bad_rows else ""
         raise DatasetError(f"dataset {dataset} names no usable image ({len(cat.bad_rows)} bad rows{first})")
@@ -346,7 +346,7 @@ def _apply(state: BatchState, o: Outcome, stage: str, res: dict[str, Any]) -> No
 def _write_lockfile(settings: Settings, cat: Catalog, outcomes: dict[str, Outcome], recipe: Any,
                     path: Path, dataset: str) -> Lockfile:
     from . import attest
-    from .reference import parse
+    from imagefarm.names.reference import parse
 
     old = None
     if Path(path).exists():

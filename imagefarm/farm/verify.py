@@ -25,9 +25,9 @@ from typing import Any
 
 import httpx
 
-from .containers import run
-from .errors import ToolError, VerifyError
-from .settings import Settings
+from imagefarm.host.containers import run
+from imagefarm.errors import ToolError, VerifyError
+from imagefarm.settings import Settings
 
 PORT = 60000
 COMMAND = ["/usr/local/bin/openhands-agent-server", "--port", str(PORT)]

@@ -14,10 +14,10 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .errors import ToolError, ToolMissing
-from .settings import Settings
+from imagefarm.errors import ToolError, ToolMissing
+from imagefarm.settings import Settings
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 INSTALL_HINT = {
     "podman": "apt-get install -y podman runc",

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import ConfigError
-from .reference import parse
+from imagefarm.errors import ConfigError
+from imagefarm.names.reference import parse
 from .proc import pid_alive
-from .settings import Settings
-from .testing.services import Redis, Registry
+from imagefarm.settings import Settings
+from .services import Redis, Registry
 
 
 @dataclass(frozen=True)

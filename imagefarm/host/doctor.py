@@ -13,9 +13,9 @@ from urllib.parse import urlparse
 import httpx
 
 from .containers import INSTALL_HINT, run, which
-from .errors import ImagefarmError
-from .reference import parse
-from .settings import Settings
+from imagefarm.errors import ImagefarmError
+from imagefarm.names.reference import parse
+from imagefarm.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def _tool(name: str, version_args: list[str]) -> Check:
 
 def _podman_runs(settings: Settings) -> Check:
     """Really start a container (from a busybox rootfs) with the project's config."""
-    from .testing.rootfs import busybox_binary
+    from .rootfs import busybox_binary
 
     try:
         which("podman")

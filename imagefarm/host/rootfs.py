@@ -12,8 +12,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..containers import which
-from ..errors import ToolError
+from .containers import which
+from imagefarm.errors import ToolError
 
 MIRROR = "http://deb.debian.org/debian"
 

@@ -20,9 +20,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import oci
-from ..containers import run, which
-from ..settings import Settings
+from imagefarm import oci
+from .containers import run, which
+from imagefarm.settings import Settings
 from .rootfs import busybox_binary, debootstrap
 
 R2E_PATH = "/testbed/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

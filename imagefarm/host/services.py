@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from ..containers import which
-from ..errors import ToolError
+from .containers import which
+from imagefarm.errors import ToolError
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from .errors import InvalidReference
+from imagefarm.errors import InvalidReference
 from .reference import MAX_NAME, TAG_RE, Reference, parse
 
 MAX_TAG = 128

@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
-from .oci import canonical_json
+from imagefarm.errors import ConfigError
+from imagefarm.oci import canonical_json
 
 #: bump when the way a payload is built changes (it is part of every recipe digest)
 PAYLOAD_FORMAT = 2

@@ -11,7 +11,7 @@ from typing import Callable
 
 from fastapi import HTTPException, Request
 
-from .errors import ConfigError
+from imagefarm.errors import ConfigError
 
 HEADER = "X-API-Key"
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, MutableMapping
 
-from .catalog import Catalog, image_of, resolve_files
-from .errors import ConfigError, ImagefarmError
-from .lockfile import Entry, Lockfile
+from imagefarm.farm.catalog import Catalog, image_of, resolve_files
+from imagefarm.errors import ConfigError, ImagefarmError
+from imagefarm.farm.lockfile import Entry, Lockfile
 from .lookup import build_command
-from .reference import parse
+from imagefarm.names.reference import parse
 
 RUNTIME_ENV_VARS = ("SANDBOX_REMOTE_RUNTIME_API_URL", "ALLHANDS_API_KEY", "SANDBOX_API_KEY",
                     "IMAGEFARM_LOCKFILE", "LITELLM_LOCAL_MODEL_COST_MAP")
@@ -199,17 +199,17 @@ def apply_mig_fix(environ: MutableMapping[str, str] | None = None) -> str | None
 
 
 #: the same fix as a shell snippet for job scripts (``imagefarm launch mig-fix`` prints it)
-MIG_FIX_SH = (Path(__file__).resolve().parent / "data" / "mig_fix.sh").read_text()
+MIG_FIX_SH = (Path(__file__).resolve().parents[1] / "data" / "mig_fix.sh").read_text()
 
 
 
 # -- SLURM ------------------------------------------------------------------------------------
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def runtime_job_script() -> Path:
     """runtime/runtime_server.sbatch as installed (package data of imagefarm.runtime)."""
-    from . import runtime
+    from imagefarm import runtime
 
     return Path(runtime.__file__).resolve().parent / "runtime_server.sbatch"
 

@@ -22,13 +22,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import attest, oci
-from .catalog import image_of
-from .errors import ImagefarmError, InvalidReference, NotFound, UnsupportedMedia
-from .lockfile import Lockfile
-from .reference import Reference, parse
-from .registry import Manifest, RegistryClient
-from .settings import Settings
+from imagefarm.farm import attest
+from imagefarm import oci
+from imagefarm.farm.catalog import image_of
+from imagefarm.errors import ImagefarmError, InvalidReference, NotFound, UnsupportedMedia
+from imagefarm.farm.lockfile import Lockfile
+from imagefarm.names.reference import Reference, parse
+from imagefarm.registry import Manifest, RegistryClient
+from imagefarm.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class Lookup:
     def __init__(self, settings: Settings, *, client: RegistryClient | None = None,
                  lockfile: Lockfile | Path | str | None = None, recipe: Any = None,
                  ttl: float = 60.0, miss_ttl: float = 1.0, max_entries: int = 200_000) -> None:
-        from .recipe import recipe_for
+        from imagefarm.payload.recipe import recipe_for
 
         self.settings = settings
         self.to = settings.to.rstrip("/")

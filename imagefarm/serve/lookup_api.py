@@ -18,10 +18,10 @@ from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
-from . import __version__
+from imagefarm import __version__
 from .apikey import require_key
-from .catalog import image_of
-from .errors import ImagefarmError, InvalidReference
+from imagefarm.farm.catalog import image_of
+from imagefarm.errors import ImagefarmError, InvalidReference
 from .lookup import Lookup, build_command, normalise_query
 
 MAX_BATCH = 20_000

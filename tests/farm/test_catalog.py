@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imagefarm import catalog
+from imagefarm.farm import catalog
 from imagefarm.errors import DatasetError
 
 HEX = "0123456789abcdef0123456789abcdef01234567"

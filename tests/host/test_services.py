@@ -5,7 +5,7 @@ import socket
 
 import httpx
 
-from imagefarm.containers import run
+from imagefarm.host.containers import run
 
 
 def test_registry_roundtrip_with_skopeo(settings, registry, r2e_base):

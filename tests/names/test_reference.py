@@ -1,7 +1,7 @@
 import pytest
 
 from imagefarm.errors import InvalidReference
-from imagefarm.reference import parse
+from imagefarm.names.reference import parse
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from imagefarm.errors import InvalidReference
-from imagefarm.reference import TAG_RE, parse
-from imagefarm.tags import derived_reference, derived_tag
+from imagefarm.names.reference import TAG_RE, parse
+from imagefarm.names.tags import derived_reference, derived_tag
 
 BASE = parse("namanjain12/pandas_final:5d6a9e4ec5a0d7c8f2d7a1b3c4e5f60718293a4b")
 D1, D2 = "sha256:" + "a" * 64, "sha256:" + "b" * 64

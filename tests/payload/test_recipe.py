@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from imagefarm.errors import ConfigError
-from imagefarm.recipe import PAYLOAD_FORMAT, load_recipe, parse_recipe, recipe_for
+from imagefarm.payload.recipe import PAYLOAD_FORMAT, load_recipe, parse_recipe, recipe_for
 from imagefarm.settings import Settings
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # recipes/ + test-only broken.toml
 
 MINIMAL = """
 name = "mini"

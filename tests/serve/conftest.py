@@ -5,7 +5,7 @@ import pytest
 
 from imagefarm import oci
 from imagefarm.derive import Appender, AppendPayload
-from imagefarm.recipe import recipe_for
+from imagefarm.payload.recipe import recipe_for
 
 
 @pytest.fixture(scope="session")

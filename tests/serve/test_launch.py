@@ -7,8 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imagefarm import catalog, launch
-from imagefarm.lockfile import Entry, Lockfile
+from imagefarm.farm import catalog
+from imagefarm.serve import launch
+from imagefarm.farm.lockfile import Entry, Lockfile
 
 HEX = [f"{i:040x}" for i in range(4)]
 RD = "sha256:" + "1" * 64

@@ -7,14 +7,14 @@ import httpx
 import pytest
 import uvicorn
 
-from imagefarm import attest
+from imagefarm.farm import attest
 from imagefarm.errors import InvalidReference
-from imagefarm.lockfile import Entry, Lockfile
-from imagefarm.lookup import Lookup
-from imagefarm.lookup_api import create_app
-from imagefarm.reference import parse
+from imagefarm.farm.lockfile import Entry, Lockfile
+from imagefarm.serve.lookup import Lookup
+from imagefarm.serve.lookup_api import create_app
+from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
-from imagefarm.testing.services import free_port
+from imagefarm.host.services import free_port
 from tests.conftest import imagefarm_cli
 
 
