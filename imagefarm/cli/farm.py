@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..prebuild import BatchState, load_state, run_batch
-from ..settings import Settings
+from imagefarm.farm.prebuild import BatchState, load_state, run_batch
+from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
 
@@ -118,7 +118,7 @@ def worker(
     The Celery worker runs as a child and is started again if it exits (broker loss can
     end it); each exit code is logged. Ctrl-C or SIGTERM stops it (warm shutdown).
     """
-    from ..worker.supervise import celery_argv, supervise
+    from imagefarm.worker.supervise import celery_argv, supervise
 
     if broker_url:
         os.environ["IMAGEFARM_BROKER_URL"] = broker_url

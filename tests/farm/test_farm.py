@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from imagefarm.lockfile import Lockfile
-from imagefarm.reference import parse
+from imagefarm.farm.lockfile import Lockfile
+from imagefarm.names.reference import parse
 from tests.conftest import IMAGEFARM, imagefarm_cli
 
 
@@ -104,7 +104,7 @@ def test_driver_killed_then_run_again(cli_env, fixtures, payload, tmp_path, sig)
     over both runs, no completed blob upload repeated (the registry's access log) -- and
     the lockfile is complete. SIGTERM is an orderly stop (exit 130, lockfile of what was
     done); SIGKILL leaves the batch "interrupted" in ``imagefarm status``."""
-    from imagefarm.testing.services import Registry
+    from imagefarm.host.services import Registry
     from tests.reliability.evidence import Evidence
 
     bases = [b.ref for b in fixtures.r2e_set(16)]
@@ -153,7 +153,7 @@ def test_driver_killed_then_run_again(cli_env, fixtures, payload, tmp_path, sig)
 
 @pytest.mark.slow
 def test_image_that_does_not_boot_is_never_published(cli_env, fixtures, registry, tmp_path):
-    """recipes/broken.toml's server dies at import: verify fails with the reason, the
+    """tests/recipes/broken.toml's server dies at import: verify fails with the reason, the
     image is pushed by digest only (no tag), so neither lookup nor a runtime serves it."""
     base = fixtures.r2e_base("namanjain12/pillow_final", "b" * 40).ref
     ds = tmp_path / "one.txt"

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from imagefarm.testing.services import Redis, Registry
+from imagefarm.host.services import Redis, Registry
 from tests.conftest import IMAGEFARM
 from tests.farm.conftest import Workers
 from tests.reliability.evidence import Evidence, task_records

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import redis
 
-from imagefarm.lockfile import Lockfile
-from imagefarm.reference import parse
-from imagefarm.testing.services import Access, Registry
+from imagefarm.farm.lockfile import Lockfile
+from imagefarm.names.reference import parse
+from imagefarm.host.services import Access, Registry
 
 _MANIFEST = re.compile(r"^/v2/(.+)/manifests/([^/?]+)$")
 _UPLOAD_DONE = re.compile(r"^/v2/(.+)/blobs/uploads/([^/?]+)\?.*digest=(sha256(?::|%3A)[0-9a-f]{64})")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from imagefarm.lockfile import Lockfile
+from imagefarm.farm.lockfile import Lockfile
 from tests.conftest import imagefarm_cli
 from tests.reliability.conftest import assert_batch_complete, wait_for
 from tests.reliability.evidence import Evidence, deliveries, open_uploads, row, task_records
@@ -60,7 +60,7 @@ def _tag_puts(target, to: str) -> int:
 @pytest.fixture
 def farm(cli_env, fixtures, own_redis, workers_for, tmp_path):
     """A private, access-logged target registry, a private Redis, shipped workers."""
-    from imagefarm.testing.services import Registry
+    from imagefarm.host.services import Registry
 
     with Registry.create(access_log=True) as target:
         to = f"{target.host}/faults"
@@ -254,7 +254,7 @@ def tiny_cache(tmp_path, settings, payload):
     the real, already-built one: building the payload then means writing its ~220 MB
     layer onto a disk that cannot hold it."""
     from imagefarm.payload import payload_dir
-    from imagefarm.recipe import recipe_for
+    from imagefarm.payload.recipe import recipe_for
 
     mnt = tmp_path / "tiny"
     mnt.mkdir()
@@ -290,6 +290,6 @@ def test_disk_full_during_payload_build(tiny_cache, settings, cli_env):
     assert st.f_bfree * st.f_frsize > 40 * 1024 * 1024  # the space was given back
     # the cache does not claim a payload: the next build starts clean, nothing to fix by hand
     from imagefarm.payload import load_payload
-    from imagefarm.recipe import recipe_for
+    from imagefarm.payload.recipe import recipe_for
 
     assert load_payload(settings.model_copy(update={"cache_dir": tiny_cache}), recipe_for(settings)) is None
