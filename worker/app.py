@@ -22,16 +22,28 @@ import os
 
 from celery import Celery
 
+from imagefarm.errors import ConfigError
 from imagefarm.settings import Settings
 
 DERIVE_QUEUE = "derive"
 VERIFY_QUEUE = "verify"
 
 
+def _visibility_timeout() -> int:
+    raw = os.environ.get("IMAGEFARM_VISIBILITY_TIMEOUT", "30")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 5:
+        raise ConfigError(f"IMAGEFARM_VISIBILITY_TIMEOUT must be a whole number of seconds, at least 5, not {raw!r}")
+    return value
+
+
 def make_app(broker_url: str | None = None) -> Celery:
     settings = Settings.load()
     url = broker_url or settings.broker_url
-    visibility = int(os.environ.get("IMAGEFARM_VISIBILITY_TIMEOUT", "30"))
+    visibility = _visibility_timeout()
     app = Celery("imagefarm", broker=url, backend=url, include=["imagefarm.worker.tasks"])
     app.conf.update(
         task_acks_late=True,

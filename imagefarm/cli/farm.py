@@ -118,10 +118,11 @@ def worker(
     The Celery worker runs as a child and is started again if it exits (broker loss can
     end it); each exit code is logged. Ctrl-C or SIGTERM stops it (warm shutdown).
     """
-    from imagefarm.worker.supervise import celery_argv, supervise
-
     if broker_url:
         os.environ["IMAGEFARM_BROKER_URL"] = broker_url
+    import imagefarm.worker.app  # noqa: F401 - bad settings end here, in one line, not in a restart loop
+    from imagefarm.worker.supervise import celery_argv, supervise
+
     code = supervise(celery_argv(queues, concurrency, loglevel, hostname),
                      log=lambda m: console.print(f"imagefarm worker: {m}", highlight=False))
     raise typer.Exit(code)

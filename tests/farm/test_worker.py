@@ -107,3 +107,31 @@ def _tagged(target: Registry, to: str, base: str) -> bool:
     repo = base.split("/", 1)[1].rsplit(":", 1)[0]
     tag = base.rsplit(":", 1)[1]
     return any(r.endswith(repo) and t.startswith(tag) for r, t in Evidence.read(target, to).tag_puts)
+
+
+def test_supervisor_restarts_a_failed_child_and_stops_on_usage_errors(tmp_path):
+    """The loop behind ``imagefarm worker``: a child that fails is started again (its exit
+    code logged); a clean exit ends the loop; a usage error is not retried."""
+    import sys
+
+    from imagefarm.worker.supervise import supervise
+
+    runs = tmp_path / "runs"
+    script = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); n = len(p.read_text()) if p.exists() else 0; "
+              "p.write_text('x' * (n + 1)); sys.exit(3 if n == 0 else 0)")
+    said: list[str] = []
+    assert supervise([sys.executable, "-c", script, str(runs)], said.append) == 0
+    assert runs.read_text() == "xx"
+    assert any("exit code 3" in m and "restart 1" in m for m in said), said
+    said.clear()
+    assert supervise([sys.executable, "-c", "import sys; sys.exit(64)"], said.append) == 64
+    assert any("not restarting" in m for m in said), said
+
+
+def test_bad_visibility_timeout_is_one_line(cli_env):
+    from tests.conftest import imagefarm_cli
+
+    proc = imagefarm_cli("worker", env={**cli_env, "IMAGEFARM_VISIBILITY_TIMEOUT": "soon"}, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: IMAGEFARM_VISIBILITY_TIMEOUT must be a whole number of seconds, at least 5, not 'soon'"]
