@@ -176,7 +176,6 @@ class CeleryExecutor:
         app.conf.broker_url = app.conf.result_backend = settings.broker_url
         self.settings, self.layer, self.verify_timeout, self.app = settings, layer, verify_timeout, app
         self.submitted: list[str] = []
-        self._down_since: float | None = None
 
     def derive(self, base: str, publish: bool):
         from imagefarm.worker import tasks
@@ -218,10 +217,8 @@ class CeleryExecutor:
         while True:
             try:
                 ready = self._sweep(order)
-                self._down_since = None
             except (redis.ConnectionError, redis.TimeoutError):
-                self._down_since = self._down_since or time.monotonic()
-                ready = []
+                ready = []  # Redis is restarting: the results wait there (appendonly)
             if ready or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -236,12 +233,13 @@ class CeleryExecutor:
             except (redis.ConnectionError, redis.TimeoutError):
                 pass  # results expire on their own (result_expires)
 
-    def unconsumed(self, queues: set[str]) -> list[str]:
-        """Those of ``queues`` no live worker consumes (asked with a 1 s broadcast)."""
+    def unconsumed(self, queues: set[str]) -> list[str] | None:
+        """Those of ``queues`` no live worker consumes (asked with a 1 s broadcast);
+        None when the broker itself does not answer."""
         try:
             replies = self.app.control.inspect(timeout=1.0).active_queues() or {}
-        except Exception:  # noqa: BLE001 - a broker that is away answers nothing: no claim either way
-            return []
+        except Exception:  # noqa: BLE001 - a broker that is away: no claim either way
+            return None
         served = {q["name"] for qs in replies.values() for q in qs or []}
         return sorted(queues - served)
 
@@ -367,8 +365,6 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
         last_save, last_result, last_check = 0.0, time.monotonic(), time.monotonic()
         while pending:
             for handle, res in ex.wait(set(pending), timeout=0.5):
-                if handle not in pending:
-                    continue
                 stage, base = pending.pop(handle)
                 last_result = time.monotonic()
                 _apply(state, outcomes[base], stage, res)
@@ -380,14 +376,14 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
             if stall and pending and idle > check and now - last_check > check:
                 last_check = now
                 waiting = {stage for stage, _ in pending.values()}
-                missing = ex.unconsumed(waiting)
-                for q in missing:
+                missing = ex.unconsumed(waiting)  # None: the broker is away, nothing to do now
+                for q in missing or []:
                     n = sum(1 for stage, _ in pending.values() if stage == q)
                     log(f"no worker consumes queue {q!r} on {_redacted(settings.broker_url)}: {n} task(s) wait "
                         f"there; start one with `{ex.start_hint(q)}`")
                 if missing:
                     last_result = now  # a stall with no consumer is not a lost result: do not ask again
-                elif idle > stall:
+                elif missing is not None and idle > stall:
                     log(f"no result for {stall:.0f}s: asking again for {len(pending)} task(s) (idempotent)")
                     stale = list(pending.values())
                     state.resubmitted += len(stale)
