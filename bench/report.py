@@ -300,7 +300,7 @@ def render(results: dict[str, Any], out: Path) -> None:
     if full:
         by = {r["executor"]: r for r in full["runs"]}
         cel, loc = by.get("celery"), by.get("local")
-        w(f"| all {full['bases']:,} R2E-Gym-Subset bases, payload upload included | < 2 min through Celery as "
+        w(f"| all {full['bases']:,} R2E-Gym-Subset bases (payload seeded in the prefix) | < 2 min through Celery as "
           f"through the local pool | Celery {sec(cel['seconds'])} ({cel['images_per_s']:.0f}/s, {cel['workers']} "
           f"worker processes); local pool {sec(loc['seconds'])} ({loc['images_per_s']:.0f}/s), same run | "
           f"{ok(cel['seconds'] < TARGET_SUBSET_S and loc['seconds'] < TARGET_SUBSET_S and not cel['failed'])} |")
