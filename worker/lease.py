@@ -27,11 +27,12 @@ log = logging.getLogger(__name__)
 
 
 def held_tags() -> list[str]:
-    """Delivery tags of the requests this worker holds (taken from another thread:
-    the weak sets may change while they are copied, so copy again)."""
+    """Delivery tags of the requests this worker holds: waiting, running, or set aside
+    until their ETA (a countdown, e.g. a rate-limit pause). Taken from another thread:
+    the weak sets may change while they are copied, so copy again."""
     for _ in range(5):
         try:
-            reqs = set(state.reserved_requests) | set(state.active_requests)
+            reqs = set(state.reserved_requests) | set(state.active_requests) | set(state.scheduled_requests)
             break
         except RuntimeError:
             continue
