@@ -64,8 +64,9 @@ class Evidence:
     started_uploads: int = 0                                     #: upload sessions opened (POST 202)
 
     @classmethod
-    def read(cls, reg: Registry, to: str) -> "Evidence":
-        ev = cls(reg.accesses(), parse(f"{to}/x:y").repository.rsplit("/", 1)[0])
+    def read(cls, reg: Registry, to: str, mark: int = 0) -> "Evidence":
+        """From the access log (from byte ``mark`` on: ``reg.mark()`` taken earlier)."""
+        ev = cls(reg.accesses(mark), parse(f"{to}/x:y").repository.rsplit("/", 1)[0])
         for a in ev.accesses:
             if a.method == "POST" and a.status == 202 and a.path.startswith(f"/v2/{ev.to_repo}/"):
                 ev.started_uploads += 1

@@ -190,8 +190,8 @@ def redis_rounds(farm, fixtures, own_redis, tmp_path, outages: list[float], n_ba
     ev.check(lockfile, bases, sample)
     counts = deliveries(task_records(own_redis.url))
     assert counts["tasks"] == n_bases + verify  # one task per derive and verify: no driver resubmit
-    assert state["resubmitted"] == 0 and state["failed"] == 0 and state["verify_failed"] == 0, state
-    assert "asking again" not in err
+    assert state["failed"] == 0 and state["verify_failed"] == 0, state["failures"]
+    assert state["resubmitted"] == 0 and "asking again" not in err, err[-3000:]
     # the workers (their supervisors) are all still there, and serving
     assert all(p.poll() is None for p in workers.procs), _logs(workers)
     rounds = ", ".join(f"{o:.0f} s" for o in outages)
