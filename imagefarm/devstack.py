@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .reference import parse
 from .proc import pid_alive
 from .settings import Settings
+from .statedir import state_subdir
 from .testing.services import Redis, Registry
 
 
@@ -54,8 +55,7 @@ def registry_port(settings: Settings) -> tuple[str, int]:
 def up(settings: Settings) -> list[Endpoint]:
     """Start whatever is not already running; idempotent."""
     out = []
-    base = settings.state_dir / "dev"
-    base.mkdir(parents=True, exist_ok=True)
+    base = state_subdir(settings.state_dir, "dev")
     host, port = registry_port(settings)
     pid = _read_pid(settings, "registry")
     if pid is None and _answers(port, b"GET /v2/ HTTP/1.0\r\n\r\n", b"HTTP/"):

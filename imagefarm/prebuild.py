@@ -32,6 +32,7 @@ from .errors import ConfigError
 from .lockfile import Entry, Lockfile
 from .proc import pid_alive
 from .settings import Settings
+from .statedir import state_subdir
 
 
 @dataclass
@@ -80,7 +81,7 @@ def batches_dir(settings: Settings) -> Path:
 
 def save_state(settings: Settings, state: BatchState) -> None:
     d = batches_dir(settings)
-    d.mkdir(parents=True, exist_ok=True)
+    state_subdir(d.parent, d.name)
     tmp = d / f".{state.batch_id}.tmp"
     tmp.write_text(json.dumps(asdict(state), indent=1))
     tmp.replace(d / f"{state.batch_id}.json")

@@ -43,6 +43,8 @@ RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 CHUNK = 1 << 20
 #: configs are small; refuse absurd ones instead of reading them into memory
 CONFIG_LIMIT = 16 * 1024 * 1024
+#: pages of one tag list (distribution pages 100 tags by default: a million tags)
+MAX_TAG_PAGES = 10_000
 
 Body = Callable[[], Iterable[bytes] | bytes]
 BlobSource = Path | bytes | Callable[[], Iterable[bytes]] | Iterable[bytes]
@@ -325,11 +327,20 @@ class RegistryClient:
         return resp.headers.get("Docker-Content-Digest") or oci.sha256_digest(raw)
 
     def list_tags(self, ref: Reference, *, page_size: int | None = None) -> list[str]:
-        """Every tag of ``ref``'s repository, following ``Link: <...>; rel="next"`` pages."""
-        url = self._url(ref, "tags/list")
+        """Every tag of ``ref``'s repository, following ``Link: <...>; rel="next"`` pages.
+
+        A ``Link`` seen before (a registry pointing a page at itself) or more than
+        ``MAX_TAG_PAGES`` pages is a ``RegistryError``, never an endless loop."""
+        url: str | None = self._url(ref, "tags/list")
         params = {"n": str(page_size)} if page_size else None
         tags: list[str] = []
+        seen: set[str] = set()
         while url:
+            if url in seen or len(seen) >= MAX_TAG_PAGES:
+                why = "links back to a page already read" if url in seen else f"has over {MAX_TAG_PAGES} pages"
+                raise RegistryError(f"tag list of {ref.name} on {ref.registry} {why} ({url}): "
+                                    "the registry's pagination is broken")
+            seen.add(url)
             resp = self._request("GET", ref, url, scopes=(scope(ref.repository),),
                                  what=f"tag list of {ref.name}", params=params)
             tags += resp.json().get("tags") or []

@@ -168,7 +168,8 @@ class ApiServer:
 @pytest.fixture
 def lookup_api(settings, registry):
     """lookup_api(to, api_key=None) -> ApiServer: the real app on uvicorn in a thread, with
-    access logs on and every log record (uvicorn, fastapi, imagefarm) captured at DEBUG."""
+    access logs on and every log record (uvicorn, fastapi, imagefarm) captured at DEBUG.
+    Without ``api_key`` it runs with auth disabled, explicitly (the app's default is a key)."""
     from imagefarm.lookup import Lookup
     from imagefarm.lookup_api import create_app
 
@@ -183,7 +184,7 @@ def lookup_api(settings, registry):
         root.addHandler(cap)
         root.setLevel(logging.DEBUG)
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(lk, api_key=api_key), host="127.0.0.1", port=port,
+        server = uvicorn.Server(uvicorn.Config(create_app(lk, api_key=api_key, disable_auth=api_key is None), host="127.0.0.1", port=port,
                                                log_level="debug", access_log=True, log_config=None,
                                                limit_concurrency=None, backlog=2048))
         t = threading.Thread(target=server.run, daemon=True)

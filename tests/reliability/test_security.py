@@ -79,8 +79,23 @@ def test_key_matches_behaviour(monkeypatch):
     assert seen == [(bytes, bytes), (bytes, bytes)]
 
 
-def test_empty_configured_key_is_refused(settings):
-    """An empty key would admit anyone sending an empty header: refused at start."""
+def test_key_is_required_unless_auth_is_disabled_explicitly(settings):
+    """An empty key would admit anyone sending an empty header; no key at all is no
+    longer "auth off": both are refused at start, and only --disable-auth turns it off."""
+    from imagefarm.lookup import Lookup
+    from imagefarm.lookup_api import create_app
+
     with pytest.raises(ConfigError, match="empty"):
-        apikey.require_key("")
-    apikey.require_key(None)  # auth off is explicit
+        apikey.check_key_config("", False)
+    with pytest.raises(ConfigError, match="--disable-auth"):
+        apikey.check_key_config(None, False)
+    with pytest.raises(ConfigError, match="exclude"):
+        apikey.check_key_config("k", True)
+    assert apikey.check_key_config(None, True) is None
+    lk = Lookup(settings)
+    try:
+        with pytest.raises(ConfigError, match="API key is required"):
+            create_app(lk)
+        assert create_app(lk, disable_auth=True).state.open_paths >= {"/healthz", "/metrics"}
+    finally:
+        lk.close()

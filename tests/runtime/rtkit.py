@@ -98,7 +98,7 @@ class CliServer:
                         IMAGEFARM_RUNTIME_API_KEY=API_KEY)
         exe = str(Path(sys.executable).parent / "imagefarm")
         self.argv = [exe, "runtime", "serve", "--port", str(self.port), "--port-range", port_range,
-                     "--resolver", "registry", "--url-file", str(self.url_file), *extra]
+                     "--url-file", str(self.url_file), *extra]
         self.state_root = state_root
         self.proc: subprocess.Popen | None = None
         self.log = tmp / "server.log"

@@ -417,8 +417,8 @@ def test_cli_refuses_to_serve_without_a_key_and_warns_without_auth(rt_settings, 
     r = subprocess.run([exe, "runtime", "serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "API key is required" in r.stderr and "--disable-auth" in r.stderr
     url_file = tmp_path / "url"
-    p = subprocess.Popen([exe, "runtime", "serve", "--port", "0", "--disable-auth", "--url-file", str(url_file),
-                          "--resolver", "registry"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    p = subprocess.Popen([exe, "runtime", "serve", "--port", "0", "--disable-auth", "--url-file", str(url_file)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
