@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import threading
 import time
 import uuid
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from fastapi.routing import APIRoute
 
 from imagefarm import attest
 from imagefarm.apikey import DOC_PATHS
@@ -25,7 +20,8 @@ from imagefarm.errors import ImageRefused
 from imagefarm.reference import parse
 from imagefarm.testing.images import R2E_REPOS
 
-from rtkit import API_KEY, our_containers, sdk_start_body, wait_pod_status
+from rtkit import (API_KEY, chunked_post, our_containers, raw_post, route_table, rss_bytes, sdk_start_body,
+                   wait_pod_status)
 
 pytestmark = pytest.mark.timeout(300)
 GiB = 1 << 30
@@ -35,75 +31,26 @@ def _sid() -> str:
     return f"sec-{uuid.uuid4()}"
 
 
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def raw_post(url: str, path: str, headers: dict[str, str], length: int, push: int = 0) -> tuple[bytes, int]:
-    """POST with ``Content-Length: length`` and no body yet; read the answer, then push up
-    to ``push`` body bytes as an attacker would. Returns (status line, bytes pushed)."""
-    u = urlsplit(url)
-    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
-        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {length}\r\n{head}\r\n".encode())
-        answer = s.recv(65536)  # the answer comes before a single body byte was sent
-        pushed, chunk = 0, b"\0" * (1 << 20)
-        try:
-            while pushed < push:
-                s.sendall(chunk)
-                pushed += len(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-    return answer.split(b"\r\n", 1)[0], pushed
-
-
-def chunked_post(url: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
-    """A chunked POST; the answer is read by a thread while the body is still going out
-    (a server that refuses mid-body closes at once, and the rest of the body is lost)."""
-    u = urlsplit(url)
-    got: list[bytes] = []
-    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
-        reader = threading.Thread(target=lambda: got.append(s.recv(65536)), daemon=True)
-        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
-                  f"Transfer-Encoding: chunked\r\n{head}\r\n".encode())
-        reader.start()
-        try:
-            for i in range(0, len(body), 1 << 16):
-                part = body[i:i + (1 << 16)]
-                s.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
-            s.sendall(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        reader.join(30)
-    return got[0].split(b"\r\n", 1)[0] if got else b"(no answer)"
-
-
 def test_every_route_but_liveness_and_docs_needs_the_key(server_factory, rt_settings):
     """Walk the app's own route table: a route added later is covered without editing this test."""
     with server_factory() as srv:
         app = srv.server.config.app
         assert app.state.open_paths == {"/alive", "/health"} | DOC_PATHS
-        checked = 0
-        for route in app.routes:
-            path = route.path.replace("{", "").replace("}", "")  # /sessions/{session_id} -> /sessions/session_id
-            for method in sorted(getattr(route, "methods", None) or {"GET"}):
-                if method == "HEAD":
-                    continue
+        checked = set()
+        for template, methods in route_table(app.routes):
+            path = template.replace("{", "").replace("}", "")  # /sessions/{session_id} -> /sessions/session_id
+            for method in methods:
                 for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}, {"X-API-Key": API_KEY + "x"}):
                     r = httpx.request(method, srv.url + path, headers=headers, json={"garbage": 1}, timeout=30)
-                    if route.path in app.state.open_paths:
+                    if template in app.state.open_paths:
                         assert r.status_code == 200, (method, path, r.status_code)
                     else:
                         assert r.status_code == 401, (method, path, headers, r.status_code, r.text)
                         assert API_KEY not in r.text
-                checked += 1
-        api_routes = [r for r in app.routes if isinstance(r, APIRoute)]
-        assert checked >= len(api_routes) >= 15, checked
+                checked.add((method, template))
+        assert {("POST", "/start"), ("GET", "/sessions/{session_id}"), ("POST", "/stop"), ("GET", "/list"),
+                ("GET", "/image_exists"), ("POST", "/build")} <= checked
+        assert len(checked) >= 17, sorted(checked)
         assert srv.manager.records == {} and our_containers(rt_settings, srv.manager.server_id) == []
 
 
@@ -200,7 +147,9 @@ def test_status_polls_do_not_keep_an_idle_runtime_alive(server_factory, client, 
             assert time.monotonic() < deadline, "polled every 0.1 s, the runtime was never reaped"
             time.sleep(0.1)
         assert r.status_code == 404 and polls > 20
-        assert our_containers(rt_settings, srv.manager.server_id) == []
+        while our_containers(rt_settings, srv.manager.server_id):  # the reaper's podman rm, under way
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
 
 
 def test_oom_killed_runtime_is_crashloopbackoff(server_factory, client, prebuilt, rt_settings):
@@ -326,3 +275,29 @@ def test_verify_keeps_the_session_key_off_podmans_command_line(rt_settings, preb
     argv = json.loads(seen[0])
     assert "SESSION_API_KEY" in argv and not any(a.startswith("SESSION_API_KEY=") for a in argv), argv
     assert failed and isinstance(failed[0], VerifyError)
+
+
+def test_sbatch_and_serve_refuse_a_state_dir_another_user_made(rt_settings, tmp_path):
+    """/tmp/imagefarm-runtime-$SLURM_JOB_ID made first by someone else, containers.conf inside."""
+    import subprocess
+    from pathlib import Path
+
+    import imagefarm.runtime
+
+    planted = tmp_path / "imagefarm-runtime-4343"
+    planted.mkdir(mode=0o700)
+    (planted / "containers.conf").write_text('[engine]\nruntime = "/tmp/evil"\n')
+    os.chown(planted, 65534, 65534)
+    exe = str(Path(os.sys.executable).parent / "imagefarm")
+    env = dict(os.environ, SLURM_TMPDIR=str(tmp_path), SLURM_JOB_ID="4343", IMAGEFARM=exe,
+               IMAGEFARM_RUNTIME_URL_FILE=str(tmp_path / "url"), IMAGEFARM_TO=rt_settings.to)
+    env.pop("IMAGEFARM_STATE_DIR", None)
+    script = Path(imagefarm.runtime.__file__).with_name("runtime_server.sbatch")
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not a directory owned by you" in r.stderr, r.stdout + r.stderr
+    assert "runtime server on" not in r.stdout  # refused before anything ran
+    # a fresh job id: made 0700 by the script (then the server starts; not needed here)
+    env = dict(env, IMAGEFARM_STATE_DIR=str(planted))
+    r = subprocess.run([exe, "runtime", "serve", "--port", "0"], env=dict(env, IMAGEFARM_RUNTIME_API_KEY="k"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "belongs to uid 65534" in r.stderr and "Traceback" not in r.stderr
