@@ -85,6 +85,8 @@ def container_env(settings: Settings, base: Mapping[str, str] | None = None) -> 
     env["CONTAINERS_REGISTRIES_CONF"] = str(DATA / "registries.conf")
     env["CONTAINERS_STORAGE_CONF"] = str(storage_conf(settings.state_dir))
     env.setdefault("BUILDAH_ISOLATION", "chroot")
+    if settings.auth_file:  # the credentials imagefarm's own client uses (IMAGEFARM_AUTH_FILE)
+        env["REGISTRY_AUTH_FILE"] = str(settings.auth_file)
     return env
 
 
