@@ -6,7 +6,7 @@
 Status codes, chosen after what the clients do with them:
 
 * 401 missing or wrong ``X-API-Key`` (compared with ``hmac.compare_digest``), answered
-  from the headers before any body byte is read (``imagefarm.apikey.protect``);
+  from the headers before any body byte is read (``imagefarm.serve.apikey.protect``);
 * 413 a body over ``ServeConfig.max_body`` (1 MiB: a /start body is a few KB);
 * 404 ``/start`` of an image with no prebuilt image (``detail`` names the base and
   the ``imagefarm derive`` / ``imagefarm prebuild`` command); neither client retries
@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
-from imagefarm.apikey import protect
+from imagefarm.serve.apikey import protect
 from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, RegistryError
 from imagefarm.settings import Settings
 

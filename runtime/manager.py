@@ -45,9 +45,9 @@ from typing import Any, Literal
 
 import httpx
 
-from imagefarm.apikey import check_key_config
+from imagefarm.serve.apikey import check_key_config
 from imagefarm.errors import ImagefarmError
-from imagefarm.reference import parse
+from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
 
 from .backend import LABEL, LABEL_ID, LABEL_SERVER, LABEL_SESSION, ContainerSpec, PodmanBackend

@@ -2,7 +2,7 @@
 
 The server never builds: every ``/start`` asks a ``Resolver`` for a prebuilt,
 digest-pinned agent-server image. There is one resolver for the lookup API, the CLI
-and this server, ``imagefarm.lookup.Lookup`` (lockfile and registry backed): it
+and this server, ``imagefarm.serve.lookup.Lookup`` (lockfile and registry backed): it
 prefers verified images of the current recipe and refuses (``ImageRefused``, 409) a
 derived reference of another recipe, or one by digest that never passed its boot
 check. It is synchronous; the server calls it in a worker thread.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from imagefarm.reference import parse
+from imagefarm.names.reference import parse
 
 
 class Resolver(Protocol):

@@ -25,8 +25,8 @@ log = logging.getLogger("imagefarm.runtime")
 
 
 def default_resolver(settings: Settings) -> Resolver:
-    """The one resolver of the project: ``imagefarm.lookup.Lookup``."""
-    from imagefarm.lookup import Lookup
+    """The one resolver of the project: ``imagefarm.serve.lookup.Lookup``."""
+    from imagefarm.serve.lookup import Lookup
 
     return Lookup(settings)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from imagefarm.errors import ConfigError
-from imagefarm.statedir import private_dir
+from imagefarm.host.statedir import private_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

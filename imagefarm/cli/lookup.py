@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from ..lookup import Lookup, build_command, normalise_query
-from ..settings import Settings
+from imagefarm.serve.lookup import Lookup, build_command, normalise_query
+from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
 
@@ -68,8 +68,8 @@ def serve_lookup(
 
     import uvicorn
 
-    from ..apikey import check_key_config
-    from ..lookup_api import create_app
+    from imagefarm.serve.apikey import check_key_config
+    from imagefarm.serve.lookup_api import create_app
 
     check_key_config(api_key, disable_auth, "IMAGEFARM_LOOKUP_API_KEY")  # before anything starts: exit 2 with the fix
     os.environ.pop("IMAGEFARM_LOOKUP_API_KEY", None)

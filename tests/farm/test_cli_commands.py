@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imagefarm.containers import run
-from imagefarm.lockfile import Lockfile
-from imagefarm.proc import pid_alive
+from imagefarm.host.containers import run
+from imagefarm.farm.lockfile import Lockfile
+from imagefarm.host.proc import pid_alive
 from imagefarm.settings import Settings
-from imagefarm.testing.services import free_port
+from imagefarm.host.services import free_port
 from tests.conftest import imagefarm_cli
 
 pytestmark = pytest.mark.timeout(1500)

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from imagefarm import apikey
+from imagefarm.serve import apikey
 from imagefarm.errors import ConfigError
 
 PROTECTED = [("GET", "/v1/lookup", {"params": {"image": "namanjain12/pandas_final:1"}}),
@@ -83,8 +83,8 @@ def test_key_matches_behaviour(monkeypatch):
 def test_key_is_required_unless_auth_is_disabled_explicitly(settings):
     """An empty key would admit anyone sending an empty header; no key at all is no
     longer "auth off": both are refused at start, and only --disable-auth turns it off."""
-    from imagefarm.lookup import Lookup
-    from imagefarm.lookup_api import create_app
+    from imagefarm.serve.lookup import Lookup
+    from imagefarm.serve.lookup_api import create_app
 
     with pytest.raises(ConfigError, match="empty"):
         apikey.check_key_config("", False)
@@ -104,7 +104,7 @@ def test_key_is_required_unless_auth_is_disabled_explicitly(settings):
 
 def test_every_lookup_route_but_health_metrics_and_docs_needs_the_key(lookup_api, registry):
     """Walk the app's own route table: a route added later is covered without editing this test."""
-    from imagefarm.apikey import DOC_PATHS
+    from imagefarm.serve.apikey import DOC_PATHS
 
     key = secrets.token_urlsafe(24)
     api = lookup_api(f"{registry.host}/rel-routes", api_key=key)
@@ -131,7 +131,7 @@ def test_serve_lookup_as_a_user_needs_a_key_refuses_a_gigabyte_at_once(cli_env, 
     import signal
     import subprocess
 
-    from imagefarm.testing.services import free_port
+    from imagefarm.host.services import free_port
     from rtkit import chunked_post, raw_post, rss_bytes
     from tests.conftest import IMAGEFARM
 
@@ -179,7 +179,7 @@ def test_serve_lookup_as_a_user_needs_a_key_refuses_a_gigabyte_at_once(cli_env, 
 
 
 def test_lookup_caches_are_bounded(settings, registry, fixtures, derive_to):
-    from imagefarm.lookup import Lookup
+    from imagefarm.serve.lookup import Lookup
 
     to = f"{registry.host}/rel-bounded"
     bases = [fixtures.r2e_base("namanjain12/bounded_final", f"{i:040x}").ref for i in range(6)]

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from imagefarm.errors import AuthError
-from imagefarm.lockfile import Lockfile
-from imagefarm.testing.images import FixtureFactory
+from imagefarm.farm.lockfile import Lockfile
+from imagefarm.host.samples import FixtureFactory
 from tests.conftest import imagefarm_cli
 
 from rtkit import API_KEY, our_containers, sdk_start_body, wait_pod_status
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(1200)
 
 def test_derive_prebuild_and_runtime_start_with_basic_auth(settings, auth_registry, payload, tmp_path):
     from imagefarm.derive import derive
-    from imagefarm.lookup import Lookup
+    from imagefarm.serve.lookup import Lookup
     from imagefarm.runtime import ServeConfig
     from imagefarm.runtime.serve import ServerThread
 

@@ -13,12 +13,12 @@ import uuid
 import httpx
 import pytest
 
-from imagefarm import attest
-from imagefarm.apikey import DOC_PATHS
-from imagefarm.containers import run
+from imagefarm.farm import attest
+from imagefarm.serve.apikey import DOC_PATHS
+from imagefarm.host.containers import run
 from imagefarm.errors import ImageRefused
-from imagefarm.reference import parse
-from imagefarm.testing.images import R2E_REPOS
+from imagefarm.names.reference import parse
+from imagefarm.host.samples import R2E_REPOS
 
 from rtkit import (API_KEY, chunked_post, our_containers, raw_post, route_table, rss_bytes, sdk_start_body,
                    wait_pod_status)
@@ -189,7 +189,7 @@ def test_user_policy_requested_runs_as_the_requested_user(server_factory, client
 def sec_images(rt_settings, fixtures, standin_layer, rt_to):
     """One base derived twice: with the current recipe, and with a stale one."""
     from imagefarm.derive import Appender, AppendPayload
-    from imagefarm.recipe import recipe_for
+    from imagefarm.payload.recipe import recipe_for
 
     recipe = recipe_for(rt_settings)
     base = fixtures.r2e_base(R2E_REPOS[3], "5" * 40)
@@ -246,7 +246,7 @@ def test_verify_keeps_the_session_key_off_podmans_command_line(rt_settings, preb
     """The stand-in answers /alive and /health, then fails the shell check: verify fails, and
     while its container lives its command line (podman's CreateCommand) holds only the name."""
     from imagefarm.errors import VerifyError
-    from imagefarm.verify import LABEL, verify
+    from imagefarm.farm.verify import LABEL, verify
 
     seen: list[str] = []
     failed: list[BaseException] = []
