@@ -8,8 +8,10 @@ built on ``requests`` without a per-request retry policy. This client is sync an
 safe to share between the threads of a pool: one ``httpx.Client`` (HTTP/1.1
 keep-alive, pooled connections), auth state behind locks, per-thread stats.
 
-Failure policy: 429, 5xx and dropped connections are retried with exponential
-backoff and jitter, then raise ``TransientRegistryError`` / ``RegistryUnreachable``;
+Failure policy: 5xx and dropped connections are retried with exponential backoff and
+jitter, then raise ``TransientRegistryError`` / ``RegistryUnreachable``; a 429 or a
+spent pull budget waits at the process's rate-limit gate (``ratelimit``), shared by
+every caller, and raises ``RateLimited`` if the wait is longer than ``rate_wait``;
 401/403 raise ``AuthError`` saying how to log in; 404 raises ``NotFound`` quoting the
 registry. Plain HTTP is used for loopback registries and ``settings.insecure_registries``.
 """
@@ -36,6 +38,7 @@ from ..oci import Descriptor
 from ..reference import Reference
 from ..settings import Settings
 from . import manifests as mf
+from . import ratelimit
 from .auth import Authenticator, Challenge, Credentials, load_credentials, rejected, scope
 from .stats import StatsSink
 
@@ -79,9 +82,12 @@ class RegistryClient:
 
     def __init__(self, settings: Settings | None = None, *, retries: int = 5, backoff: float = 0.2,
                  max_backoff: float = 8.0, timeout: float = 60.0,
-                 credentials: dict[str, Credentials] | None = None) -> None:
+                 credentials: dict[str, Credentials] | None = None, rate_wait: float = 2.0) -> None:
         self.settings = settings or Settings.load()
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        #: seconds a request may wait for a rate-limit pause before ``RateLimited`` is
+        #: raised (a batch sets the base aside; a plan waits: ``math.inf``)
+        self.rate_wait = rate_wait
         n = self.settings.registry_concurrency
         # a streamed cross-registry copy holds two connections (GET and PUT)
         limits = httpx.Limits(max_connections=2 * n, max_keepalive_connections=2 * n)
@@ -112,6 +118,11 @@ class RegistryClient:
     def track(self):
         """``with client.track() as s:`` counts this thread's requests into ``s``."""
         return self.stats.track()
+
+    def account(self, registry: str) -> str:
+        """Whose pull budget requests to ``registry`` spend: the auth file's user."""
+        creds = self._auth.credentials(registry)
+        return creds.username if creds else "anonymous"
 
     # -- transport -------------------------------------------------------------
     def base_url(self, ref: Reference) -> str:
@@ -186,12 +197,16 @@ class RegistryClient:
             self._ensure_auth(ref)
         retries = self.retries if retries is None else retries
         host = ref.registry
+        gate, counted, account = ratelimit.current(), ratelimit.counts(method, url), self.account(host)
         attempt = 0
         while True:
             resp: httpx.Response | None = None
+            permit = gate.acquire(host, account, counted, self.rate_wait)
+            seen = None
             try:
                 resp = self._send_authed(method, ref, url, scopes, what, headers, body, params,
                                          stream, follow, auth)
+                seen = ratelimit.observe(resp.status_code, resp.headers)
             except httpx.TransportError as exc:
                 if attempt >= retries:
                     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
@@ -204,10 +219,20 @@ class RegistryClient:
                         f"registry {host} dropped the connection during {what} {attempt + 1} times "
                         f"({type(exc).__name__}: {exc})") from None
             else:
+                if resp.status_code == 429:
+                    # a spent budget: wait at the gate with every other caller (it says
+                    # how long); this is no failure and uses up no retry
+                    if stream:
+                        resp.close()
+                    counted = True
+                    self.stats.add(rate_limited=1)
+                    continue
                 if resp.status_code not in RETRY_STATUS or attempt >= retries:
                     break
                 if stream:
                     resp.close()
+            finally:
+                gate.release(permit, seen)
             attempt += 1
             self.stats.add(retries=1)
             self._sleep(attempt - 1, resp)
