@@ -43,13 +43,16 @@ def prebuild(
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
     task_id = None
     t0 = time.monotonic()
+    pauses = _Pauses(settings, executor)
 
     def on_progress(state: BatchState) -> None:
         nonlocal task_id
         if task_id is None:
             task_id = progress.add_task("prebuild", total=state.total, counts="", rate="")
         rate = state.done / max(time.monotonic() - t0, 1e-9)
-        progress.update(task_id, completed=state.done, rate=f"{rate:.1f} img/s", counts=(
+        paused = pauses.poll(lambda line: progress.console.print(line, markup=False, highlight=False))
+        progress.update(task_id, completed=state.done, rate=f"{rate:.1f} img/s" + "".join(
+            f"  [{p}]" for p in paused), counts=(
             f"derived {state.derived} skipped {state.skipped} failed {state.failed} "
             f"verified {state.verified}" + (f" verify-failed {state.verify_failed}" if state.verify_failed else "")))
 
@@ -68,6 +71,44 @@ def prebuild(
         _summary(state)
     if state.failed or state.verify_failed:
         raise typer.Exit(1)
+
+
+class _Pauses:
+    """Rate-limit pauses for the progress line: each pause is also said once as a line
+    when it begins (a log read later shows when and why the batch waited)."""
+
+    def __init__(self, settings: Settings, executor: str) -> None:
+        self.settings, self.executor = settings, executor
+        self._said: dict[tuple[str, str], int] = {}
+        self._next = 0.0
+        self._gate = None
+
+    def poll(self, say) -> list[str]:
+        now = time.monotonic()
+        if now < self._next:
+            return self._last
+        self._next = now + 0.5
+        if self._gate is None:
+            from ..registry import ratelimit
+
+            if self.executor == "celery":
+                from ..worker.ratelimit import RedisGate
+
+                self._gate = RedisGate.from_url(self.settings.broker_url)
+            else:
+                self._gate = ratelimit.current()
+        try:
+            states = [s for s in self._gate.status() if s.paused()]
+        except Exception:  # noqa: BLE001 - a progress line never stops a batch
+            states = []
+        for s in states:
+            if self._said.get((s.registry, s.account)) != round(s.paused_until):
+                self._said[(s.registry, s.account)] = round(s.paused_until)
+                say(s.line())
+        self._last = [s.line() for s in states]
+        return self._last
+
+    _last: list[str] = []
 
 
 def _summary(state: BatchState) -> None:

@@ -76,8 +76,11 @@ class Appender:
         if not hasattr(payload, "env"):  # e.g. imagefarm.payload.Payload: no recipe env
             payload = AppendPayload.of(payload)
         to = to or self.settings.to
+        # a base from another registry (a public one counts manifest GETs): HEAD first,
+        # so a base read before (by --plan, an earlier batch) spends no pull
+        source = base.registry != parse(f"{to.rstrip('/')}/x:x").registry
         with self.client.track() as st:
-            resolved = self.client.resolve(base, self.settings.platform)
+            resolved = self.client.resolve(base, self.settings.platform, head_first=source)
             where = f"base {base}"
             surgery.check_base(resolved.manifest, where)
             target = derived_reference(base, resolved.digest, payload.recipe_name, payload.recipe_digest,

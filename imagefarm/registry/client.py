@@ -40,6 +40,7 @@ from ..settings import Settings
 from . import manifests as mf
 from . import ratelimit
 from .auth import Authenticator, Challenge, Credentials, load_credentials, rejected, scope
+from .cache import ManifestCache
 from .stats import StatsSink
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -104,6 +105,7 @@ class RegistryClient:
         self._pinged: set[str] = set()
         self._ping_lock = threading.Lock()
         self.stats = StatsSink()
+        self.manifests = ManifestCache(Path(self.settings.state_dir) / "manifests")
 
     # -- lifecycle -------------------------------------------------------------
     def close(self) -> None:
@@ -329,17 +331,36 @@ class RegistryClient:
                           int(resp.headers.get("Content-Length") or 0))
 
     def resolve(self, ref: Reference, platform: str | None = None, *,
-                scopes: Sequence[str] | None = None) -> Resolved:
-        """The image manifest ``ref`` means on ``platform`` (indexes resolved)."""
-        got = self.get_manifest(ref, scopes=scopes)
+                scopes: Sequence[str] | None = None, head_first: bool = False) -> Resolved:
+        """The image manifest ``ref`` means on ``platform`` (indexes resolved).
+
+        ``head_first`` (for a source registry that counts GETs): HEAD the tag, which is
+        not counted, and take the bytes from the manifest cache when that digest was
+        read before, so each manifest costs one counted GET, ever."""
+        got = self._read(ref, scopes, head_first)
         if isinstance(got, mf.Manifest):
             return Resolved(ref, got)
         platform = platform or self.settings.platform
         entry = mf.select_platform(got, platform, where=f"image index {ref}")
-        child = self.get_manifest(ref.with_digest(entry.digest), scopes=scopes)
+        child = self._read(ref.with_digest(entry.digest), scopes, head_first)
         if not isinstance(child, mf.Manifest):
             raise UnsupportedMedia(f"image index {ref}: entry for {platform} is itself an index")
         return Resolved(ref, child, got)
+
+    def _read(self, ref: Reference, scopes: Sequence[str] | None, cached: bool) -> mf.Manifest | mf.Index:
+        if not cached:
+            return self.get_manifest(ref, scopes=scopes)
+        digest = ref.digest
+        if digest is None:
+            desc = self.head_manifest(ref, scopes=scopes)
+            if desc is None:
+                raise NotFound(f"manifest {ref}: not found in registry {ref.registry}")
+            digest = desc.digest or None
+        got = self.manifests.get(digest, f"manifest {ref}") if digest else None
+        if got is None:
+            got = self.get_manifest(ref.with_digest(digest) if digest else ref, scopes=scopes)
+            self.manifests.put(got)
+        return got
 
     def put_manifest(self, ref: Reference, raw: bytes, media_type: str, *,
                      scopes: Sequence[str] | None = None) -> str:

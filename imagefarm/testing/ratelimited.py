@@ -42,6 +42,7 @@ class Hit:
     counted: bool     #: a manifest GET (counted whether it was served or refused)
     status: int
     sent: int         #: response body bytes sent
+    remaining: int | None = None  #: the budget the answer reported (manifests only)
 
 
 class RateLimitedRegistry:
@@ -172,8 +173,9 @@ class RateLimitedRegistry:
             quota = {"RateLimit-Limit": f"{limit};w={self.window:g}",
                      "RateLimit-Remaining": f"{remaining};w={self.window:g}",
                      "Docker-RateLimit-Source": account} if is_manifest else {}
+            left = remaining if is_manifest else None
             if not ok:
-                self._record(Hit(t, method, path, account, True, 429, len(TOO_MANY)))
+                self._record(Hit(t, method, path, account, True, 429, len(TOO_MANY), 0))
                 return Response(TOO_MANY, 429, headers=quota, media_type="application/json")
             headers = {k: v for k, v in request.headers.items()
                        if k.lower() not in ("host", "authorization", "connection", "content-length")}
@@ -195,11 +197,11 @@ class RateLimitedRegistry:
                         yield c
                 finally:
                     await up.aclose()
-                    self._record(Hit(t, method, path, account, counted, up.status_code, sent[0]))
+                    self._record(Hit(t, method, path, account, counted, up.status_code, sent[0], left))
 
             if method == "HEAD":
                 await up.aclose()
-                self._record(Hit(t, method, path, account, counted, up.status_code, 0))
+                self._record(Hit(t, method, path, account, counted, up.status_code, 0, left))
                 return Response(b"", up.status_code, headers=out)
             return StreamingResponse(chunks(), up.status_code, headers=out)
 
