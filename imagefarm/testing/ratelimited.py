@@ -199,10 +199,11 @@ class RateLimitedRegistry:
                     await up.aclose()
                     self._record(Hit(t, method, path, account, counted, up.status_code, sent[0], left))
 
-            if method == "HEAD":
+            if method == "HEAD" or is_manifest:  # small: logged before the answer goes out
+                data = b"" if method == "HEAD" else await up.aread()
                 await up.aclose()
-                self._record(Hit(t, method, path, account, counted, up.status_code, 0, left))
-                return Response(b"", up.status_code, headers=out)
+                self._record(Hit(t, method, path, account, counted, up.status_code, len(data), left))
+                return Response(data, up.status_code, headers=out)
             return StreamingResponse(chunks(), up.status_code, headers=out)
 
         return Starlette(routes=[

@@ -45,9 +45,9 @@ def _check_budget_kept(rl, n_bases):
     assert len({h.path for h in hits}) == n_bases
     assert rl.max_in_window() <= LIMIT                            # in any window of the stand-in's
     pauses = _pauses(hits)
-    assert len(pauses) >= n_bases // LIMIT                        # the budget was spent, every time
+    assert pauses                                                 # the budget was spent (more bases than budget)
     for start, end in pauses:
-        assert end - start >= WINDOW                              # ... and the pause held the window
+        assert end - start >= WINDOW                              # each time, the pause held the window
     return pauses
 
 
@@ -85,3 +85,5 @@ def test_batch_larger_than_the_budget(executor, cli_env, registry, rl_bases, pay
         again = _run(cli_env, dataset, to, executor)
         assert again.returncode == 0, again.stderr[-3000:]
         assert json.loads(again.stdout)["skipped"] == N_LIMITED + N_OTHER
+        # ... and spent no pull: the tags were read with HEAD, the manifests from the cache
+        assert len(hub.counted()) == N_LIMITED
