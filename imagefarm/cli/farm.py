@@ -30,6 +30,8 @@ def prebuild(
     verify_timeout: float = typer.Option(120.0, help="seconds an image may take to answer /alive"),
     broker_url: Optional[str] = typer.Option(None, help="celery executor: Redis URL (IMAGEFARM_BROKER_URL)"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    plan: bool = typer.Option(False, "--plan", help="print what the batch would do and cost; write nothing"),
+    bandwidth: str = typer.Option("100MB/s", help="--plan: the copy's bandwidth for the time estimate"),
 ) -> None:
     """Turn every base image of a dataset into a verified agent-server image.
 
@@ -38,6 +40,8 @@ def prebuild(
     if executor not in ("local", "celery"):
         raise typer.BadParameter("--executor must be local or celery")
     settings = Settings.load(to=to, recipe=recipe, broker_url=broker_url)
+    if plan:
+        return _plan(settings, dataset, limit, bandwidth, workers, json_out)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[counts]}"), TextColumn("{task.fields[rate]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
@@ -71,6 +75,37 @@ def prebuild(
         _summary(state)
     if state.failed or state.verify_failed:
         raise typer.Exit(1)
+
+
+def _plan(settings: Settings, dataset: str, limit: int | None, bandwidth: str, workers: int,
+          json_out: bool) -> None:
+    import threading
+
+    from ..plan import make_plan, parse_bandwidth, render
+
+    rate = parse_bandwidth(bandwidth)
+    pauses = _Pauses(settings, "local")
+    got: dict = {}
+
+    def work() -> None:
+        try:
+            got["plan"] = make_plan(settings, dataset, limit=limit, bandwidth=rate, workers=workers)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the command's thread
+            got["error"] = exc
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    while t.is_alive():  # a plan that spends a pull budget waits, and says so
+        t.join(0.5)
+        pauses.poll(lambda line: console.print(line, markup=False, highlight=False))
+    if "error" in got:
+        raise got["error"]
+    p = got["plan"]
+    if json_out:
+        emit_json(p.to_json())
+    else:
+        for line in render(p):
+            out.print(line, markup=False, highlight=False)
 
 
 class _Pauses:

@@ -209,6 +209,8 @@ class RegistryClient:
                 resp = self._send_authed(method, ref, url, scopes, what, headers, body, params,
                                          stream, follow, auth)
                 seen = ratelimit.observe(resp.status_code, resp.headers)
+                if counted and seen is not None:  # a registry that counts said so
+                    self.stats.add(pulls=1)
             except httpx.TransportError as exc:
                 if attempt >= retries:
                     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
