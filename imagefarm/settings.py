@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         default_factory=lambda: _repo_recipes(), description="where recipe files live"
     )
     registry_concurrency: int = Field(16, ge=1, description="cap on parallel registry calls")
+    mirrors: dict[str, str] = Field(
+        default_factory=dict,
+        description='registry -> the mirror its images are read through, as JSON ({"docker.io": '
+                    '"127.0.0.1:5001"}, e.g. `imagefarm dev up --mirror docker.io`); images keep the '
+                    "registry's name",
+    )
 
     @classmethod
     def load(cls, **overrides: Any) -> "Settings":

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from imagefarm import oci
+from imagefarm.derive.surgery import names_base
 from imagefarm.errors import NotFound, RegistryError
 from imagefarm.reference import Reference, parse
 from imagefarm.settings import Settings
@@ -139,18 +140,18 @@ class RegistryResolver:
         except RegistryError:
             raise
         want = str(Reference(base.registry, base.repository, base.tag))
+        loose = None
         for tag in sorted((t for t in tags if t.startswith(head + "-oh")), key=_version_key, reverse=True):
             cand = repo.with_tag(tag)
             resolved = self._manifest(cand)
             if resolved is None:
                 continue
-            ann = resolved.manifest.annotations or {}
-            if ann.get(oci.ANN_BASE_NAME) != want:
-                continue
-            if base.digest and ann.get(oci.ANN_BASE_DIGEST) != base.digest:
-                continue
-            return self._hit(cand, resolved, want)
-        return None
+            score = names_base(resolved.manifest.annotations or {}, base)
+            if score == 2:
+                return self._hit(cand, resolved, want)
+            if score and loose is None:  # the same image under a mirror's name: if nothing better
+                loose = (cand, resolved)
+        return self._hit(*loose, want) if loose else None
 
 
 def describe_base(image: str) -> str:
