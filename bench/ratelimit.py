@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from imagefarm.reference import parse
+from imagefarm.names.reference import parse
 from imagefarm.registry import RegistryClient, ratelimit
 from imagefarm.testing.ratelimited import RateLimitedRegistry
 
@@ -43,7 +43,7 @@ def _taken(hub: RateLimitedRegistry, since: int, layers: set[str]) -> dict[str, 
 
 
 def _batch(b: Bench, dataset: str, to: str, state: str | None = None):
-    from imagefarm.prebuild import run_batch
+    from imagefarm.farm.prebuild import run_batch
 
     from imagefarm.settings import Settings
 
@@ -58,7 +58,7 @@ def _batch(b: Bench, dataset: str, to: str, state: str | None = None):
 
 
 def run_ratelimit(b: Bench) -> dict[str, Any]:
-    from imagefarm.plan import make_plan
+    from imagefarm.farm.plan import make_plan
 
     src = b.registry()
     real = [f.ref for f in b.realistic_set()[:b.plan.copy_bases]]

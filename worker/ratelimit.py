@@ -16,8 +16,8 @@ import uuid
 
 import redis
 
-from ..errors import TransientRegistryError
-from ..registry.ratelimit import GateStatus, Observation, Permit, RateLimited, key_of
+from imagefarm.errors import TransientRegistryError
+from imagefarm.registry.ratelimit import GateStatus, Observation, Permit, RateLimited, key_of
 
 PREFIX = "imagefarm:ratelimit:"
 KEYS = PREFIX + "keys"

@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers over ``imagefarm.jobs`` with retry policy.
+"""Celery tasks: thin wrappers over ``imagefarm.farm.jobs`` with retry policy.
 
 Transient errors (registry 5xx, dropped connections, Redis blips) retry with
 exponential backoff; permanent ones (base not found, malformed reference) come back
@@ -15,10 +15,10 @@ from typing import Any
 import redis
 from celery.exceptions import Ignore
 
-from .. import jobs
-from ..errors import ImagefarmError
-from ..registry import ratelimit
-from ..settings import Settings
+from imagefarm.farm import jobs
+from imagefarm.errors import ImagefarmError
+from imagefarm.registry import ratelimit
+from imagefarm.settings import Settings
 from .app import app
 from .ratelimit import RedisGate
 from .semaphore import RedisSemaphore

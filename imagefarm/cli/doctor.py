@@ -7,10 +7,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .. import devstack
-from ..doctor import run_checks
-from ..reference import parse
-from ..settings import Settings
+from imagefarm.host import devstack
+from imagefarm.host.doctor import run_checks
+from imagefarm.names.reference import parse
+from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
 

@@ -11,8 +11,8 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..prebuild import BatchState, load_state, run_batch
-from ..settings import Settings
+from imagefarm.farm.prebuild import BatchState, load_state, run_batch
+from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
 
@@ -81,7 +81,7 @@ def _plan(settings: Settings, dataset: str, limit: int | None, bandwidth: str, w
           json_out: bool) -> None:
     import threading
 
-    from ..plan import make_plan, parse_bandwidth, render
+    from imagefarm.farm.plan import make_plan, parse_bandwidth, render
 
     rate = parse_bandwidth(bandwidth)
     pauses = _Pauses(settings, "local")
@@ -124,10 +124,10 @@ class _Pauses:
             return self._last
         self._next = now + 0.5
         if self._gate is None:
-            from ..registry import ratelimit
+            from imagefarm.registry import ratelimit
 
             if self.executor == "celery":
-                from ..worker.ratelimit import RedisGate
+                from imagefarm.worker.ratelimit import RedisGate
 
                 self._gate = RedisGate.from_url(self.settings.broker_url)
             else:

@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .. import oci
+from imagefarm import oci
 from . import manifests as mf
 
 

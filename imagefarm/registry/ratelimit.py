@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Mapping, Protocol
 
-from ..errors import TransientRegistryError
+from imagefarm.errors import TransientRegistryError
 
 #: a 429 that names no window at all (Docker Hub always names one): a short-lived
 #: throttle, so a short pause

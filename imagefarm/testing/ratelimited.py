@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 import httpx
 
-from .services import free_port
+from imagefarm.host.services import free_port
 
 _MANIFEST = re.compile(r"^/v2/(.+)/manifests/[^/]+$")
 TOO_MANY = (b'{"errors":[{"code":"TOOMANYREQUESTS","message":"You have reached your pull rate limit. '

@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from imagefarm import oci
-from imagefarm.reference import parse
+from imagefarm.names.reference import parse
 
-from imagefarm.testing.images import commit_for
+from imagefarm.host.samples import commit_for
 from imagefarm.testing.ratelimited import RateLimitedRegistry
 from tests.conftest import imagefarm_cli
 

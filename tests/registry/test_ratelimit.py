@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from imagefarm.reference import parse
+from imagefarm.names.reference import parse
 from imagefarm.registry import RegistryClient, load_credentials, ratelimit
 from imagefarm.registry.ratelimit import LocalGate, RateLimited, observe
 from imagefarm.testing.ratelimited import RateLimitedRegistry
