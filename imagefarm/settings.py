@@ -57,8 +57,22 @@ class Settings(BaseSettings):
 
     @classmethod
     def load(cls, **overrides: Any) -> "Settings":
-        """Settings from the environment with flags (non-None values) on top."""
-        return cls(**{k: v for k, v in overrides.items() if v is not None})
+        """Settings from the environment with flags (non-None values) on top; a bad
+        value is one ``ConfigError`` naming the variable (the CLI prints one line)."""
+        from pydantic import ValidationError
+        from pydantic_settings import SettingsError
+
+        from imagefarm.errors import ConfigError
+
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except SettingsError as exc:  # a JSON-valued variable that is not JSON
+            field = str(exc).split('"')[1] if '"' in str(exc) else "?"
+            raise ConfigError(f"IMAGEFARM_{field.upper()} is not valid JSON") from None
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            where = ".".join(str(p) for p in e["loc"])
+            raise ConfigError(f"IMAGEFARM_{str(e['loc'][0]).upper()} (or its flag): {where}: {e['msg']}") from None
 
 
 
