@@ -48,6 +48,8 @@ class Settings(BaseSettings):
         default_factory=lambda: _repo_recipes(), description="where recipe files live"
     )
     registry_concurrency: int = Field(16, ge=1, description="cap on parallel registry calls")
+    copies_per_source: int = Field(
+        4, ge=1, description="cap on blobs copied at once from one source registry (per process)")
     mirrors: dict[str, str] = Field(
         default_factory=dict,
         description='registry -> the mirror its images are read through, as JSON ({"docker.io": '

@@ -43,6 +43,7 @@ class Hit:
     status: int
     sent: int         #: response body bytes sent
     remaining: int | None = None  #: the budget the answer reported (manifests only)
+    t_end: float = 0.0            #: time.time() when the answer was sent whole
 
 
 class RateLimitedRegistry:
@@ -106,6 +107,16 @@ class RateLimitedRegistry:
             while t - times[lo] >= self.window:
                 lo += 1
             best = max(best, hi - lo + 1)
+        return best
+
+    def max_concurrent(self, method: str = "GET", part: str = "/blobs/") -> int:
+        """The most streamed answers (blob GETs) that were in flight at once."""
+        edges = sorted([(h.t, 1) for h in self.log if h.method == method and part in h.path and h.t_end]
+                       + [(h.t_end, -1) for h in self.log if h.method == method and part in h.path and h.t_end])
+        best = cur = 0
+        for _, d in edges:
+            cur += d
+            best = max(best, cur)
         return best
 
     def limit_of(self, account: str) -> int:
@@ -197,7 +208,8 @@ class RateLimitedRegistry:
                         yield c
                 finally:
                     await up.aclose()
-                    self._record(Hit(t, method, path, account, counted, up.status_code, sent[0], left))
+                    self._record(Hit(t, method, path, account, counted, up.status_code, sent[0], left,
+                                     time.time()))
 
             if method == "HEAD" or is_manifest:  # small: logged before the answer goes out
                 data = b"" if method == "HEAD" else await up.aread()

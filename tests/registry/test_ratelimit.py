@@ -101,3 +101,30 @@ def test_credentials_from_the_auth_file_raise_the_limit(rsettings, hub, image, g
     [status] = gate.status()
     assert (status.account, status.limit, status.remaining) == ("farm", 40, 40 - 3 * LIMIT)
     assert "(account farm)" in status.line() and "log in" not in status.line()
+
+
+def test_copies_from_one_source_are_capped(rsettings, hub, reg, client, gate, tmp_path):
+    """Six bases' blobs copied by six threads; the stand-in's log shows at most
+    ``copies_per_source`` streams at once, and each blob fetched exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imagefarm import oci
+    from imagefarm.derive.blobs import BlobPlacer
+
+    blobs = [bytes([i]) * 3_000_000 for i in range(6)]
+    src = parse(f"{reg.host}/cap/src:1")
+    for b in blobs:
+        client.upload_blob(src, oci.sha256_digest(b), b)
+    descs = [oci.Descriptor(oci.OCI_LAYER_GZIP, oci.sha256_digest(b), len(b)) for b in blobs]
+    settings = type(rsettings)(**{**rsettings.model_dump(), "copies_per_source": 2})
+    with RegistryClient(settings, credentials={}) as c:
+        placer = BlobPlacer(c)
+        via = src.with_repository(hub.host, src.repository)
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda i: placer.ensure(parse(f"{reg.host}/cap/dst{i}:1"), descs[i], source=via),
+                          range(6)))
+        for i, d in enumerate(descs):
+            assert c.blob_exists(parse(f"{reg.host}/cap/dst{i}:1"), d.digest)
+    gets = [h for h in hub.log if h.method == "GET" and "/blobs/" in h.path]
+    assert sorted(h.path.rsplit("/", 1)[1] for h in gets) == sorted(d.digest for d in descs)
+    assert hub.max_concurrent() <= 2
