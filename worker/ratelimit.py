@@ -23,6 +23,8 @@ PREFIX = "imagefarm:ratelimit:"
 KEYS = PREFIX + "keys"
 #: seconds a counted request may stay unanswered before its place is given back
 LEASE = 120.0
+#: seconds what a registry said about a budget is kept after its last answer
+KEEP = 2 * 24 * 3600
 
 _NOW = """
 local t = redis.call('TIME')
@@ -31,7 +33,9 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
 ACQUIRE = _NOW + """
 redis.call('SADD', KEYS[3], KEYS[1])
-redis.call('HSETNX', KEYS[1], 'registry', ARGV[3])
+if redis.call('HSETNX', KEYS[1], 'registry', ARGV[3]) == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+end
 redis.call('HSETNX', KEYS[1], 'account', ARGV[4])
 local paused = tonumber(redis.call('HGET', KEYS[1], 'paused_until') or '0')
 if paused > 0 and now >= paused then
@@ -71,6 +75,7 @@ if ARGV[2] == '1' then
       redis.call('HSET', KEYS[1], 'paused_until', tostring(until_))
     end
   end
+  redis.call('EXPIRE', KEYS[1], ARGV[8])
 end
 return 1
 """
@@ -105,7 +110,8 @@ class RedisGate:
         deadline = time.monotonic() + max_wait
         while True:
             try:
-                state, wait = self._acquire(keys=self._keys(key), args=[token, LEASE, registry, account])
+                state, wait = self._acquire(keys=self._keys(key),
+                                            args=[token, LEASE, registry, account, KEEP])
             except redis.RedisError as exc:
                 raise TransientRegistryError(f"the rate-limit gate in Redis is unreachable: {exc}") from None
             if state == "ok":
@@ -122,7 +128,7 @@ class RedisGate:
         args = [permit.token, "0" if seen is None else "1"]
         if seen is not None:
             args += [_s(seen.limit), _s(seen.window), _s(seen.remaining), "1" if seen.spent else "0",
-                     str(seen.pause())]
+                     str(seen.pause()), str(int(max(KEEP, 2 * seen.pause())))]
         try:
             self._release(keys=self._keys(permit.key), args=args)
         except redis.RedisError:
@@ -145,6 +151,8 @@ class RedisGate:
         out = []
         for k in sorted(self.client.smembers(KEYS)):
             st = self._status(k[len(PREFIX):])
-            if st is not None and (st.limit is not None or st.paused_until):
+            if st is None:
+                self.client.srem(KEYS, k)  # expired
+            elif st.limit is not None or st.paused_until:
                 out.append(st)
         return out

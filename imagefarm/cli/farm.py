@@ -117,6 +117,7 @@ class _Pauses:
         self._said: dict[tuple[str, str], int] = {}
         self._next = 0.0
         self._gate = None
+        self._last: list[str] = []
 
     def poll(self, say) -> list[str]:
         now = time.monotonic()
@@ -142,8 +143,6 @@ class _Pauses:
                 say(s.line())
         self._last = [s.line() for s in states]
         return self._last
-
-    _last: list[str] = []
 
 
 def _summary(state: BatchState) -> None:

@@ -59,6 +59,8 @@ def _run(cli_env, dataset, to, executor):
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["local", "celery"])
 def test_batch_larger_than_the_budget(executor, cli_env, registry, rl_bases, payload, tmp_path, request):
+    # a state dir of its own: no manifest kept by an earlier test saves this batch a pull
+    cli_env["IMAGEFARM_STATE_DIR"] = str(tmp_path / "state")
     if executor == "celery":
         workers = request.getfixturevalue("workers")
         workers.start("derive", concurrency=2, name="w0")
