@@ -63,6 +63,12 @@ class Reference:
         return out
 
     @property
+    def path(self) -> str:
+        """``repository[:tag][@digest]``: the name with no registry. A dataset's image and
+        the same image read through a mirror differ only in the registry, not here."""
+        return str(self)[len(self.registry) + 1:]
+
+    @property
     def identifier(self) -> str:
         """What goes after ``/manifests/``: the digest if pinned, else the tag."""
         return self.digest or self.tag or "latest"
@@ -164,3 +170,11 @@ def parse(text: str) -> Reference:
     if tag is None and digest is None:
         tag = "latest"
     return Reference(registry=registry, repository=path, tag=tag, digest=digest)
+
+
+def mirrored(ref: Reference, mirrors: dict[str, str]) -> Reference:
+    """Where ``ref``'s bytes are read when its registry has a mirror (``{"docker.io":
+    "127.0.0.1:5001"}``, a pull-through cache): same repository, tag and digest."""
+    mirror = mirrors.get(ref.registry)
+    return ref.with_repository(mirror, ref.repository) if mirror else ref
+

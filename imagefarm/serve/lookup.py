@@ -27,6 +27,7 @@ from cachetools import LRUCache
 
 from imagefarm.farm import attest
 from imagefarm import oci
+from imagefarm.derive.surgery import names_base
 from imagefarm.farm.catalog import image_of
 from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, NotFound, UnsupportedMedia
 from imagefarm.farm.lockfile import Lockfile
@@ -240,8 +241,7 @@ class Lookup:
         if not tags:
             return None
         head = (base.tag or "sha256_")[:40]
-        want_name = str(Reference(base.registry, base.repository, base.tag))
-        found: list[LookupHit] = []
+        found: list[tuple[int, LookupHit]] = []
         for tag in sorted(tags):
             if not tag.startswith(head) or tag.endswith(".verified"):
                 continue
@@ -252,17 +252,15 @@ class Lookup:
             ann = manifest.annotations
             if ann.get(oci.ANN_RECIPE_DIGEST) != self.recipe.digest:
                 continue
-            if base.tag and ann.get(oci.ANN_BASE_NAME) != want_name:
-                continue
-            if base.digest and ann.get(oci.ANN_BASE_DIGEST) != base.digest:
-                continue
-            if not base.tag and parse(ann.get(oci.ANN_BASE_NAME, "x")).name != base.name:
-                continue
-            found.append(self._hit(ref, manifest))
+            # the dataset's name, the mirror's, or another address of the registry: the
+            # repository, tag (and digest, if asked) decide; the same full name wins
+            score = names_base(ann, base)
+            if score:
+                found.append((score, self._hit(ref, manifest)))
         if not found:
             return None
-        found.sort(key=lambda h: (not h.verified, h.image))
-        return found[0]
+        found.sort(key=lambda sh: (-sh[0], not sh[1].verified, sh[1].image))
+        return found[0][1]
 
     def _manifest(self, ref: Reference) -> Manifest | None:
         key = (ref.name, ref.tag or "")

@@ -282,3 +282,18 @@ def test_api_raw_bodies_and_params(lookup_api, registry):
     r = httpx.post(f"{api.url}/v1/lookup", json={"images": rows}, timeout=60)
     assert r.status_code == 200, r.text
     assert len(r.json()["invalid"]) + len(r.json()["missing"]) >= 1
+
+
+# -- rate limits, plan, mirrors (#17) -----------------------------------------------------------
+
+@pytest.mark.parametrize("args, env_extra, needle", [
+    (["--plan", "--bandwidth", "fast"], {}, "--bandwidth"),
+    (["--plan", "--bandwidth", "0MB/s"], {}, "--bandwidth"),
+    (["--plan"], {"IMAGEFARM_MIRRORS": "docker.io=127.0.0.1:5001"}, "IMAGEFARM_MIRRORS"),
+    (["--plan"], {"IMAGEFARM_MIRRORS": '{"docker.io": 5}'}, "IMAGEFARM_MIRRORS"),
+])
+def test_plan_flags_and_mirrors(cli_env, tmp_path, args, env_extra, needle):
+    data = tmp_path / "bases.txt"
+    data.write_text(f"127.0.0.1:{free_port()}/namanjain12/x:1\n")
+    proc = imagefarm_cli("prebuild", "--dataset", str(data), *args, env={**cli_env, **env_extra}, timeout=120)
+    one_error_line(proc, needle)
