@@ -123,7 +123,8 @@ class Evidence:
 def deliveries(records: dict[str, dict[str, str]]) -> dict[str, int]:
     """Broker-side counts: tasks, deliveries beyond the first and beyond the task's own
     retries (``extra``), deliveries the broker marked as restored (``redelivered``)."""
-    extra = sum(max(0, int(r.get("deliveries", 0)) - 1 - int(r.get("retries", 0))) for r in records.values())
+    extra = sum(max(0, int(r.get("deliveries", 0)) - 1 - int(r.get("retries", 0)) - int(r.get("paused", 0)))
+                for r in records.values())
     return {"tasks": len(records), "extra": extra,
             "redelivered": sum(int(r.get("redelivered", 0)) for r in records.values()),
             "retries": sum(int(r.get("retries", 0)) for r in records.values())}
