@@ -29,6 +29,9 @@ def prebuild(
     workers: int = typer.Option(8, min=1, help="local executor: parallel derives"),
     verify_timeout: float = typer.Option(120.0, help="seconds an image may take to answer /alive"),
     broker_url: Optional[str] = typer.Option(None, help="celery executor: Redis URL (IMAGEFARM_BROKER_URL)"),
+    payload_from: Optional[str] = typer.Option(
+        None, "--payload-from", metavar="PREFIX",
+        help="registry prefix holding the payload when neither the cache nor --to has it (IMAGEFARM_PAYLOAD_FROM)"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Turn every base image of a dataset into a verified agent-server image.
@@ -37,7 +40,7 @@ def prebuild(
     """
     if executor not in ("local", "celery"):
         raise typer.BadParameter("--executor must be local or celery")
-    settings = Settings.load(to=to, recipe=recipe, broker_url=broker_url)
+    settings = Settings.load(to=to, recipe=recipe, broker_url=broker_url, payload_from=payload_from)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[counts]}"), TextColumn("{task.fields[rate]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
