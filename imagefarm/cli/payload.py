@@ -41,6 +41,9 @@ def build_cmd(
     recipe: str = typer.Option(None, "--recipe", help="recipe name or path (IMAGEFARM_RECIPE)"),
     force: bool = typer.Option(False, "--force", help="rebuild even when cached"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    mirror: str = typer.Option(
+        None, "--mirror", metavar="URL",
+        help="Debian mirror for the builder (default: the recipe's, else this machine's apt sources)"),
 ) -> None:
     """Build (or find in the cache) the payload layer of a recipe.
 
@@ -57,7 +60,9 @@ def build_cmd(
     if not cached:
         console.print(f"building the payload of recipe {rec.name} (openhands-agent-server "
                       f"{rec.agent_server_version}) ...", highlight=False)
-    p = build_payload(settings, rec, force=force,
+    if mirror is not None and not mirror.startswith(("http://", "https://", "file:/")):
+        raise typer.BadParameter(f"--mirror must be an http(s):// or file:/ URL, not {mirror!r}")
+    p = build_payload(settings, rec, force=force, mirror=mirror,
                       log=lambda m: console.print(f"[{time.monotonic() - t0:5.0f}s] {m}", highlight=False,
                                                   markup=False, soft_wrap=True))
     if as_json:

@@ -26,6 +26,7 @@ from ..containers import which
 from ..errors import PayloadError, ToolMissing
 from ..oci import canonical_json
 from ..recipe import BuilderSpec
+from .userns import in_user_namespace
 
 Log = Callable[[str], None]
 
@@ -44,8 +45,8 @@ def _quiet(_msg: str) -> None:
 
 
 def _need_root() -> None:
-    if os.geteuid() != 0:
-        raise PayloadError("building the payload needs root (debootstrap, chroot, mount): run it as root")
+    if os.geteuid() != 0:  # payload.build_tree runs a normal user's chroot steps in a user namespace
+        raise PayloadError("a chroot session needs root, or root of a user namespace (payload.userns)")
 
 
 @contextlib.contextmanager
@@ -65,8 +66,8 @@ def rootfs_key(spec: BuilderSpec) -> str:
 
 
 def builder_rootfs(cache_dir: Path, spec: BuilderSpec, log: Log = _quiet) -> Path:
-    """The cached builder rootfs for ``spec`` (debootstrapped on first use)."""
-    _need_root()
+    """The cached builder rootfs for ``spec`` (debootstrapped on first use; made by
+    ``mmdebstrap --mode=unshare`` when not root)."""
     base = Path(cache_dir) / "builder"
     final = base / f"{spec.suite}-{rootfs_key(spec)}"
     if (final / _COMPLETE).exists():
@@ -74,23 +75,29 @@ def builder_rootfs(cache_dir: Path, spec: BuilderSpec, log: Log = _quiet) -> Pat
     with file_lock(base / ".lock"):
         if (final / _COMPLETE).exists():
             return final
-        debootstrap = which("debootstrap")
+        root = os.geteuid() == 0
+        tool = "debootstrap" if root else "mmdebstrap"
+        if root:
+            argv = [which("debootstrap"), "--variant=minbase", f"--include={','.join(spec.packages)}",
+                    spec.suite, "TARGET", spec.mirror]
+        else:
+            from .userns import mmdebstrap_argv
+            argv = mmdebstrap_argv(spec.suite, Path("TARGET"), spec.mirror, list(spec.packages))
         tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".tmp-{spec.suite}-"))
+        argv[argv.index("TARGET")] = str(tmp)
         try:
-            log(f"debootstrap {spec.suite} ({', '.join(spec.packages)}) -> {final} (about a minute)")
+            log(f"{tool} {spec.suite} ({', '.join(spec.packages)}) from {spec.mirror} -> {final} (about a minute)")
             t0 = time.monotonic()
-            argv = [debootstrap, "--variant=minbase", f"--include={','.join(spec.packages)}",
-                    spec.suite, str(tmp), spec.mirror]
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
             if proc.returncode != 0:
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
                 raise PayloadError(
-                    f"debootstrap of Debian {spec.suite} from {spec.mirror} failed "
+                    f"{tool} of Debian {spec.suite} from {spec.mirror} failed "
                     f"(exit {proc.returncode}); check the mirror is reachable:\n{tail}")
-            # apt caches are not needed for building and only cost disk
-            shutil.rmtree(tmp / "var/cache/apt/archives", ignore_errors=True)
-            (tmp / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
-            (tmp / _COMPLETE).write_text(f"debootstrap {spec.suite} in {time.monotonic() - t0:.0f}s\n")
+            if root:  # apt caches are not needed for building and only cost disk (mmdebstrap drops them)
+                shutil.rmtree(tmp / "var/cache/apt/archives", ignore_errors=True)
+                (tmp / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+            (tmp / _COMPLETE).write_text(f"{tool} {spec.suite} in {time.monotonic() - t0:.0f}s\n")
             if final.exists():  # an incomplete leftover from an older layout
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -147,7 +154,10 @@ class Chroot:
             if HOST_CA.exists():
                 shutil.copyfile(HOST_CA, self.root / CHROOT_CA)
             self._mount(["-t", "proc", "proc"], self.root / "proc")
-            self._mount(["--bind", "/dev"], self.root / "dev")
+            # in a user namespace /dev must be bound with its submounts (locked to it);
+            # as root a plain bind, so no umount here can propagate to the host's /dev/pts
+            dev_bind = "--rbind" if in_user_namespace() else "--bind"
+            self._mount([dev_bind, "/dev"], self.root / "dev")
             for inside, host in self.binds.items():
                 Path(host).mkdir(parents=True, exist_ok=True)
                 self._mount(["--bind", str(host)], self.root / inside.lstrip("/"))
