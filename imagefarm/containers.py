@@ -64,6 +64,9 @@ def storage_conf(state_dir: Path) -> Path:
         'driver = "overlay"\n'
         f'graphroot = "{root / "storage"}"\n'
         f'runroot = "{root / "run"}"\n'
+        # rootless podman ignores graphroot: without this a normal user's images would
+        # land in ~/.local/share/containers, outside the state directory
+        f'rootless_storage_path = "{root / "storage"}"\n'
     ))
 
 

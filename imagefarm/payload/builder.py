@@ -76,27 +76,19 @@ def builder_rootfs(cache_dir: Path, spec: BuilderSpec, log: Log = _quiet) -> Pat
         if (final / _COMPLETE).exists():
             return final
         root = os.geteuid() == 0
-        tool = "debootstrap" if root else "mmdebstrap"
-        if root:
-            argv = [which("debootstrap"), "--variant=minbase", f"--include={','.join(spec.packages)}",
-                    spec.suite, "TARGET", spec.mirror]
-        else:
-            from .userns import mmdebstrap_argv
-            argv = mmdebstrap_argv(spec.suite, Path("TARGET"), spec.mirror, list(spec.packages))
+        tool = "debootstrap" if root else "mmdebstrap --mode=unshare"
         tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".tmp-{spec.suite}-"))
-        argv[argv.index("TARGET")] = str(tmp)
         try:
             log(f"{tool} {spec.suite} ({', '.join(spec.packages)}) from {spec.mirror} -> {final} (about a minute)")
             t0 = time.monotonic()
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
-            if proc.returncode != 0:
-                tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-                raise PayloadError(
-                    f"{tool} of Debian {spec.suite} from {spec.mirror} failed "
-                    f"(exit {proc.returncode}); check the mirror is reachable:\n{tail}")
-            if root:  # apt caches are not needed for building and only cost disk (mmdebstrap drops them)
-                shutil.rmtree(tmp / "var/cache/apt/archives", ignore_errors=True)
-                (tmp / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+            if root:
+                _debootstrap(spec, tmp)
+            else:
+                from .userns import mmdebstrap_rootfs
+                mmdebstrap_rootfs(spec.suite, tmp, spec.mirror, list(spec.packages))
+            # apt caches are not needed for building and only cost disk
+            shutil.rmtree(tmp / "var/cache/apt/archives", ignore_errors=True)
+            (tmp / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
             (tmp / _COMPLETE).write_text(f"{tool} {spec.suite} in {time.monotonic() - t0:.0f}s\n")
             if final.exists():  # an incomplete leftover from an older layout
                 shutil.rmtree(final)
@@ -107,6 +99,16 @@ def builder_rootfs(cache_dir: Path, spec: BuilderSpec, log: Log = _quiet) -> Pat
                 _umount_all(tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _debootstrap(spec: BuilderSpec, target: Path) -> None:
+    argv = [which("debootstrap"), "--variant=minbase", f"--include={','.join(spec.packages)}",
+            spec.suite, str(target), spec.mirror]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise PayloadError(f"debootstrap of Debian {spec.suite} from {spec.mirror} failed "
+                           f"(exit {proc.returncode}); check the mirror is reachable:\n{tail}")
 
 
 def _mounts_under(root: Path) -> list[str]:

@@ -50,9 +50,28 @@ def privileged() -> bool:
     return os.geteuid() == 0 and not in_user_namespace()
 
 
-def mmdebstrap_argv(suite: str, target: Path, mirror: str, packages: list[str]) -> list[str]:
-    return [which("mmdebstrap"), "--mode=unshare", "--variant=minbase", "--quiet",
-            f"--include={','.join(packages)}", suite, str(target), mirror]
+def mmdebstrap_rootfs(suite: str, target: Path, mirror: str, packages: list[str]) -> None:
+    """A minbase rootfs of ``suite`` in ``target``, owned by the user.
+
+    mmdebstrap's own namespace maps its root to the first subordinate id, so a
+    directory it writes is owned by ids the user cannot change. Its tar stream is
+    unpacked instead, as the user: every file the user's own, which is what the build
+    namespace (the user mapped to root) needs. Device nodes are left out (``/dev`` is
+    bound from the host at build time)."""
+    mm = subprocess.Popen([which("mmdebstrap"), "--mode=unshare", "--variant=minbase", "--quiet",
+                           f"--include={','.join(packages)}", suite, "-", mirror],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tar = subprocess.run([which("tar"), "-x", "-p", "-C", str(target), "--exclude=./dev/*"],
+                         stdin=mm.stdout, capture_output=True, timeout=1800)
+    assert mm.stdout is not None and mm.stderr is not None
+    mm.stdout.close()
+    err = mm.stderr.read().decode(errors="replace")
+    if mm.wait() != 0 or tar.returncode != 0:
+        tail = "\n".join((err + tar.stderr.decode(errors="replace")).strip().splitlines()[-15:])
+        hint = (" (mmdebstrap --mode=unshare needs subuid/subgid ranges and newuidmap: `imagefarm doctor`)"
+                if "newuidmap" in err or "subuid" in err else "")
+        raise PayloadError(f"mmdebstrap of Debian {suite} from {mirror} failed (exit {mm.returncode}, "
+                           f"tar {tar.returncode}){hint}; check the mirror is reachable:\n{tail}")
 
 
 def build_tree(cache_dir: Path, recipe_source: str, mirror: str, *, force: bool, log: Log) -> tuple[Path, str]:

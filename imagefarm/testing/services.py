@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import socket
@@ -78,16 +79,24 @@ class _Service:
 class Registry(_Service):
     """Debian's docker-registry (CNCF distribution) on 127.0.0.1:<free port>.
 
-    With ``users`` it requires htpasswd basic auth.
+    With ``users`` it requires htpasswd basic auth; with ``access_log`` every request is
+    logged (``requests()`` reads them back: what a test counts).
     """
 
     users: dict[str, str] | None = None
+    access_log: bool = False
 
     @classmethod
-    def create(cls, workdir: Path | None = None, users: dict[str, str] | None = None) -> "Registry":
+    def create(cls, workdir: Path | None = None, users: dict[str, str] | None = None,
+               access_log: bool = False) -> "Registry":
         own = workdir is None
         wd = Path(workdir or tempfile.mkdtemp(prefix="imagefarm-registry-"))
-        return cls(workdir=wd, users=users, _own_dir=own)
+        return cls(workdir=wd, users=users, access_log=access_log, _own_dir=own)
+
+    def requests(self) -> list[str]:
+        """``METHOD PATH`` of every request served so far (needs ``access_log``)."""
+        text = (self.workdir / "registry.log").read_text(errors="replace")
+        return re.findall(r'"([A-Z]+ /v2/\S*) HTTP/[0-9.]+"', text)
 
     @property
     def host(self) -> str:
@@ -105,7 +114,7 @@ class Registry(_Service):
             "log:",
             "  level: error",
             "  accesslog:",
-            "    disabled: true",
+            f"    disabled: {'false' if self.access_log else 'true'}",
             "storage:",
             "  filesystem:",
             f"    rootdirectory: {data}",
