@@ -67,7 +67,10 @@ def rootfs_key(spec: BuilderSpec) -> str:
 
 def builder_rootfs(cache_dir: Path, spec: BuilderSpec, log: Log = _quiet) -> Path:
     """The cached builder rootfs for ``spec`` (debootstrapped on first use; made by
-    ``mmdebstrap --mode=unshare`` when not root)."""
+    ``mmdebstrap --mode=unshare`` when not root). No mirror in ``spec``: the machine's."""
+    if not spec.mirror:
+        from .mirror import builder_mirror
+        spec = spec.model_copy(update={"mirror": builder_mirror(None)})
     base = Path(cache_dir) / "builder"
     final = base / f"{spec.suite}-{rootfs_key(spec)}"
     if (final / _COMPLETE).exists():

@@ -1,18 +1,22 @@
 """The payload kept in a registry: pushed once, found by recipe digest, used by mount.
 
 A cluster user cannot build the payload as root, and should not have to build it at
-all: ``push`` publishes it beside the blob's home repository (``<to>/imagefarm-payload``)
-as a small OCI artifact tagged ``sha256-<recipe hex>``: the layer blob itself, plus a
-config blob holding what a derive needs (layer digest, diff_id, size, recipe identity).
-``find`` reads that manifest and config (two small GETs) and returns a
-``RemotePayload`` whose layer has no local file: derive then mounts the blob from its
-home, and no payload byte is downloaded.
+all: ``push`` publishes it in the blob's home repository (``<to>/imagefarm-payload``)
+as a one-layer image tagged ``sha256-<recipe hex>``: the layer blob itself and an
+image config whose ``rootfs.diff_ids`` is the payload's diff_id and whose labels (and
+the manifest's annotations) name the recipe. ``find`` reads that manifest and config
+(two small GETs) and returns a ``RemotePayload`` whose layer has no local file: derive
+then mounts the blob from its home, and no payload byte is downloaded.
+
+An image manifest, not an OCI 1.1 artifact: distribution 2.8 has no artifact support,
+and the manifest parser refuses artifacts on purpose (they cannot be derived); a
+payload image is a valid image any registry and tool accepts (``skopeo inspect``).
 
 ::
 
-    <registry>/<prefix>/imagefarm-payload:sha256-<recipe hex>   (artifactType PAYLOAD_TYPE)
-      config  CONFIG_TYPE  {"recipe_digest", "layer": {digest, size, diff_id, media_type}, ...}
-      layers  [the payload layer, tar+gzip]
+    <registry>/<prefix>/imagefarm-payload:sha256-<recipe hex>
+      config  image config  rootfs.diff_ids = [payload diff_id], Labels = recipe identity
+      layers  [the payload layer, tar+gzip]   annotations: recipe, recipe digest, payload digest
 """
 
 from __future__ import annotations
@@ -30,9 +34,8 @@ from ..reference import Reference, parse
 from ..registry import RegistryClient
 from ..registry.manifests import Manifest
 
-PAYLOAD_TYPE = "application/vnd.dev.imagefarm.payload.v1"
-CONFIG_TYPE = "application/vnd.dev.imagefarm.payload.config.v1+json"
-ANN_DIFF_ID = "dev.imagefarm.payload.diff-id"
+ANN_PYTHON = "dev.imagefarm.payload.python"
+ANN_UNPACKED = "dev.imagefarm.payload.unpacked-size"
 
 
 def artifact_ref(prefix: str, recipe_digest: str) -> Reference:
@@ -77,39 +80,36 @@ def push(client: RegistryClient, payload: Any, prefix: str) -> tuple[Reference, 
         else:
             raise PayloadError(f"payload {layer.digest[:19]} has neither a local blob nor a source registry")
         sent = True
-    config = oci.canonical_json(_config(payload))
+    labels = _labels(payload)
+    config = oci.canonical_json({
+        "architecture": "amd64", "os": "linux", "created": oci.EPOCH_ISO,
+        "config": {"Labels": labels},
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+        "history": [{"created": oci.EPOCH_ISO,
+                     "created_by": f"imagefarm payload {payload.recipe_name} ({payload.recipe_digest[:19]})"}],
+    })
     config_digest = oci.sha256_digest(config)
     if not client.blob_exists(home, config_digest):
         client.upload_blob(home, config_digest, config)
     manifest = {
         "schemaVersion": 2,
         "mediaType": oci.OCI_MANIFEST,
-        "artifactType": PAYLOAD_TYPE,
-        "config": {"mediaType": CONFIG_TYPE, "digest": config_digest, "size": len(config)},
+        "config": {"mediaType": oci.OCI_CONFIG, "digest": config_digest, "size": len(config)},
         "layers": [layer.descriptor.to_json()],
-        "annotations": {
-            "org.opencontainers.image.created": oci.EPOCH_ISO,
-            oci.ANN_RECIPE: payload.recipe_name,
-            oci.ANN_RECIPE_DIGEST: payload.recipe_digest,
-            oci.ANN_AGENT_VERSION: payload.agent_server_version,
-            oci.ANN_PAYLOAD_DIGEST: layer.digest,
-            ANN_DIFF_ID: layer.diff_id,
-        },
+        "annotations": {"org.opencontainers.image.created": oci.EPOCH_ISO, **labels},
     }
     digest = client.put_manifest(ref, oci.canonical_json(manifest), oci.OCI_MANIFEST)
     return ref, digest, sent
 
 
-def _config(payload: Any) -> dict[str, Any]:
-    layer = payload.layer
+def _labels(payload: Any) -> dict[str, str]:
     return {
-        "recipe_name": payload.recipe_name,
-        "recipe_digest": payload.recipe_digest,
-        "agent_server_version": payload.agent_server_version,
-        "python_version": getattr(payload, "python_version", ""),
-        "uncompressed_size": getattr(payload, "uncompressed_size", 0),
-        "layer": {"digest": layer.digest, "size": layer.size, "diff_id": layer.diff_id,
-                  "media_type": layer.media_type},
+        oci.ANN_RECIPE: payload.recipe_name,
+        oci.ANN_RECIPE_DIGEST: payload.recipe_digest,
+        oci.ANN_AGENT_VERSION: payload.agent_server_version,
+        oci.ANN_PAYLOAD_DIGEST: payload.layer.digest,
+        ANN_PYTHON: getattr(payload, "python_version", ""),
+        ANN_UNPACKED: str(getattr(payload, "uncompressed_size", 0)),
     }
 
 
@@ -123,22 +123,23 @@ def find(client: RegistryClient, recipe: Recipe, prefix: str) -> RemotePayload |
         got = client.get_manifest(ref)
     except NotFound:
         return None
-    where = f"payload artifact {ref}"
-    if not isinstance(got, Manifest) or got.config.media_type != CONFIG_TYPE or len(got.layers) != 1:
-        raise UnsupportedMedia(f"{where} is not an imagefarm payload (config {getattr(got, 'config', None)})")
+    where = f"payload image {ref}"
+    ann = getattr(got, "annotations", {}) or {}
+    if not isinstance(got, Manifest) or len(got.layers) != 1 or oci.ANN_PAYLOAD_DIGEST not in ann:
+        raise UnsupportedMedia(f"{where} is not an imagefarm payload (no {oci.ANN_PAYLOAD_DIGEST} annotation)")
+    desc = got.layers[0]
+    if ann.get(oci.ANN_RECIPE_DIGEST) != recipe.digest or ann[oci.ANN_PAYLOAD_DIGEST] != desc.digest:
+        raise PayloadError(f"{where} names recipe {ann.get(oci.ANN_RECIPE_DIGEST)} / layer "
+                           f"{ann[oci.ANN_PAYLOAD_DIGEST]}, not {recipe.digest} / {desc.digest}")
     try:
         cfg = json.loads(client.get_blob_bytes(ref, got.config.digest))
-        lay = cfg["layer"]
-        layer = oci.Layer(None, lay["digest"], int(lay["size"]), lay["diff_id"],
-                          lay.get("media_type", oci.OCI_LAYER_GZIP))
+        (diff_id,) = cfg["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):
-        raise PayloadError(f"{where}: its config is not a payload record") from None
-    if cfg.get("recipe_digest") != recipe.digest or got.layers[0].digest != layer.digest:
-        raise PayloadError(f"{where} names recipe {cfg.get('recipe_digest')} / layer "
-                           f"{got.layers[0].digest}, not {recipe.digest} / {layer.digest}")
+        raise PayloadError(f"{where}: its config does not hold the payload's one diff_id") from None
+    layer = oci.Layer(None, desc.digest, desc.size, diff_id, desc.media_type)
     return RemotePayload(layer, recipe.name, recipe.digest, recipe.agent_server_version, tuple(recipe.env),
-                         Reference(ref.registry, ref.repository), cfg.get("python_version", ""),
-                         int(cfg.get("uncompressed_size") or 0))
+                         Reference(ref.registry, ref.repository), ann.get(ANN_PYTHON, ""),
+                         int(ann.get(ANN_UNPACKED) or 0))
 
 
 def find_any(client: RegistryClient, recipe: Recipe, prefixes: Iterable[str]) -> RemotePayload | None:

@@ -1,0 +1,250 @@
+"""Everything a cluster user runs, run as a normal user: rootless podman, the payload
+fetched from the registry (mounted, never downloaded), per-job node-local storage.
+
+The payload is built once by root (the session ``payload`` fixture) and published with
+``imagefarm payload push``; the user's caches start empty. What moved is counted from
+the registry's access log."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from imagefarm.registry import RegistryClient
+from imagefarm.reference import parse
+from imagefarm.testing.images import R2E_REPOS
+from imagefarm.testing.services import free_port
+from imagefarm.testing.slurm import SlurmCluster
+from tests.conftest import IMAGEFARM
+
+REPO = Path(__file__).resolve().parents[2]
+SDK_CLIENT = REPO / "tests/runtime/sdk_client.py"
+
+
+def _root_cli(*args: str, settings, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "IMAGEFARM_STATE_DIR": str(settings.state_dir),
+           "IMAGEFARM_CACHE_DIR": str(settings.cache_dir)}
+    return subprocess.run([IMAGEFARM, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _blob_gets(rreg, digest: str) -> list[str]:
+    return [r for r in rreg.requests() if r.startswith("GET ") and f"/blobs/{digest}" in r]
+
+
+@pytest.fixture(scope="module")
+def pushed(settings, rreg, payload):
+    """Root publishes its payload under ``<rreg>/team`` (what `payload push` is for)."""
+    first = _root_cli("payload", "push", "--to", f"{rreg.host}/team", "--json", settings=settings)
+    assert first.returncode == 0, first.stderr
+    again = _root_cli("payload", "push", "--to", f"{rreg.host}/team", "--json", settings=settings)
+    assert again.returncode == 0, again.stderr
+    doc, doc2 = json.loads(first.stdout), json.loads(again.stdout)
+    assert doc["layer"] == payload.layer.digest and doc2["digest"] == doc["digest"]
+    assert doc2["blob_uploaded"] is False  # idempotent: the second push sends no layer
+    assert doc["artifact"] == f"{rreg.host}/team/imagefarm-payload:{payload.recipe_digest.replace(':', '-')}"
+    return doc
+
+
+@pytest.fixture(scope="module")
+def base(rfixtures):
+    return rfixtures.r2e_base(R2E_REPOS[1], "5" * 40)
+
+
+@pytest.fixture(scope="module")
+def user_derived(as_user, rreg, pushed, payload, base):
+    """The user derives ``base`` with an empty cache: the payload comes from the registry."""
+    env = as_user.env(as_user.job("derive"))
+    proc = as_user.imagefarm("derive", base.ref, "--to", f"{rreg.host}/team", "--json", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout), env
+
+
+@pytest.mark.slow
+def test_derive_mounts_the_published_payload_and_downloads_nothing(as_user, rreg, payload, user_derived):
+    doc, env = user_derived
+    d = payload.layer.digest
+    assert _blob_gets(rreg, d) == [], "the payload layer must never be downloaded"
+    mounts = [r for r in rreg.requests() if r.startswith("POST ") and f"mount={d}" in r]
+    assert any("from=team%2Fimagefarm-payload" in r or "from=team/imagefarm-payload" in r for r in mounts), mounts
+    with RegistryClient() as c:
+        m = c.get_manifest(parse(doc["ref"]))
+        cfg = json.loads(c.get_blob_bytes(parse(doc["ref"]), m.config.digest))
+    assert m.layers[-1].digest == d and cfg["rootfs"]["diff_ids"][-1] == payload.layer.diff_id
+    cache = Path(env["IMAGEFARM_CACHE_DIR"])
+    big = [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size > 1_000_000]
+    assert big == [], f"nothing of the payload may land in the user's cache: {big}"
+
+
+@pytest.mark.slow
+def test_payload_from_another_prefix_and_the_one_line_when_none_has_it(as_user, rreg, pushed, payload, base):
+    env = as_user.env(as_user.job("elsewhere"))
+    none = as_user.imagefarm("derive", base.ref, "--to", f"{rreg.host}/empty", env=env)
+    assert none.returncode == 2 and "Traceback" not in none.stderr
+    msg = " ".join(none.stderr.split())
+    assert "imagefarm payload build --recipe default" in msg and "imagefarm payload push" in msg, msg
+    assert "--payload-from" in msg
+    got = as_user.imagefarm("derive", base.ref, "--to", f"{rreg.host}/other",
+                            "--payload-from", f"{rreg.host}/team", "--json", env=env)
+    assert got.returncode == 0, got.stderr
+    assert _blob_gets(rreg, payload.layer.digest) == []  # mounted team -> other, same registry
+
+
+@pytest.mark.slow
+def test_verify_as_user_with_rootless_podman(as_user, user_derived):
+    doc, env = user_derived
+    proc = as_user.imagefarm("verify", doc["ref"], "--json", env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["ok"] is True and result["expected_prefix"] == "/testbed/.venv", result
+    # the image went into the user's own storage under the job's state dir
+    storage = Path(env["IMAGEFARM_STATE_DIR"]) / "containers" / "storage"
+    assert storage.is_dir() and storage.stat().st_uid == as_user.user.uid
+
+
+@pytest.mark.slow
+def test_prebuild_as_user(as_user, rreg, pushed, rfixtures, payload):
+    b = rfixtures.r2e_base(R2E_REPOS[2], "6" * 40)
+    env = as_user.env(as_user.job("prebuild"))
+    dataset = as_user.work / "bases.txt"
+    dataset.write_text(b.ref + "\n")
+    os.chown(dataset, as_user.user.uid, as_user.user.gid)
+    lock = as_user.work / "lock.json"
+    proc = as_user.imagefarm("prebuild", "--dataset", str(dataset), "--to", f"{rreg.host}/pb",
+                             "--payload-from", f"{rreg.host}/team", "--verify", "all",
+                             "--lockfile", str(lock), "--json", env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["verified"] == 1 and summary["failed"] == 0, summary
+    assert _blob_gets(rreg, payload.layer.digest) == []
+    # the driver published the payload in the target registry, so its workers mount it
+    with RegistryClient() as c:
+        assert c.head_manifest(parse(pushed["artifact"].replace("/team/", "/pb/"))) is not None
+    assert lock.stat().st_uid == as_user.user.uid
+
+
+def _sdk_exec(sdk_python, url: str, key: str, image: str) -> dict:
+    proc = sdk_python.run(SDK_CLIENT, url, key, image, "--exec", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    steps = {s["step"]: s for s in (json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{"))}
+    assert steps["ready"]["alive"] is True
+    assert steps["exec"]["exit_code"] == 0 and "from-sdk" in steps["exec"]["stdout"], steps["exec"]
+    assert "/testbed/.venv" in steps["exec"]["stdout"]
+    assert steps["stopped"]["runtime_id"] == steps["ready"]["runtime_id"]
+    return steps
+
+
+def _server_processes(user: str) -> list[str]:
+    out = subprocess.run(["ps", "-u", user, "-o", "args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "runtime serve" in line]
+
+
+@pytest.mark.slow
+def test_runtime_server_started_by_the_user_serves_api_remote_workspace(as_user, rreg, user_derived, base,
+                                                                          sdk_python):
+    """The trainer's client (root here, another process in real life) talks to a
+    runtime server the user started: the sandbox runs in the user's rootless podman."""
+    _doc, env = user_derived
+    key = secrets.token_urlsafe(24)
+    port = free_port()
+    url_file = as_user.work / "runtime-url"
+    env = {**env, "IMAGEFARM_TO": f"{rreg.host}/team", "IMAGEFARM_RUNTIME_API_KEY": key}
+    log = as_user.work / "server.log"
+    proc = as_user.popen([str(as_user.bin / "imagefarm"), "runtime", "serve", "--port", str(port),
+                          "--port-range", "38600-38699", "--resolver", "registry",
+                          "--url-file", str(url_file)], env, log)
+    try:
+        deadline = time.monotonic() + 120
+        while not url_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        assert any(str(port) in line for line in _server_processes(as_user.user.name))
+        _sdk_exec(sdk_python, url_file.read_text().strip(), key, base.ref)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(60)
+
+
+def _wait_job(cluster, job, timeout=600):
+    done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = cluster.state(job)
+        if st in done:
+            return st
+        time.sleep(1)
+    return cluster.state(job)
+
+
+@pytest.mark.slow
+def test_slurm_job_submitted_by_the_user_runs_the_runtime_server(as_user, rreg, user_derived, base, sdk_python,
+                                                                 tmp_path_factory):
+    work = Path(str(as_user.work.parent)) / "slurm"
+    work.mkdir(mode=0o755)
+    with SlurmCluster.create(work) as cluster:
+        # users reach munged through its socket and read slurm.conf (the key stays root's)
+        (work / "munge").chmod(0o711)
+        jobdir = as_user.work / "slurm-job"
+        as_user.user.owns(jobdir)
+        url_file = jobdir / "runtime_url"
+        env = as_user.env({"SLURM_CONF": str(cluster.conf), "IMAGEFARM_TO": f"{rreg.host}/team",
+                           "IMAGEFARM_RUNTIME_URL_FILE": str(url_file), "RUNTIME_BIND": "127.0.0.1",
+                           "RUNTIME_PUBLIC_HOST": "127.0.0.1", "RUNTIME_PORT_RANGE": "38700-38799",
+                           "IMAGEFARM": str(as_user.bin / "imagefarm"),
+                           "IMAGEFARM_STATE_DIR": str(jobdir / "state")})
+        sub = as_user.run(["sbatch", "--parsable", "--cpus-per-task=1", "--mem=1G",
+                           f"--output={jobdir}/runtime-%j.log", str(REPO / "runtime/runtime_server.sbatch")], env)
+        assert sub.returncode == 0, sub.stderr
+        job = sub.stdout.strip().split(";")[0]
+        try:
+            deadline = time.monotonic() + 300
+            while not url_file.exists():
+                st = cluster.state(job)
+                logs = "".join(p.read_text(errors="replace") for p in jobdir.glob("runtime-*.log"))
+                assert st in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, \
+                    f"job {st}:\n{logs[-3000:]}\n{cluster.logs()}"
+                time.sleep(0.5)
+            info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
+                                  env=cluster.env).stdout
+            assert re.search(rf"UserId={re.escape(as_user.user.name)}\(", info), info
+            key = (jobdir / "runtime_url.key").read_text().strip()
+            _sdk_exec(sdk_python, url_file.read_text().strip(), key, base.ref)
+        finally:
+            cluster.cancel(job)
+            state = _wait_job(cluster, job, timeout=180)
+        assert state in ("CANCELLED", "COMPLETED"), state
+        deadline = time.monotonic() + 60
+        while url_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not url_file.exists()  # the job cleaned up after itself
+
+
+def test_doctor_as_user_sees_what_rootless_needs(as_user):
+    env = as_user.env(as_user.job("doctor"))
+    proc = as_user.imagefarm("doctor", "--no-services", "--json", env=env, timeout=300)
+    checks = {c["part"]: c for c in json.loads(proc.stdout)}
+    for part in ("subuid", "subgid", "newuidmap", "newgidmap", "slirp4netns", "/dev/net/tun",
+                 "user namespaces", "mmdebstrap", "storage driver", "podman run"):
+        assert checks[part]["ok"], checks[part]
+    assert checks["storage driver"]["detail"].endswith(f"{env['IMAGEFARM_STATE_DIR']}/containers/storage")
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.slow
+def test_nothing_written_outside_the_users_state_and_cache(as_user, user_derived):
+    """After the user's derive/verify/prebuild/runtime runs of this module: every file the
+    user owns in HOME and the temporary directories is in a job's state/cache dir or in
+    its runtime dir (podman's run root)."""
+    allowed = [as_user.work / "jobs", as_user.work / "run", as_user.work / "slurm-job"]
+    extra = {as_user.work / "bases.txt", as_user.work / "lock.json", as_user.work / "server.log",
+             as_user.work / "runtime-url"}
+    outside = [f for f in as_user.written_outside(allowed) if Path(f) not in extra]
+    assert outside == []
