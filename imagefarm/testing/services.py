@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,10 +94,12 @@ class Registry(_Service):
         wd = Path(workdir or tempfile.mkdtemp(prefix="imagefarm-registry-"))
         return cls(workdir=wd, users=users, access_log=access_log, _own_dir=own)
 
-    def requests(self) -> list[str]:
-        """``METHOD PATH`` of every request served so far (needs ``access_log``)."""
+    def requests(self, agent: str = "") -> list[str]:
+        """``METHOD PATH`` (percent-decoded) of every request served so far (needs
+        ``access_log``); with ``agent``, only those whose User-Agent contains it."""
         text = (self.workdir / "registry.log").read_text(errors="replace")
-        return re.findall(r'"([A-Z]+ /v2/\S*) HTTP/[0-9.]+"', text)
+        found = re.findall(r'"([A-Z]+ /v2/\S*) HTTP/[0-9.]+" \d+ \d+ "[^"]*" "([^"]*)"', text)
+        return [urllib.parse.unquote(r) for r, ua in found if agent in ua]
 
     @property
     def host(self) -> str:

@@ -11,12 +11,12 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from imagefarm.registry import RegistryClient
@@ -37,7 +37,8 @@ def _root_cli(*args: str, settings, timeout: float = 600) -> subprocess.Complete
 
 
 def _blob_gets(rreg, digest: str) -> list[str]:
-    return [r for r in rreg.requests() if r.startswith("GET ") and f"/blobs/{digest}" in r]
+    """imagefarm's downloads of ``digest`` (podman pulling an image to run it is not one)."""
+    return [r for r in rreg.requests(agent="imagefarm/") if r.startswith("GET ") and f"/blobs/{digest}" in r]
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,9 @@ def test_derive_mounts_the_published_payload_and_downloads_nothing(as_user, rreg
     doc, env = user_derived
     d = payload.layer.digest
     assert _blob_gets(rreg, d) == [], "the payload layer must never be downloaded"
+    assert rreg.requests(agent="imagefarm/"), "the registry logs imagefarm's User-Agent"
     mounts = [r for r in rreg.requests() if r.startswith("POST ") and f"mount={d}" in r]
-    assert any("from=team%2Fimagefarm-payload" in r or "from=team/imagefarm-payload" in r for r in mounts), mounts
+    assert any("from=team/imagefarm-payload" in r for r in mounts), mounts
     with RegistryClient() as c:
         m = c.get_manifest(parse(doc["ref"]))
         cfg = json.loads(c.get_blob_bytes(parse(doc["ref"]), m.config.digest))
@@ -110,25 +112,73 @@ def test_verify_as_user_with_rootless_podman(as_user, user_derived):
     assert storage.is_dir() and storage.stat().st_uid == as_user.user.uid
 
 
-@pytest.mark.slow
-def test_prebuild_as_user(as_user, rreg, pushed, rfixtures, payload):
+@pytest.fixture(scope="module")
+def user_prebuilt(as_user, rreg, pushed, rfixtures):
+    """The user prebuilds a SkyRL-shaped dataset (one base) into ``<rreg>/pb``, verified,
+    with a lockfile: the payload found under ``--payload-from``."""
     b = rfixtures.r2e_base(R2E_REPOS[2], "6" * 40)
     env = as_user.env(as_user.job("prebuild"))
-    dataset = as_user.work / "bases.txt"
-    dataset.write_text(b.ref + "\n")
-    os.chown(dataset, as_user.user.uid, as_user.user.gid)
+    data = as_user.work / "data"
+    as_user.user.owns(data)
+    rows = [{"prompt": "fix it", "data_source": "r2e-gym", "instance": {"instance_id": b.ref, "repo": "aiohttp"}}]
+    for split in ("train", "validation"):
+        pq.write_table(pa.Table.from_pylist(rows), data / f"{split}.parquet")
+        os.chown(data / f"{split}.parquet", as_user.user.uid, as_user.user.gid)
     lock = as_user.work / "lock.json"
-    proc = as_user.imagefarm("prebuild", "--dataset", str(dataset), "--to", f"{rreg.host}/pb",
+    proc = as_user.imagefarm("prebuild", "--dataset", str(data), "--to", f"{rreg.host}/pb",
                              "--payload-from", f"{rreg.host}/team", "--verify", "all",
                              "--lockfile", str(lock), "--json", env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    summary = json.loads(proc.stdout)
+    return json.loads(proc.stdout), b, data, lock
+
+
+@pytest.mark.slow
+def test_prebuild_as_user(as_user, rreg, pushed, payload, user_prebuilt):
+    summary, _b, _data, lock = user_prebuilt
     assert summary["verified"] == 1 and summary["failed"] == 0, summary
     assert _blob_gets(rreg, payload.layer.digest) == []
     # the driver published the payload in the target registry, so its workers mount it
     with RegistryClient() as c:
         assert c.head_manifest(parse(pushed["artifact"].replace("/team/", "/pb/"))) is not None
     assert lock.stat().st_uid == as_user.user.uid
+
+
+@pytest.mark.slow
+def test_launch_preflight_as_user(as_user, rreg, user_prebuilt):
+    _summary, _b, data, lock = user_prebuilt
+    env = as_user.env(as_user.job("preflight"))
+    proc = as_user.imagefarm("launch", "preflight", "--dataset", str(data), "--lockfile", str(lock),
+                             "--to", f"{rreg.host}/pb", "--json", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True
+
+
+@pytest.mark.slow
+def test_celery_worker_as_user_mounts_the_payload(as_user, rreg, pushed, rfixtures, payload, redis_server):
+    """A worker on a node with an empty cache: the task carries the layer descriptor, the
+    worker derives by mount from the target registry and verifies with rootless podman."""
+    b = rfixtures.r2e_base(R2E_REPOS[3], "4" * 40)
+    worker_env = as_user.env({**as_user.job("worker"), "IMAGEFARM_BROKER_URL": redis_server.url})
+    log = as_user.work / "worker.log"
+    worker = as_user.popen([str(as_user.bin / "imagefarm"), "worker", "--concurrency", "1"], worker_env, log)
+    try:
+        dataset = as_user.work / "celery-bases.txt"
+        dataset.write_text(b.ref + "\n")
+        os.chown(dataset, as_user.user.uid, as_user.user.gid)
+        env = as_user.env({**as_user.job("celery-driver"), "IMAGEFARM_BROKER_URL": redis_server.url})
+        proc = as_user.imagefarm("prebuild", "--dataset", str(dataset), "--to", f"{rreg.host}/cw",
+                                 "--payload-from", f"{rreg.host}/team", "--executor", "celery",
+                                 "--verify", "all", "--json", env=env, timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:] + log.read_text()[-3000:]
+        summary = json.loads(proc.stdout)
+        assert summary["verified"] == 1 and summary["failed"] == 0, summary
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(60)
+    assert "succeeded" in log.read_text()  # the worker, not the driver, did the tasks
+    assert _blob_gets(rreg, payload.layer.digest) == []
+    big = [p for p in Path(worker_env["IMAGEFARM_CACHE_DIR"]).rglob("*") if p.is_file() and p.stat().st_size > 1e6]
+    assert big == []
 
 
 def _sdk_exec(sdk_python, url: str, key: str, image: str) -> dict:
@@ -185,46 +235,52 @@ def _wait_job(cluster, job, timeout=600):
 
 
 @pytest.mark.slow
-def test_slurm_job_submitted_by_the_user_runs_the_runtime_server(as_user, rreg, user_derived, base, sdk_python,
-                                                                 tmp_path_factory):
-    work = Path(str(as_user.work.parent)) / "slurm"
+def test_slurm_jobs_launched_by_the_user_run_the_runtime_server(as_user, rreg, user_prebuilt, sdk_python):
+    """`imagefarm launch sbatch` as the user: the runtime-server job runs as that user on
+    the (real) SLURM node with node-local storage; the trainer's SDK client uses it."""
+    _summary, b, data, lock = user_prebuilt
+    work = as_user.work.parent / "slurm"
     work.mkdir(mode=0o755)
     with SlurmCluster.create(work) as cluster:
         # users reach munged through its socket and read slurm.conf (the key stays root's)
         (work / "munge").chmod(0o711)
-        jobdir = as_user.work / "slurm-job"
-        as_user.user.owns(jobdir)
-        url_file = jobdir / "runtime_url"
-        env = as_user.env({"SLURM_CONF": str(cluster.conf), "IMAGEFARM_TO": f"{rreg.host}/team",
-                           "IMAGEFARM_RUNTIME_URL_FILE": str(url_file), "RUNTIME_BIND": "127.0.0.1",
-                           "RUNTIME_PUBLIC_HOST": "127.0.0.1", "RUNTIME_PORT_RANGE": "38700-38799",
-                           "IMAGEFARM": str(as_user.bin / "imagefarm"),
-                           "IMAGEFARM_STATE_DIR": str(jobdir / "state")})
-        sub = as_user.run(["sbatch", "--parsable", "--cpus-per-task=1", "--mem=1G",
-                           f"--output={jobdir}/runtime-%j.log", str(REPO / "runtime/runtime_server.sbatch")], env)
-        assert sub.returncode == 0, sub.stderr
-        job = sub.stdout.strip().split(";")[0]
+        run_dir = as_user.work / "slurm-run"
+        as_user.user.owns(run_dir)
+        env = as_user.env({"SLURM_CONF": str(cluster.conf), "IMAGEFARM_TO": f"{rreg.host}/pb",
+                           "RUNTIME_BIND": "127.0.0.1", "RUNTIME_PUBLIC_HOST": "127.0.0.1",
+                           "RUNTIME_PORT_RANGE": "38700-38799", "IMAGEFARM": str(as_user.bin / "imagefarm")})
+        small = ["--cpus-per-task=1", "--mem=1G"]
+        sub = as_user.imagefarm("launch", "sbatch", "--dataset", str(data), "--lockfile", str(lock),
+                                "--run-dir", str(run_dir), *[f"--runtime-sbatch-arg={a}" for a in small],
+                                *[f"--train-sbatch-arg={a}" for a in small], "--", "sleep", "900", env=env)
+        assert sub.returncode == 0, sub.stdout + sub.stderr
+        jobs = json.loads((run_dir / "jobs.json").read_text())
+        url_file = run_dir / "runtime_url"
         try:
             deadline = time.monotonic() + 300
             while not url_file.exists():
-                st = cluster.state(job)
-                logs = "".join(p.read_text(errors="replace") for p in jobdir.glob("runtime-*.log"))
+                st = cluster.state(jobs["runtime"])
+                logs = "".join(p.read_text(errors="replace") for p in run_dir.glob("runtime-*.log"))
                 assert st in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, \
-                    f"job {st}:\n{logs[-3000:]}\n{cluster.logs()}"
+                    f"runtime job {st}:\n{logs[-3000:]}\n{cluster.logs()}"
                 time.sleep(0.5)
-            info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
-                                  env=cluster.env).stdout
-            assert re.search(rf"UserId={re.escape(as_user.user.name)}\(", info), info
-            key = (jobdir / "runtime_url.key").read_text().strip()
-            _sdk_exec(sdk_python, url_file.read_text().strip(), key, base.ref)
+            for job in jobs.values():
+                info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
+                                      env=cluster.env).stdout
+                assert re.search(rf"UserId={re.escape(as_user.user.name)}\(", info), info
+            key = next(line.split("=", 1)[1].strip().strip("'\"") for line in
+                       (run_dir / "train.env").read_text().splitlines() if line.startswith("ALLHANDS_API_KEY="))
+            _sdk_exec(sdk_python, url_file.read_text().strip(), key, b.ref)
+            assert _server_processes(as_user.user.name)
         finally:
-            cluster.cancel(job)
-            state = _wait_job(cluster, job, timeout=180)
-        assert state in ("CANCELLED", "COMPLETED"), state
+            for job in jobs.values():
+                cluster.cancel(job)
+            states = [_wait_job(cluster, job, timeout=180) for job in jobs.values()]
+        assert all(st in ("CANCELLED", "COMPLETED") for st in states), states
         deadline = time.monotonic() + 60
         while url_file.exists() and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not url_file.exists()  # the job cleaned up after itself
+        assert not url_file.exists()  # the runtime job cleaned up after itself
 
 
 def test_doctor_as_user_sees_what_rootless_needs(as_user):
@@ -243,8 +299,7 @@ def test_nothing_written_outside_the_users_state_and_cache(as_user, user_derived
     """After the user's derive/verify/prebuild/runtime runs of this module: every file the
     user owns in HOME and the temporary directories is in a job's state/cache dir or in
     its runtime dir (podman's run root)."""
-    allowed = [as_user.work / "jobs", as_user.work / "run", as_user.work / "slurm-job"]
-    extra = {as_user.work / "bases.txt", as_user.work / "lock.json", as_user.work / "server.log",
-             as_user.work / "runtime-url"}
+    allowed = [as_user.work / "jobs", as_user.work / "run", as_user.work / "slurm-run", as_user.work / "data"]
+    extra = {as_user.work / n for n in ("lock.json", "server.log", "runtime-url", "worker.log", "celery-bases.txt")}
     outside = [f for f in as_user.written_outside(allowed) if Path(f) not in extra]
     assert outside == []
