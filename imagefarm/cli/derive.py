@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ..settings import Settings
+from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
 
@@ -30,10 +30,10 @@ def derive_cmd(
     (no base layer is pulled); recipes of kind "buildah" are built with buildah. A
     derive that already exists is reported as skipped and costs two requests.
     """
-    from ..derive import Appender, AppendPayload
-    from ..derive.build import build
-    from ..recipe import recipe_for
-    from ..reference import parse
+    from imagefarm.derive import Appender, AppendPayload
+    from imagefarm.derive.build import build
+    from imagefarm.payload.recipe import recipe_for
+    from imagefarm.names.reference import parse
 
     parse(base_ref)  # bad input fails at once, not after a payload build
     settings = Settings.load(to=to, recipe=recipe, platform=platform, payload_from=payload_from)
@@ -43,10 +43,10 @@ def derive_cmd(
     else:
         with Appender(settings) as appender:
             if payload_layer:
-                from ..derive.values import payload_from_file
+                from imagefarm.derive.values import payload_from_file
                 payload = payload_from_file(payload_layer, rec)
             else:
-                from ..payload.remote import locate
+                from imagefarm.payload.remote import locate
                 found = locate(settings, rec, appender.client,
                                log=lambda m: console.print(m, highlight=False, soft_wrap=True))
                 payload = found if hasattr(found, "source") else AppendPayload.of(found, rec)

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import oci
-from ..errors import PayloadError
-from ..recipe import Recipe
-from ..settings import Settings
+from imagefarm import oci
+from imagefarm.errors import PayloadError
+from .recipe import Recipe
+from imagefarm.settings import Settings
 from . import bundle, userns
 from .builder import Chroot, builder_rootfs, file_lock, find_uv
 from .mirror import builder_mirror

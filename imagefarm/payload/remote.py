@@ -26,13 +26,14 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .. import oci
-from ..derive.append import payload_home
-from ..errors import NotFound, PayloadError, UnsupportedMedia
-from ..recipe import Recipe
-from ..reference import Reference, parse
-from ..registry import RegistryClient
-from ..registry.manifests import Manifest
+from imagefarm import oci
+from imagefarm.derive.append import payload_home
+from imagefarm.errors import NotFound, PayloadError, UnsupportedMedia
+from imagefarm.names.reference import Reference, parse
+from imagefarm.registry import RegistryClient
+from imagefarm.registry.manifests import Manifest
+
+from .recipe import Recipe
 
 ANN_PYTHON = "dev.imagefarm.payload.python"
 ANN_UNPACKED = "dev.imagefarm.payload.unpacked-size"

@@ -27,8 +27,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..containers import which
-from ..errors import PayloadError
+from imagefarm.errors import PayloadError
+from imagefarm.host.containers import which
 
 Log = Callable[[str], None]
 
@@ -100,9 +100,10 @@ def build_tree(cache_dir: Path, recipe_source: str, mirror: str, *, force: bool,
 
 def _main(argv: list[str]) -> int:
     """Inside the namespace: build the tree as its root, print lines, then the result."""
-    from ..recipe import load_recipe
-    from ..settings import Settings
+    from imagefarm.settings import Settings
+
     from . import build_tree as tree_build
+    from .recipe import load_recipe
 
     cache_dir, source, mirror, force = argv
     recipe = load_recipe(source, Path(source).parent)

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ToolMissing
+from imagefarm.errors import ToolMissing
 
 SUB_RANGE = 65536
 

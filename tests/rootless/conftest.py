@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from imagefarm.testing.images import FixtureFactory
-from imagefarm.testing.services import Registry
+from imagefarm.host.samples import FixtureFactory
+from imagefarm.host.services import Registry
 from imagefarm.testing.users import NormalUser, user_venv
 
 USER = "imagefarm-rl"

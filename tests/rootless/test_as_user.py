@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from imagefarm.registry import RegistryClient
-from imagefarm.reference import parse
-from imagefarm.testing.images import R2E_REPOS
-from imagefarm.testing.services import free_port
+from imagefarm.names.reference import parse
+from imagefarm.host.samples import R2E_REPOS
+from imagefarm.host.services import free_port
 from imagefarm.testing.slurm import SlurmCluster
 from tests.conftest import IMAGEFARM
 

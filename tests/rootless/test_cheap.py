@@ -14,9 +14,9 @@ from imagefarm.derive import AppendPayload
 from imagefarm.errors import PayloadError
 from imagefarm.payload.mirror import DEFAULT_MIRROR, builder_mirror, host_mirror
 from imagefarm.payload.remote import artifact_ref, find, push
-from imagefarm.recipe import load_recipe, parse_recipe
+from imagefarm.payload.recipe import load_recipe, parse_recipe
 from imagefarm.registry import RegistryClient
-from imagefarm.testing.rootfs import busybox_binary
+from imagefarm.host.rootfs import busybox_binary
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -117,7 +117,7 @@ def test_payload_artifact_round_trip_and_a_foreign_tag(registry, tmp_path):
         assert got.source.repository == "artifact-test/imagefarm-payload"
         assert push(c, p, prefix)[1:] == (digest, False)
         # a tag that holds something else is an error, not a miss (nothing derived from it)
-        other = load_recipe("broken", REPO / "recipes")
+        other = load_recipe("broken", REPO / "tests/recipes")
         wrong = artifact_ref(prefix, other.digest)
         m = c.get_manifest(ref)
         c.put_manifest(wrong, m.raw, m.media_type)
