@@ -130,6 +130,13 @@ def user_venv(user: NormalUser, dest: Path) -> Path:
         src = bin_dir / tool
         if src.exists() and not (dest / "bin" / tool).exists():
             os.symlink(src, dest / "bin" / tool)
+    # dependencies resolved for this interpreter may lack backports an older patch
+    # release needs (redis-py imports async_timeout before Python 3.11.3)
+    old = subprocess.run([str(dest / "bin/python"), "-c", "import sys; print(sys.version_info < (3, 11, 3))"],
+                         capture_output=True, text=True).stdout.strip() == "True"
+    if old and not list(site.glob("async_timeout*")):
+        subprocess.run([str(bin_dir / "uv"), "pip", "install", "--quiet", "--python", str(dest / "bin/python"),
+                        "--target", str(site), "async-timeout"], check=True, capture_output=True)
     for p in [dest, *dest.rglob("*")]:
         if not p.is_symlink():
             p.chmod(p.stat().st_mode | 0o444 | (0o111 if p.is_dir() else 0))
