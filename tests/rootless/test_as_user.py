@@ -113,11 +113,15 @@ def test_verify_as_user_with_rootless_podman(as_user, user_derived):
 
 
 @pytest.fixture(scope="module")
-def user_prebuilt(as_user, rreg, pushed, rfixtures):
-    """The user prebuilds a SkyRL-shaped dataset (one base) into ``<rreg>/pb``, verified,
-    with a lockfile: the payload found under ``--payload-from``."""
+def user_prebuilt(as_user, rreg, pushed, rfixtures, redis_server):
+    """The user prebuilds a SkyRL-shaped dataset (one base) into ``<rreg>/pb`` through a
+    Celery worker the user runs on a node with an empty cache, verified, with a lockfile;
+    the payload is found under ``--payload-from``."""
     b = rfixtures.r2e_base(R2E_REPOS[2], "6" * 40)
-    env = as_user.env(as_user.job("prebuild"))
+    worker_env = as_user.env({**as_user.job("worker"), "IMAGEFARM_BROKER_URL": redis_server.url})
+    log = as_user.work / "worker.log"
+    worker = as_user.popen([str(as_user.bin / "imagefarm"), "worker", "--concurrency", "1"], worker_env, log)
+    env = as_user.env({**as_user.job("prebuild"), "IMAGEFARM_BROKER_URL": redis_server.url})
     data = as_user.work / "data"
     as_user.user.owns(data)
     rows = [{"prompt": "fix it", "data_source": "r2e-gym", "instance": {"instance_id": b.ref, "repo": "aiohttp"}}]
@@ -125,18 +129,26 @@ def user_prebuilt(as_user, rreg, pushed, rfixtures):
         pq.write_table(pa.Table.from_pylist(rows), data / f"{split}.parquet")
         os.chown(data / f"{split}.parquet", as_user.user.uid, as_user.user.gid)
     lock = as_user.work / "lock.json"
-    proc = as_user.imagefarm("prebuild", "--dataset", str(data), "--to", f"{rreg.host}/pb",
-                             "--payload-from", f"{rreg.host}/team", "--verify", "all",
-                             "--lockfile", str(lock), "--json", env=env, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout), b, data, lock
+    try:
+        proc = as_user.imagefarm("prebuild", "--dataset", str(data), "--to", f"{rreg.host}/pb",
+                                 "--payload-from", f"{rreg.host}/team", "--executor", "celery",
+                                 "--verify", "all", "--lockfile", str(lock), "--json", env=env, timeout=1200)
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:] + log.read_text()[-3000:]
+    return json.loads(proc.stdout), b, data, lock, log, Path(worker_env["IMAGEFARM_CACHE_DIR"])
 
 
 @pytest.mark.slow
-def test_prebuild_as_user(as_user, rreg, pushed, payload, user_prebuilt):
-    summary, _b, _data, lock = user_prebuilt
+def test_prebuild_and_worker_as_user(as_user, rreg, pushed, payload, user_prebuilt):
+    summary, _b, _data, lock, worker_log, worker_cache = user_prebuilt
     assert summary["verified"] == 1 and summary["failed"] == 0, summary
+    log = worker_log.read_text()
+    assert "derive" in log and "verify" in log and "succeeded" in log  # the worker did both tasks
     assert _blob_gets(rreg, payload.layer.digest) == []
+    big = [p for p in worker_cache.rglob("*") if p.is_file() and p.stat().st_size > 1e6]
+    assert big == [], f"the worker mounted the payload: nothing of it in its cache {big}"
     # the driver published the payload in the target registry, so its workers mount it
     with RegistryClient() as c:
         assert c.head_manifest(parse(pushed["artifact"].replace("/team/", "/pb/"))) is not None
@@ -145,40 +157,12 @@ def test_prebuild_as_user(as_user, rreg, pushed, payload, user_prebuilt):
 
 @pytest.mark.slow
 def test_launch_preflight_as_user(as_user, rreg, user_prebuilt):
-    _summary, _b, data, lock = user_prebuilt
+    _summary, _b, data, lock, _log, _cache = user_prebuilt
     env = as_user.env(as_user.job("preflight"))
     proc = as_user.imagefarm("launch", "preflight", "--dataset", str(data), "--lockfile", str(lock),
                              "--to", f"{rreg.host}/pb", "--json", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout)["ok"] is True
-
-
-@pytest.mark.slow
-def test_celery_worker_as_user_mounts_the_payload(as_user, rreg, pushed, rfixtures, payload, redis_server):
-    """A worker on a node with an empty cache: the task carries the layer descriptor, the
-    worker derives by mount from the target registry and verifies with rootless podman."""
-    b = rfixtures.r2e_base(R2E_REPOS[3], "4" * 40)
-    worker_env = as_user.env({**as_user.job("worker"), "IMAGEFARM_BROKER_URL": redis_server.url})
-    log = as_user.work / "worker.log"
-    worker = as_user.popen([str(as_user.bin / "imagefarm"), "worker", "--concurrency", "1"], worker_env, log)
-    try:
-        dataset = as_user.work / "celery-bases.txt"
-        dataset.write_text(b.ref + "\n")
-        os.chown(dataset, as_user.user.uid, as_user.user.gid)
-        env = as_user.env({**as_user.job("celery-driver"), "IMAGEFARM_BROKER_URL": redis_server.url})
-        proc = as_user.imagefarm("prebuild", "--dataset", str(dataset), "--to", f"{rreg.host}/cw",
-                                 "--payload-from", f"{rreg.host}/team", "--executor", "celery",
-                                 "--verify", "all", "--json", env=env, timeout=1200)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:] + log.read_text()[-3000:]
-        summary = json.loads(proc.stdout)
-        assert summary["verified"] == 1 and summary["failed"] == 0, summary
-    finally:
-        os.killpg(worker.pid, 15)
-        worker.wait(60)
-    assert "succeeded" in log.read_text()  # the worker, not the driver, did the tasks
-    assert _blob_gets(rreg, payload.layer.digest) == []
-    big = [p for p in Path(worker_env["IMAGEFARM_CACHE_DIR"]).rglob("*") if p.is_file() and p.stat().st_size > 1e6]
-    assert big == []
 
 
 def _sdk_exec(sdk_python, url: str, key: str, image: str) -> dict:
@@ -193,7 +177,7 @@ def _sdk_exec(sdk_python, url: str, key: str, image: str) -> dict:
 
 
 def _server_processes(user: str) -> list[str]:
-    out = subprocess.run(["ps", "-u", user, "-o", "args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-u", user, "-o", "args="], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "runtime serve" in line]
 
 
@@ -238,7 +222,7 @@ def _wait_job(cluster, job, timeout=600):
 def test_slurm_jobs_launched_by_the_user_run_the_runtime_server(as_user, rreg, user_prebuilt, sdk_python):
     """`imagefarm launch sbatch` as the user: the runtime-server job runs as that user on
     the (real) SLURM node with node-local storage; the trainer's SDK client uses it."""
-    _summary, b, data, lock = user_prebuilt
+    _summary, b, data, lock, _log, _cache = user_prebuilt
     work = as_user.work.parent / "slurm"
     work.mkdir(mode=0o755)
     with SlurmCluster.create(work) as cluster:
@@ -300,6 +284,6 @@ def test_nothing_written_outside_the_users_state_and_cache(as_user, user_derived
     user owns in HOME and the temporary directories is in a job's state/cache dir or in
     its runtime dir (podman's run root)."""
     allowed = [as_user.work / "jobs", as_user.work / "run", as_user.work / "slurm-run", as_user.work / "data"]
-    extra = {as_user.work / n for n in ("lock.json", "server.log", "runtime-url", "worker.log", "celery-bases.txt")}
+    extra = {as_user.work / n for n in ("lock.json", "server.log", "runtime-url", "worker.log")}
     outside = [f for f in as_user.written_outside(allowed) if Path(f) not in extra]
     assert outside == []
