@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from imagefarm.registry import RegistryClient
+from imagefarm.serve.launch import read_env_file
 from imagefarm.names.reference import parse
 from imagefarm.host.samples import R2E_REPOS
 from imagefarm.host.services import free_port
@@ -252,8 +253,7 @@ def test_slurm_jobs_launched_by_the_user_run_the_runtime_server(as_user, rreg, u
                 info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
                                       env=cluster.env).stdout
                 assert re.search(rf"UserId={re.escape(as_user.user.name)}\(", info), info
-            key = next(line.split("=", 1)[1].strip().strip("'\"") for line in
-                       (run_dir / "train.env").read_text().splitlines() if line.startswith("ALLHANDS_API_KEY="))
+            key = read_env_file(run_dir / "train.env")["ALLHANDS_API_KEY"]
             _sdk_exec(sdk_python, url_file.read_text().strip(), key, b.ref)
             assert _server_processes(as_user.user.name)
         finally:
