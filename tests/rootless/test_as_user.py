@@ -166,8 +166,8 @@ def test_launch_preflight_as_user(as_user, rreg, user_prebuilt):
     assert json.loads(proc.stdout)["ok"] is True
 
 
-def _sdk_exec(sdk_python, url: str, key: str, image: str) -> dict:
-    proc = sdk_python.run(SDK_CLIENT, url, key, image, "--exec", timeout=900)
+def _sdk_exec(sdk_python, url: str, key: str, image: str, startup: float = 120) -> dict:
+    proc = sdk_python.run(SDK_CLIENT, url, key, image, "--exec", f"--startup-timeout={startup}", timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     steps = {s["step"]: s for s in (json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{"))}
     assert steps["ready"]["alive"] is True
@@ -254,7 +254,8 @@ def test_slurm_jobs_launched_by_the_user_run_the_runtime_server(as_user, rreg, u
                                       env=cluster.env).stdout
                 assert re.search(rf"UserId={re.escape(as_user.user.name)}\(", info), info
             key = read_env_file(run_dir / "train.env")["ALLHANDS_API_KEY"]
-            _sdk_exec(sdk_python, url_file.read_text().strip(), key, b.ref)
+            # the job's storage is fresh (node-local, per job): the first start pulls the image
+            _sdk_exec(sdk_python, url_file.read_text().strip(), key, b.ref, startup=600)
             assert _server_processes(as_user.user.name)
         finally:
             for job in jobs.values():
