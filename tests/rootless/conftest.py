@@ -76,10 +76,10 @@ class AsUser:
     def written_outside(self, allowed: list[Path]) -> list[str]:
         """Files the user owns in HOME, /tmp, /var/tmp, /dev/shm outside ``allowed``."""
         roots = [self.home, Path("/tmp"), Path("/var/tmp"), Path("/dev/shm")]
-        proc = subprocess.run(["find", *map(str, roots), "-xdev", "-user", self.user.name, "-type", "f"],
-                              capture_output=True, text=True)
+        proc = subprocess.run(["find", *map(str, roots), "-xdev", "-user", self.user.name, "-type", "f",
+                               "-print0"], capture_output=True, text=True)
         keep = [str(a) + "/" for a in allowed]
-        return sorted(f for f in proc.stdout.split() if not any(f.startswith(k) for k in keep))
+        return sorted(f for f in proc.stdout.split("\0") if f and not any(f.startswith(k) for k in keep))
 
 
 @pytest.fixture(scope="session")
@@ -99,15 +99,18 @@ def as_user() -> AsUser:
     bin_dir = user_venv(user, venv_dir)
     u = AsUser(user, bin_dir, work)
     yield u
-    # leave no container or storage behind: each job's podman, as the user
-    for state in (work / "jobs").glob("*/state"):
+    # leave no container or storage behind: each job's podman, as the user (the SLURM
+    # runtime job's node-local state is /tmp/imagefarm-runtime-<job id>, see its script)
+    job_states = [p for p in Path("/tmp").glob("imagefarm-runtime-*") if p.stat().st_uid == user.uid]
+    for state in [*(work / "jobs").glob("*/state"), *job_states]:
         if (state / "containers").is_dir():
             env = u.env({"IMAGEFARM_STATE_DIR": str(state)})
             u.run([str(bin_dir / "python"), "-c",
                    "from imagefarm.containers import run; from imagefarm.settings import Settings; s=Settings();"
                    "run(s, ['podman','rm','--all','--force','--time','0'], check=False);"
                    "run(s, ['podman','system','reset','--force'], check=False)"], env, timeout=300)
-    shutil.rmtree(base, ignore_errors=True)
+    for d in (base, *job_states):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
