@@ -202,7 +202,8 @@ def test_runtime_server_started_by_the_user_serves_api_remote_workspace(as_user,
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
         assert any(str(port) in line for line in _server_processes(as_user.user.name))
-        _sdk_exec(sdk_python, url_file.read_text().strip(), key, base.ref)
+        # a loaded 2-core machine: the first start of an image in rootless storage took 79 s once
+        _sdk_exec(sdk_python, url_file.read_text().strip(), key, base.ref, startup=600)
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(60)
