@@ -78,6 +78,9 @@ def containers_conf(state_dir: Path) -> Path:
         f'tmp_dir = "{root / "tmp"}"\n'
         f'static_dir = "{root / "libpod"}"\n'
         f'volume_path = "{root / "volumes"}"\n'
+        # rootless podman keeps CNI network configs (and their lock) in ~/.config/cni
+        "[network]\n"
+        f'network_config_dir = "{root / "cni"}"\n'
     ))
 
 
@@ -88,6 +91,10 @@ def container_env(settings: Settings, base: Mapping[str, str] | None = None) -> 
     env["CONTAINERS_REGISTRIES_CONF"] = str(DATA / "registries.conf")
     env["CONTAINERS_STORAGE_CONF"] = str(storage_conf(settings.state_dir))
     env.setdefault("BUILDAH_ISOLATION", "chroot")
+    if os.geteuid() != 0:
+        # rootless: containers/image keeps its blob-info cache under $XDG_DATA_HOME
+        # (~/.local/share/containers/cache): keep it in the state directory too
+        env["XDG_DATA_HOME"] = str(Path(settings.state_dir) / "containers" / "data")
     return env
 
 
