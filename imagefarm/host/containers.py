@@ -79,8 +79,7 @@ def containers_conf(state_dir: Path) -> Path:
         f'static_dir = "{root / "libpod"}"\n'
         f'volume_path = "{root / "volumes"}"\n'
         # rootless podman keeps CNI network configs (and their lock) in ~/.config/cni
-        "[network]\n"
-        f'network_config_dir = "{root / "cni"}"\n'
+        + ("" if os.geteuid() == 0 else f'[network]\nnetwork_config_dir = "{root / "cni"}"\n')
     ))
 
 
