@@ -73,11 +73,14 @@ def storage_conf(state_dir: Path) -> Path:
 def containers_conf(state_dir: Path) -> Path:
     """The shipped containers.conf plus this state directory's run-time paths."""
     root = Path(state_dir) / "containers"
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
     return _write_once(root / "containers.conf", (DATA / "containers.conf").read_text() + (
         "# added for this state directory\n"
         f'tmp_dir = "{root / "tmp"}"\n'
         f'static_dir = "{root / "libpod"}"\n'
         f'volume_path = "{root / "volumes"}"\n'
+        # big blobs of a pull are staged here (default /var/tmp, outside the state dir)
+        f'image_copy_tmp_dir = "{root / "tmp"}"\n'
         # rootless podman keeps CNI network configs (and their lock) in ~/.config/cni
         + ("" if os.geteuid() == 0 else f'[network]\nnetwork_config_dir = "{root / "cni"}"\n')
     ))
