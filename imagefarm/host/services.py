@@ -80,11 +80,15 @@ class _Service:
 class Registry(_Service):
     """Debian's docker-registry (CNCF distribution) on 127.0.0.1:<free port>.
 
-    With ``users`` it requires htpasswd basic auth; with ``access_log`` every request is
-    logged (``requests()`` reads them back: what a test counts).
+    With ``users`` it requires htpasswd basic auth. With ``proxy`` (a registry URL) it
+    is a pull-through cache of that registry (distribution's ``proxy: remoteurl:``):
+    read-only, each blob and manifest fetched from the remote once, then served locally.
+    With ``access_log`` every request is logged (``requests()`` reads them back: what a
+    test counts).
     """
 
     users: dict[str, str] | None = None
+    proxy: str | None = None
     access_log: bool = False
 
     @classmethod
@@ -140,6 +144,8 @@ class Registry(_Service):
                     check=True, capture_output=True,
                 )
             lines += ["auth:", "  htpasswd:", "    realm: imagefarm", f"    path: {htpasswd}"]
+        if self.proxy:
+            lines += ["proxy:", f"  remoteurl: {self.proxy}"]
         cfg = self.workdir / "config.yml"
         cfg.write_text("\n".join(lines) + "\n")
         return cfg
