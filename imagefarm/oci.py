@@ -85,9 +85,10 @@ class Descriptor:
 
 @dataclass(frozen=True, slots=True)
 class Layer:
-    """A layer blob on disk: its compressed digest and size, and its diff_id."""
+    """A layer blob: its compressed digest and size, and its diff_id; ``path`` is the
+    file on disk, or None for a blob known only by its descriptor (kept in a registry)."""
 
-    path: Path
+    path: Path | None
     digest: str
     size: int
     diff_id: str
@@ -98,12 +99,13 @@ class Layer:
         return Descriptor(self.media_type, self.digest, self.size)
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": str(self.path), "digest": self.digest, "size": self.size,
+        return {"path": str(self.path) if self.path else None, "digest": self.digest, "size": self.size,
                 "diff_id": self.diff_id, "media_type": self.media_type}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Layer":
-        return cls(Path(d["path"]), d["digest"], int(d["size"]), d["diff_id"], d.get("media_type", OCI_LAYER_GZIP))
+        return cls(Path(d["path"]) if d.get("path") else None, d["digest"], int(d["size"]), d["diff_id"],
+                   d.get("media_type", OCI_LAYER_GZIP))
 
 
 class _HashingWriter(io.RawIOBase):

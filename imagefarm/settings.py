@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     auth_file: Path | None = Field(
         None, description="docker/podman auth file (default: the usual places)"
     )
+    payload_from: str | None = Field(
+        None, description="registry prefix to find the payload in when the cache lacks it (after --to)",
+    )
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and backend")
     state_dir: Path = Field(
         default_factory=lambda: _xdg("XDG_STATE_HOME", ".local/state") / "imagefarm",

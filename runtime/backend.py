@@ -171,10 +171,37 @@ class PodmanBackend:
             await self._run("rm", "--force", "--ignore", "--time", "0", *names, timeout=120)
 
     async def pause(self, name: str) -> None:
-        await self._run("pause", name, timeout=60)
+        rc, out, err = await self._run("pause", name, check=False, timeout=60)
+        if rc == 0:
+            return
+        if "cgroup" not in err:
+            raise BackendError(f"`podman pause {name}` failed (exit {rc}): {err.strip() or out.strip()}")
+        # rootless podman on cgroup v1 (or without a delegated freezer): the container has
+        # no cgroup to freeze, so every process of it is stopped instead (SIGSTOP cannot
+        # be caught or ignored)
+        await self._signal_all(name, "STOP")
 
     async def unpause(self, name: str) -> None:
-        await self._run("unpause", name, timeout=60)
+        rc, _, _ = await self._run("unpause", name, check=False, timeout=60)
+        if rc != 0:  # paused by signal (see pause); SIGCONT to a running process is harmless
+            await self._signal_all(name, "CONT")
+
+    async def _signal_all(self, name: str, sig: str) -> None:
+        """Send ``sig`` to every process of container ``name``, from inside podman's user
+        namespace (where processes of the container's other uids can be signalled too).
+        STOP repeats until no new process appears: one may fork while the others stop."""
+        seen: set[str] = set()
+        for _ in range(10):
+            _, out, _ = await self._run("top", name, "hpid", timeout=60)
+            pids = {p for p in out.split()[1:] if p.isdigit()}
+            todo = sorted(pids - seen) if sig == "STOP" else sorted(pids)
+            if not todo:
+                return
+            await self._run("unshare", "kill", f"-{sig}", *todo, timeout=60)
+            if sig != "STOP":
+                return
+            seen |= pids
+        raise BackendError(f"container {name} kept starting processes while being paused")
 
     async def list(self, labels: Mapping[str, str]) -> list[ContainerInfo]:
         args = ["ps", "--all", "--format", "json"]

@@ -19,6 +19,10 @@ def derive_cmd(
     payload_layer: str = typer.Option(
         None, "--payload-layer", hidden=True,
         help="use this tar+gzip layer blob as the payload instead of building the recipe's"),
+    payload_from: str = typer.Option(
+        None, "--payload-from", metavar="PREFIX",
+        help="registry prefix holding the payload (pushed by `imagefarm payload push`) when "
+             "neither the cache nor --to has it (IMAGEFARM_PAYLOAD_FROM)"),
 ) -> None:
     """Derive the agent-server image of BASE_REF and push it under --to.
 
@@ -26,29 +30,27 @@ def derive_cmd(
     (no base layer is pulled); recipes of kind "buildah" are built with buildah. A
     derive that already exists is reported as skipped and costs two requests.
     """
-    from imagefarm.derive import AppendPayload, derive
+    from imagefarm.derive import Appender, AppendPayload
     from imagefarm.derive.build import build
     from imagefarm.payload.recipe import recipe_for
     from imagefarm.names.reference import parse
 
     parse(base_ref)  # bad input fails at once, not after a payload build
-    settings = Settings.load(to=to, recipe=recipe, platform=platform)
+    settings = Settings.load(to=to, recipe=recipe, platform=platform, payload_from=payload_from)
     rec = recipe_for(settings)
     if rec.kind == "buildah":
         result = build(base_ref, rec, settings)
     else:
-        if payload_layer:
-            from imagefarm.derive.values import payload_from_file
-            payload = payload_from_file(payload_layer, rec)
-        else:
-            from imagefarm.payload import build_payload, load_payload
-            found = load_payload(settings, rec)
-            if found is None:
-                console.print(f"building the agent-server payload for recipe {rec.name} "
-                              "(minutes the first time, cached afterwards) ...")
-                found = build_payload(settings, rec, log=lambda m: console.print(m, highlight=False))
-            payload = AppendPayload.of(found, rec)
-        result = derive(base_ref, payload, settings)
+        with Appender(settings) as appender:
+            if payload_layer:
+                from imagefarm.derive.values import payload_from_file
+                payload = payload_from_file(payload_layer, rec)
+            else:
+                from imagefarm.payload.remote import locate
+                found = locate(settings, rec, appender.client,
+                               log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+                payload = found if hasattr(found, "source") else AppendPayload.of(found, rec)
+            result = appender.derive(base_ref, payload)
     if as_json:
         emit_json(result.to_json())
         return

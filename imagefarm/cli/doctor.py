@@ -22,7 +22,9 @@ def doctor(
     no_services: bool = typer.Option(False, "--no-services", help="check only local tools, not registry/Redis"),
     json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
-    """Check buildah, podman (really starts a container), skopeo, the registry and Redis.
+    """Check buildah, podman (really starts a container), skopeo, the registry and Redis,
+    and what rootless use needs (subuid/subgid, newuidmap, /dev/net/tun, user namespaces,
+    mmdebstrap, the storage driver).
 
     Prints what is missing with the command that fixes it; exits 1 if anything is.
     """

@@ -28,6 +28,9 @@ def prebuild(
     workers: int = typer.Option(8, min=1, help="local executor: parallel derives"),
     verify_timeout: float = typer.Option(120.0, help="seconds an image may take to answer /alive"),
     broker_url: Optional[str] = typer.Option(None, help="celery executor: Redis URL (IMAGEFARM_BROKER_URL)"),
+    payload_from: Optional[str] = typer.Option(
+        None, "--payload-from", metavar="PREFIX",
+        help="registry prefix holding the payload when neither the cache nor --to has it (IMAGEFARM_PAYLOAD_FROM)"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     plan: bool = typer.Option(False, "--plan", help="print what the batch would do and cost; write nothing"),
     bandwidth: str = typer.Option("100MB/s", help="--plan: the copy's bandwidth for the time estimate"),
@@ -38,7 +41,7 @@ def prebuild(
     """
     if executor not in ("local", "celery"):
         raise typer.BadParameter("--executor must be local or celery")
-    settings = Settings.load(to=to, recipe=recipe, broker_url=broker_url)
+    settings = Settings.load(to=to, recipe=recipe, broker_url=broker_url, payload_from=payload_from)
     if plan:
         return _plan(settings, dataset, limit, bandwidth, workers, json_out)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

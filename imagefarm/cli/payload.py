@@ -1,4 +1,4 @@
-"""``imagefarm payload build|show``: the agent-server payload layer of a recipe."""
+"""``imagefarm payload build|show|push``: the agent-server payload layer of a recipe."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def build_cmd(
     recipe: str = typer.Option(None, "--recipe", help="recipe name or path (IMAGEFARM_RECIPE)"),
     force: bool = typer.Option(False, "--force", help="rebuild even when cached"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    mirror: str = typer.Option(
+        None, "--mirror", metavar="URL",
+        help="Debian mirror for the builder (default: the recipe's, else this machine's apt sources)"),
 ) -> None:
     """Build (or find in the cache) the payload layer of a recipe.
 
@@ -57,7 +60,9 @@ def build_cmd(
     if not cached:
         console.print(f"building the payload of recipe {rec.name} (openhands-agent-server "
                       f"{rec.agent_server_version}) ...", highlight=False)
-    p = build_payload(settings, rec, force=force,
+    if mirror is not None and not mirror.startswith(("http://", "https://", "file:/")):
+        raise typer.BadParameter(f"--mirror must be an http(s):// or file:/ URL, not {mirror!r}")
+    p = build_payload(settings, rec, force=force, mirror=mirror,
                       log=lambda m: console.print(f"[{time.monotonic() - t0:5.0f}s] {m}", highlight=False,
                                                   markup=False, soft_wrap=True))
     if as_json:
@@ -87,3 +92,38 @@ def show_cmd(
         emit_json(_summary(p))
     else:
         _print(p)
+
+
+@payload_app.command("push")
+@friendly
+def push_cmd(
+    to: str = typer.Option(None, "--to", metavar="PREFIX", help="registry prefix (IMAGEFARM_TO)"),
+    recipe: str = typer.Option(None, "--recipe", help="recipe name or path (IMAGEFARM_RECIPE)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Publish the cached payload in a registry, named by its recipe digest.
+
+    Machines without the payload (a cluster user cannot build it as root) then find it
+    there: `derive` and `prebuild` mount the blob from it and download nothing.
+    """
+    from imagefarm.payload import load_payload
+    from imagefarm.payload.recipe import recipe_for
+    from imagefarm.payload.remote import push
+    from imagefarm.registry import RegistryClient
+
+    settings = Settings.load(to=to, recipe=recipe)
+    rec = recipe_for(settings)
+    p = load_payload(settings, rec)
+    if p is None:
+        console.print(f"no payload built for recipe {rec.name} ({rec.digest[:19]}) on this machine: "
+                      f"run `imagefarm payload build --recipe {rec.name}` first", highlight=False)
+        raise typer.Exit(1)
+    with RegistryClient(settings) as client:
+        ref, digest, sent = push(client, p, settings.to)
+    if as_json:
+        emit_json({"artifact": str(ref), "digest": digest, "layer": p.layer.digest,
+                   "recipe_digest": p.recipe_digest, "blob_uploaded": sent})
+    else:
+        out.print(f"{ref}@{digest}", highlight=False, soft_wrap=True)
+        console.print(f"payload {p.layer.digest[:19]} ({p.layer.size / 1e6:.0f} MB) "
+                      f"{'uploaded' if sent else 'already there'}", highlight=False)

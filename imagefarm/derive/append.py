@@ -149,7 +149,10 @@ class Appender:
         for d in m.layers:
             self.blobs.ensure(target, d, source=base, scopes=scopes)
         layer = payload.layer
-        self.blobs.ensure(target, layer.descriptor, local=layer.path, home=home, scopes=scopes)
+        # a payload found in a registry (``payload.remote``) has no file here, only the
+        # repository holding it: it is mounted from there (copied once across registries)
+        self.blobs.ensure(target, layer.descriptor, local=layer.path, home=home,
+                          source=getattr(payload, "source", None), scopes=scopes)
         # the config is new for every derive: upload it (tiny, 2 requests)
         self.client.upload_blob(target, oci.sha256_digest(config), config, scopes=scopes)
 

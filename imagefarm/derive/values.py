@@ -2,7 +2,9 @@
 
 ``PayloadLike`` is the small surface derive needs from a payload (the payload module's
 own ``Payload`` satisfies it, and so does ``AppendPayload`` built from plain
-arguments): one layer blob on disk plus the recipe identity that names the result.
+arguments): one layer blob plus the recipe identity that names the result. The blob is a file on
+disk (``layer.path``) or, for a payload found in a registry, only a descriptor with the
+repository holding it as an optional ``source`` attribute.
 """
 
 from __future__ import annotations

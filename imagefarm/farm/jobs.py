@@ -5,25 +5,20 @@ default and the cluster behave alike. Each returns a plain JSON-able dict (what 
 result backend stores); bad input and permanent failures come back as
 ``{"ok": False, "error": ...}``, transient ones raise so the executor retries them.
 
-A worker on another node may lack the payload blob: it is fetched once from the
-target registry (derive keeps it in ``<to>/imagefarm-payload``), digest-checked.
+A worker on another node may lack the payload blob: it derives by mounting the blob
+from the target registry (the driver publishes it in ``<to>/imagefarm-payload``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
 from . import attest
 from imagefarm import oci
-from imagefarm.derive import Appender, AppendPayload
-from imagefarm.derive.append import payload_home
+from imagefarm.derive import Appender, AppendPayload, PayloadLike
 from imagefarm.errors import ImagefarmError, PayloadError
-from imagefarm.names.reference import parse
+from imagefarm.names.reference import Reference, parse
 from imagefarm.settings import Settings
 
 _local = threading.local()
@@ -41,9 +36,14 @@ def appender(settings: Settings) -> Appender:
         return a
 
 
-def payload_for(settings: Settings, recipe_name: str, layer: dict[str, Any] | None = None) -> AppendPayload:
-    """The recipe's payload: local cache, else fetched from the target registry."""
+def payload_for(settings: Settings, recipe_name: str, layer: dict[str, Any] | None = None) -> PayloadLike:
+    """The recipe's payload: the local cache, else the layer descriptor the task carries.
+
+    The driver publishes the payload in ``<to>/imagefarm-payload`` before it submits a
+    task, so a node without the blob derives by mounting it from there: nothing is
+    downloaded."""
     from imagefarm.payload import load_payload
+    from imagefarm.payload.remote import RemotePayload, artifact_ref
     from imagefarm.payload.recipe import recipe_for
 
     recipe = recipe_for(settings, recipe_name)
@@ -54,35 +54,11 @@ def payload_for(settings: Settings, recipe_name: str, layer: dict[str, Any] | No
         raise PayloadError(
             f"no payload for recipe {recipe.name!r} on this node and none named by the task: "
             f"run `imagefarm payload build --recipe {recipe.name}` first")
-    path = fetch_blob(settings, layer["digest"], int(layer["size"]))
-    got = oci.Layer(path, layer["digest"], int(layer["size"]), layer["diff_id"])
-    return AppendPayload(got, recipe.name, recipe.digest, recipe.agent_server_version, tuple(recipe.env))
-
-
-def fetch_blob(settings: Settings, digest: str, size: int) -> Path:
-    """Download the payload blob from ``<to>/imagefarm-payload`` into the cache."""
-    blobs = Path(settings.cache_dir) / "payload" / "blobs"
-    final = blobs / digest.replace(":", "-")
-    if final.exists() and final.stat().st_size == size:
-        return final
-    blobs.mkdir(parents=True, exist_ok=True)
-    home = parse(f"{settings.to.rstrip('/')}/x:x").registry + "/" + payload_home(settings.to)
-    ref = parse(f"{home}@{digest}")
-    client = appender(settings).client
-    h = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".fetch-")
-    try:
-        with os.fdopen(fd, "wb") as out, client.open_blob(ref, digest) as chunks:
-            for chunk in chunks:
-                h.update(chunk)
-                out.write(chunk)
-        if "sha256:" + h.hexdigest() != digest:
-            raise PayloadError(f"payload blob fetched from {home} does not match {digest}")
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return final
+    home = artifact_ref(settings.to, recipe.digest)
+    got = oci.Layer(None, layer["digest"], int(layer["size"]), layer["diff_id"],
+                    layer.get("media_type", oci.OCI_LAYER_GZIP))
+    return RemotePayload(got, recipe.name, recipe.digest, recipe.agent_server_version, tuple(recipe.env),
+                         Reference(home.registry, home.repository))
 
 
 def derive_base(settings: Settings, base: str, recipe: str, layer: dict[str, Any] | None = None,

@@ -345,8 +345,9 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
               verify: str = "all", lockfile: Path | None = None, workers: int = 8,
               verify_timeout: float = 120.0, on_progress: Callable[[BatchState], None] | None = None,
               log: Callable[[str], None] = lambda m: None) -> BatchResult:
-    from imagefarm.payload import build_payload
     from imagefarm.payload.recipe import recipe_for
+    from imagefarm.payload.remote import locate, push
+    from imagefarm.registry import RegistryClient
 
     cat = load(dataset).limited(limit)
     for bad in cat.bad_rows[:20]:
@@ -359,7 +360,10 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
         first = f"; first: {cat.bad_rows[0]}" if cat.bad_rows else ""
         raise DatasetError(f"dataset {dataset} names no usable image ({len(cat.bad_rows)} bad rows{first})")
     recipe = recipe_for(settings)
-    payload = build_payload(settings, recipe, log=log)
+    with RegistryClient(settings) as client:
+        payload = locate(settings, recipe, client, log=log)
+        # published in the target registry first: a worker without the blob mounts it
+        push(client, payload, settings.to)
     layer = payload.layer.to_json()
     bases = [str(b) for b in cat.bases]
     state = BatchState(uuid.uuid4().hex[:12], dataset, settings.to, recipe.name, executor, len(bases),

@@ -64,17 +64,25 @@ def storage_conf(state_dir: Path) -> Path:
         'driver = "overlay"\n'
         f'graphroot = "{root / "storage"}"\n'
         f'runroot = "{root / "run"}"\n'
+        # rootless podman ignores graphroot: without this a normal user's images would
+        # land in ~/.local/share/containers, outside the state directory
+        f'rootless_storage_path = "{root / "storage"}"\n'
     ))
 
 
 def containers_conf(state_dir: Path) -> Path:
     """The shipped containers.conf plus this state directory's run-time paths."""
     root = state_subdir(state_dir, "containers")
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
     return _write_once(root / "containers.conf", (DATA / "containers.conf").read_text() + (
         "# added for this state directory\n"
         f'tmp_dir = "{root / "tmp"}"\n'
         f'static_dir = "{root / "libpod"}"\n'
         f'volume_path = "{root / "volumes"}"\n'
+        # big blobs of a pull are staged here (default /var/tmp, outside the state dir)
+        f'image_copy_tmp_dir = "{root / "tmp"}"\n'
+        # rootless podman keeps CNI network configs (and their lock) in ~/.config/cni
+        + ("" if os.geteuid() == 0 else f'[network]\nnetwork_config_dir = "{root / "cni"}"\n')
     ))
 
 
@@ -87,6 +95,10 @@ def container_env(settings: Settings, base: Mapping[str, str] | None = None) -> 
     env.setdefault("BUILDAH_ISOLATION", "chroot")
     if settings.auth_file:  # the credentials imagefarm's own client uses (IMAGEFARM_AUTH_FILE)
         env["REGISTRY_AUTH_FILE"] = str(settings.auth_file)
+    if os.geteuid() != 0:
+        # rootless: containers/image keeps its blob-info cache under $XDG_DATA_HOME
+        # (~/.local/share/containers/cache): keep it in the state directory too
+        env["XDG_DATA_HOME"] = str(Path(settings.state_dir) / "containers" / "data")
     return env
 
 

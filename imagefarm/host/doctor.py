@@ -96,6 +96,9 @@ def run_checks(settings: Settings, services: bool = True) -> list[Check]:
         _tool("debootstrap", ["--version"]),
         _podman_runs(settings),
     ]
+    from .rootless import checks as rootless_checks  # subuid, newuidmap, /dev/net/tun, userns, storage
+
+    checks += rootless_checks(settings)
     if services:
         checks += [_registry(settings), _redis(settings)]
     return checks

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -152,6 +153,11 @@ class Registry(_Service):
 
     def accesses(self, mark: int = 0) -> list[Access]:
         return read_access_log(self.log_path, mark)
+
+    def requests(self, agent: str = "") -> list[str]:
+        """``METHOD PATH`` (percent-decoded) of every request logged; with ``agent``, only
+        those whose User-Agent contains it."""
+        return [f"{a.method} {urllib.parse.unquote(a.path)}" for a in self.accesses() if agent in a.agent]
 
     @property
     def host(self) -> str:

@@ -3,7 +3,8 @@
 ``build_payload(settings, recipe)`` returns the ``Payload`` for a recipe, building it
 only when ``cache_dir/payload/<recipe digest>.json`` (and its blob) is missing:
 
-1. a Debian builder rootfs (``builder.builder_rootfs``, cached);
+1. a Debian builder rootfs (``builder.builder_rootfs``, cached; ``userns`` says how a
+   normal user builds the same without root);
 2. in a chroot of it, the tree ``/agent-server``: the builder's python3.X and its
    stdlib, a venv (``home = /agent-server/bin``) with openhands-agent-server
    installed by uv, a private tmux under ``tools/bin``, all precompiled
@@ -33,8 +34,9 @@ from imagefarm import oci
 from imagefarm.errors import PayloadError
 from .recipe import Recipe
 from imagefarm.settings import Settings
-from . import bundle
+from . import bundle, userns
 from .builder import Chroot, builder_rootfs, file_lock, find_uv
+from .mirror import builder_mirror
 
 Log = Callable[[str], None]
 
@@ -149,8 +151,11 @@ def disk_errors(where: Path, doing: str):
             f"layer): free space there or set IMAGEFARM_CACHE_DIR to a bigger disk") from None
 
 
-def build_payload(settings: Settings, recipe: Recipe, *, log: Log = _quiet, force: bool = False) -> Payload:
-    """The payload of ``recipe``: from the cache, else built (minutes on a cold cache)."""
+def build_payload(settings: Settings, recipe: Recipe, *, log: Log = _quiet, force: bool = False,
+                  mirror: str | None = None) -> Payload:
+    """The payload of ``recipe``: from the cache, else built (minutes on a cold cache).
+
+    ``mirror`` overrides the recipe's Debian mirror (default: the machine's apt sources)."""
     if recipe.kind != "append":
         raise PayloadError(f"recipe {recipe.name!r} is kind {recipe.kind!r}: only 'append' recipes have a payload layer")
     if not force and (hit := load_payload(settings, recipe)):
@@ -160,7 +165,7 @@ def build_payload(settings: Settings, recipe: Recipe, *, log: Log = _quiet, forc
         if not force and (hit := load_payload(settings, recipe)):
             return hit
         t0 = time.monotonic()
-        tree, python_version = build_tree(settings, recipe, log=log, force=force)
+        tree, python_version = build_tree(settings, recipe, log=log, force=force, mirror=mirror)
         log(f"writing the layer (gzip) for recipe {recipe.name} ...")
         layer = oci.write_layer(layer_entries(tree, recipe), pdir / "blobs")
         payload = Payload(recipe.name, recipe.digest, recipe.agent_server_version, layer,
@@ -186,13 +191,19 @@ def _tree_size(tree: Path) -> int:
     return total
 
 
-def build_tree(settings: Settings, recipe: Recipe, *, log: Log = _quiet, force: bool = False) -> tuple[Path, str]:
+def build_tree(settings: Settings, recipe: Recipe, *, log: Log = _quiet, force: bool = False,
+               mirror: str | None = None) -> tuple[Path, str]:
     """The installed, bundled tree of ``recipe`` (cached per ``recipe.tree_digest``)."""
     trees = payload_dir(settings) / "trees"
     final = trees / recipe.tree_digest.split(":", 1)[1][:24]
     if not force and (final / _COMPLETE).exists():
         return final / "tree", (final / _COMPLETE).read_text().strip()
-    root = builder_rootfs(Path(settings.cache_dir), recipe.builder, log)
+    spec = recipe.builder.model_copy(update={"mirror": builder_mirror(recipe.builder.mirror, mirror)})
+    root = builder_rootfs(Path(settings.cache_dir), spec, log)
+    if os.geteuid() != 0:  # a normal user: the same steps as root of a user namespace
+        if not Path(recipe.source).is_file():
+            raise PayloadError(f"recipe {recipe.name} has no file to rebuild it from in a user namespace")
+        return userns.build_tree(Path(settings.cache_dir), recipe.source, spec.mirror or "", force=force, log=log)
     uv = find_uv()
     trees.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=trees, prefix=".tmp-"))

@@ -26,6 +26,7 @@ from imagefarm.host.containers import which
 from imagefarm.errors import PayloadError, ToolMissing
 from imagefarm.oci import canonical_json
 from .recipe import BuilderSpec
+from .userns import in_user_namespace
 
 Log = Callable[[str], None]
 
@@ -44,8 +45,8 @@ def _quiet(_msg: str) -> None:
 
 
 def _need_root() -> None:
-    if os.geteuid() != 0:
-        raise PayloadError("building the payload needs root (debootstrap, chroot, mount): run it as root")
+    if os.geteuid() != 0:  # payload.build_tree runs a normal user's chroot steps in a user namespace
+        raise PayloadError("a chroot session needs root, or root of a user namespace (payload.userns)")
 
 
 @contextlib.contextmanager
@@ -65,8 +66,11 @@ def rootfs_key(spec: BuilderSpec) -> str:
 
 
 def builder_rootfs(cache_dir: Path, spec: BuilderSpec, log: Log = _quiet) -> Path:
-    """The cached builder rootfs for ``spec`` (debootstrapped on first use)."""
-    _need_root()
+    """The cached builder rootfs for ``spec`` (debootstrapped on first use; made by
+    ``mmdebstrap --mode=unshare`` when not root). No mirror in ``spec``: the machine's."""
+    if not spec.mirror:
+        from .mirror import builder_mirror
+        spec = spec.model_copy(update={"mirror": builder_mirror(None)})
     base = Path(cache_dir) / "builder"
     final = base / f"{spec.suite}-{rootfs_key(spec)}"
     if (final / _COMPLETE).exists():
@@ -74,23 +78,21 @@ def builder_rootfs(cache_dir: Path, spec: BuilderSpec, log: Log = _quiet) -> Pat
     with file_lock(base / ".lock"):
         if (final / _COMPLETE).exists():
             return final
-        debootstrap = which("debootstrap")
+        root = os.geteuid() == 0
+        tool = "debootstrap" if root else "mmdebstrap --mode=unshare"
         tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".tmp-{spec.suite}-"))
         try:
-            log(f"debootstrap {spec.suite} ({', '.join(spec.packages)}) -> {final} (about a minute)")
+            log(f"{tool} {spec.suite} ({', '.join(spec.packages)}) from {spec.mirror} -> {final} (about a minute)")
             t0 = time.monotonic()
-            argv = [debootstrap, "--variant=minbase", f"--include={','.join(spec.packages)}",
-                    spec.suite, str(tmp), spec.mirror]
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
-            if proc.returncode != 0:
-                tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-                raise PayloadError(
-                    f"debootstrap of Debian {spec.suite} from {spec.mirror} failed "
-                    f"(exit {proc.returncode}); check the mirror is reachable:\n{tail}")
+            if root:
+                _debootstrap(spec, tmp)
+            else:
+                from .userns import mmdebstrap_rootfs
+                mmdebstrap_rootfs(spec.suite, tmp, spec.mirror, list(spec.packages))
             # apt caches are not needed for building and only cost disk
             shutil.rmtree(tmp / "var/cache/apt/archives", ignore_errors=True)
             (tmp / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
-            (tmp / _COMPLETE).write_text(f"debootstrap {spec.suite} in {time.monotonic() - t0:.0f}s\n")
+            (tmp / _COMPLETE).write_text(f"{tool} {spec.suite} in {time.monotonic() - t0:.0f}s\n")
             if final.exists():  # an incomplete leftover from an older layout
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -100,6 +102,16 @@ def builder_rootfs(cache_dir: Path, spec: BuilderSpec, log: Log = _quiet) -> Pat
                 _umount_all(tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _debootstrap(spec: BuilderSpec, target: Path) -> None:
+    argv = [which("debootstrap"), "--variant=minbase", f"--include={','.join(spec.packages)}",
+            spec.suite, str(target), spec.mirror]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise PayloadError(f"debootstrap of Debian {spec.suite} from {spec.mirror} failed "
+                           f"(exit {proc.returncode}); check the mirror is reachable:\n{tail}")
 
 
 def _mounts_under(root: Path) -> list[str]:
@@ -147,7 +159,10 @@ class Chroot:
             if HOST_CA.exists():
                 shutil.copyfile(HOST_CA, self.root / CHROOT_CA)
             self._mount(["-t", "proc", "proc"], self.root / "proc")
-            self._mount(["--bind", "/dev"], self.root / "dev")
+            # in a user namespace /dev must be bound with its submounts (locked to it);
+            # as root a plain bind, so no umount here can propagate to the host's /dev/pts
+            dev_bind = "--rbind" if in_user_namespace() else "--bind"
+            self._mount([dev_bind, "/dev"], self.root / "dev")
             for inside, host in self.binds.items():
                 Path(host).mkdir(parents=True, exist_ok=True)
                 self._mount(["--bind", str(host)], self.root / inside.lstrip("/"))

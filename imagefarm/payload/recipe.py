@@ -56,7 +56,10 @@ class AgentServerSpec(_Frozen):
 
 class BuilderSpec(_Frozen):
     suite: str = Field(default="trixie", description="Debian suite of the builder rootfs")
-    mirror: str = Field(default="http://deb.debian.org/debian")
+    mirror: str | None = Field(
+        default=None, exclude=True,
+        description="Debian mirror; default: this machine's apt sources (payload/mirror.py). "
+                    "Not part of any digest: where a package comes from does not change it")
     python: str = Field(default="3.13", description="the builder's python3.X, copied into the payload")
     packages: tuple[str, ...] = Field(
         default=("python3", "python3-venv", "ca-certificates", "patchelf", "tmux"),

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import httpx
 
-from imagefarm import oci
+from imagefarm import __version__, oci
 from imagefarm.errors import (AuthError, NotFound, RegistryError, RegistryUnreachable,
                       TransientRegistryError, UnsupportedMedia)
 from imagefarm.oci import Descriptor
@@ -101,6 +101,8 @@ class RegistryClient:
             transport=httpx.HTTPTransport(limits=limits, socket_options=[
                 (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]),
             follow_redirects=False,
+            # registries log it: what imagefarm moved is told apart from podman's pulls
+            headers={"User-Agent": f"imagefarm/{__version__}"},
         )
         creds = credentials if credentials is not None else load_credentials(self.settings.auth_file)
         self._auth = Authenticator(creds, self._fetch_token)

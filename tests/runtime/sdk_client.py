@@ -2,7 +2,8 @@
 
 Runs under a Python >= 3.12 that has ``openhands-workspace`` installed (not the
 project's venv): ``python sdk_client.py URL KEY IMAGE [--exec]`` prints one JSON line
-per step. With ``--exec`` (a real agent-server image) it also runs a command in
+per step (``--startup-timeout=S``: how long to wait for the runtime, default 120 s).
+With ``--exec`` (a real agent-server image) it also runs a command in
 /testbed through the agent server; the stand-in image only answers /alive and /health.
 """
 
@@ -23,9 +24,11 @@ def step(**kw):
 
 def main() -> None:
     url, key, image = sys.argv[1:4]
+    # --startup-timeout=S: a node that still has to pull the image (fresh per-job storage)
+    startup = next((float(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--startup-timeout=")), 120)
     t0 = time.monotonic()
     ws = APIRemoteWorkspace(runtime_api_url=url, runtime_api_key=key, server_image=image,
-                            working_dir="/testbed", startup_wait_timeout=120, init_timeout=60)
+                            working_dir="/testbed", startup_wait_timeout=startup, init_timeout=60)
     step(step="ready", seconds=round(time.monotonic() - t0, 2), runtime_id=ws._runtime_id, host=ws.host,
          alive=ws.alive)
     if "--exec" in sys.argv:

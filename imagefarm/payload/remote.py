@@ -1,0 +1,184 @@
+"""The payload kept in a registry: pushed once, found by recipe digest, used by mount.
+
+A cluster user cannot build the payload as root, and should not have to build it at
+all: ``push`` publishes it in the blob's home repository (``<to>/imagefarm-payload``)
+as a one-layer image tagged ``sha256-<recipe hex>``: the layer blob itself and an
+image config whose ``rootfs.diff_ids`` is the payload's diff_id and whose labels (and
+the manifest's annotations) name the recipe. ``find`` reads that manifest and config
+(two small GETs) and returns a ``RemotePayload`` whose layer has no local file: derive
+then mounts the blob from its home, and no payload byte is downloaded.
+
+An image manifest, not an OCI 1.1 artifact: distribution 2.8 has no artifact support,
+and the manifest parser refuses artifacts on purpose (they cannot be derived); a
+payload image is a valid image any registry and tool accepts (``skopeo inspect``).
+
+::
+
+    <registry>/<prefix>/imagefarm-payload:sha256-<recipe hex>
+      config  image config  rootfs.diff_ids = [payload diff_id], Labels = recipe identity
+      layers  [the payload layer, tar+gzip]   annotations: recipe, recipe digest, payload digest
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from imagefarm import oci
+from imagefarm.derive.append import payload_home
+from imagefarm.errors import NotFound, PayloadError, UnsupportedMedia
+from imagefarm.names.reference import Reference, parse
+from imagefarm.registry import RegistryClient
+from imagefarm.registry.manifests import Manifest
+
+from .recipe import Recipe
+
+ANN_PYTHON = "dev.imagefarm.payload.python"
+ANN_UNPACKED = "dev.imagefarm.payload.unpacked-size"
+
+
+def artifact_ref(prefix: str, recipe_digest: str) -> Reference:
+    """Where the payload of ``recipe_digest`` is published under registry ``prefix``."""
+    registry = parse(f"{prefix.rstrip('/')}/x:x").registry
+    return Reference(registry, payload_home(prefix), recipe_digest.replace(":", "-"))
+
+
+@dataclass(frozen=True, slots=True)
+class RemotePayload:
+    """A payload known by its descriptor only; ``source`` is the repository holding the blob."""
+
+    layer: oci.Layer  # path is None: nothing on this machine
+    recipe_name: str
+    recipe_digest: str
+    agent_server_version: str
+    env: tuple[str, ...]
+    source: Reference
+    python_version: str = ""
+    uncompressed_size: int = 0
+
+
+def push(client: RegistryClient, payload: Any, prefix: str) -> tuple[Reference, str, bool]:
+    """Publish ``payload`` (a built ``Payload``, or a ``RemotePayload`` from another
+    registry) under ``prefix``; returns (artifact ref, manifest digest, blob bytes sent?).
+
+    Idempotent: a second push is a HEAD on the blob and the same manifest bytes again."""
+    ref = artifact_ref(prefix, payload.recipe_digest)
+    home = Reference(ref.registry, ref.repository)
+    layer: oci.Layer = payload.layer
+    sent = False
+    if not client.blob_exists(home, layer.digest):
+        source = getattr(payload, "source", None)
+        if layer.path is not None:
+            client.upload_blob(home, layer.digest, layer.path, size=layer.size)
+        elif source is not None and source.registry == home.registry:
+            mounted, _loc = client.mount_blob(home, layer.digest, source.repository)
+            if not mounted:
+                client.copy_blob(source, home, layer.descriptor)
+        elif source is not None:
+            client.copy_blob(source, home, layer.descriptor)
+        else:
+            raise PayloadError(f"payload {layer.digest[:19]} has neither a local blob nor a source registry")
+        sent = True
+    labels = _labels(payload)
+    config = oci.canonical_json({
+        "architecture": "amd64", "os": "linux", "created": oci.EPOCH_ISO,
+        "config": {"Labels": labels},
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+        "history": [{"created": oci.EPOCH_ISO,
+                     "created_by": f"imagefarm payload {payload.recipe_name} ({payload.recipe_digest[:19]})"}],
+    })
+    config_digest = oci.sha256_digest(config)
+    if not client.blob_exists(home, config_digest):
+        client.upload_blob(home, config_digest, config)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": oci.OCI_MANIFEST,
+        "config": {"mediaType": oci.OCI_CONFIG, "digest": config_digest, "size": len(config)},
+        "layers": [layer.descriptor.to_json()],
+        "annotations": {"org.opencontainers.image.created": oci.EPOCH_ISO, **labels},
+    }
+    digest = client.put_manifest(ref, oci.canonical_json(manifest), oci.OCI_MANIFEST)
+    return ref, digest, sent
+
+
+def _labels(payload: Any) -> dict[str, str]:
+    return {
+        oci.ANN_RECIPE: payload.recipe_name,
+        oci.ANN_RECIPE_DIGEST: payload.recipe_digest,
+        oci.ANN_AGENT_VERSION: payload.agent_server_version,
+        oci.ANN_PAYLOAD_DIGEST: payload.layer.digest,
+        ANN_PYTHON: getattr(payload, "python_version", ""),
+        ANN_UNPACKED: str(getattr(payload, "uncompressed_size", 0)),
+    }
+
+
+def find(client: RegistryClient, recipe: Recipe, prefix: str) -> RemotePayload | None:
+    """The payload of ``recipe`` published under ``prefix``, or None if there is none.
+
+    Nothing but the artifact's manifest and config is read; a tag holding something
+    that is not this recipe's payload is an error, not a miss."""
+    ref = artifact_ref(prefix, recipe.digest)
+    try:
+        got = client.get_manifest(ref)
+    except NotFound:
+        return None
+    where = f"payload image {ref}"
+    ann = getattr(got, "annotations", {}) or {}
+    if not isinstance(got, Manifest) or len(got.layers) != 1 or oci.ANN_PAYLOAD_DIGEST not in ann:
+        raise UnsupportedMedia(f"{where} is not an imagefarm payload (no {oci.ANN_PAYLOAD_DIGEST} annotation)")
+    desc = got.layers[0]
+    if ann.get(oci.ANN_RECIPE_DIGEST) != recipe.digest or ann[oci.ANN_PAYLOAD_DIGEST] != desc.digest:
+        raise PayloadError(f"{where} names recipe {ann.get(oci.ANN_RECIPE_DIGEST)} / layer "
+                           f"{ann[oci.ANN_PAYLOAD_DIGEST]}, not {recipe.digest} / {desc.digest}")
+    try:
+        cfg = json.loads(client.get_blob_bytes(ref, got.config.digest))
+        (diff_id,) = cfg["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError):
+        raise PayloadError(f"{where}: its config does not hold the payload's one diff_id") from None
+    layer = oci.Layer(None, desc.digest, desc.size, diff_id, desc.media_type)
+    return RemotePayload(layer, recipe.name, recipe.digest, recipe.agent_server_version, tuple(recipe.env),
+                         Reference(ref.registry, ref.repository), ann.get(ANN_PYTHON, ""),
+                         int(ann.get(ANN_UNPACKED) or 0))
+
+
+def find_any(client: RegistryClient, recipe: Recipe, prefixes: Iterable[str]) -> RemotePayload | None:
+    """The first of ``prefixes`` that has the payload of ``recipe``."""
+    for prefix in dict.fromkeys(p for p in prefixes if p):
+        hit = find(client, recipe, prefix)
+        if hit is not None:
+            return hit
+    return None
+
+
+def can_build() -> bool:
+    """Whether ``derive``/``prebuild`` may build a missing payload by themselves: as root
+    only (minutes of work). A normal user builds with ``imagefarm payload build`` on
+    purpose, or finds the payload in a registry."""
+    return os.geteuid() == 0
+
+
+def locate(settings: Any, recipe: Recipe, client: RegistryClient, *, log: Any = lambda m: None) -> Any:
+    """The payload ``derive``/``prebuild`` use: the local cache, else the artifact in the
+    target registry (``settings.to``) or ``settings.payload_from``, else built (root
+    only), else a ``PayloadError`` saying in one line what to run."""
+    from . import build_payload, load_payload
+
+    local = load_payload(settings, recipe)
+    if local is not None:
+        return local
+    prefixes = [settings.to, settings.payload_from]
+    remote = find_any(client, recipe, prefixes)
+    if remote is not None:
+        log(f"payload of recipe {recipe.name} found in {remote.source.name} ({remote.layer.digest[:19]}): "
+            "used by mount, nothing downloaded")
+        return remote
+    if can_build():
+        log(f"building the agent-server payload for recipe {recipe.name} (minutes the first time, cached afterwards) ...")
+        return build_payload(settings, recipe, log=log)
+    where = " or ".join(str(artifact_ref(p, recipe.digest)) for p in dict.fromkeys(p for p in prefixes if p))
+    raise PayloadError(
+        f"no payload for recipe {recipe.name} ({recipe.digest[:19]}) in this machine's cache nor at {where}: "
+        f"run `imagefarm payload build --recipe {recipe.name}` here, or `imagefarm payload push --to PREFIX` "
+        f"on a machine that has it (then pass --payload-from PREFIX)")
