@@ -20,6 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
+from imagefarm.errors import ConfigError
+
+def parse_platform(text: str) -> dict[str, str]:
+    """``linux/amd64`` or ``linux/arm64/v8`` -> OCI platform fields (``ConfigError`` if not)."""
+    parts = text.strip().split("/")
+    if len(parts) not in (2, 3) or not all(parts) or any(c.isspace() for c in text.strip()):
+        raise ConfigError(f"platform {text!r} must look like os/arch[/variant], e.g. linux/amd64")
+    out = {"os": parts[0], "architecture": parts[1]}
+    if len(parts) == 3:
+        out["variant"] = parts[2]
+    return out
+
+
 # -- media types ---------------------------------------------------------------
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

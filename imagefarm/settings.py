@@ -2,17 +2,24 @@
 
 The same name means the same thing everywhere: ``--to`` / ``IMAGEFARM_TO`` is the
 registry prefix that prebuilt images go to in derive, prebuild, lookup, runtime
-serve and launch.
+serve and launch. Values are checked when the settings are made: a bad flag or
+variable is one ``ConfigError`` line naming it (``Settings.load``), never a traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from imagefarm.errors import ConfigError
+from imagefarm.names.reference import Prefix
+from imagefarm.oci import parse_platform
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -49,11 +56,51 @@ class Settings(BaseSettings):
     )
     registry_concurrency: int = Field(16, ge=1, description="cap on parallel registry calls")
 
+    @field_validator("to")
+    @classmethod
+    def _check_to(cls, v: str) -> str:
+        Prefix.parse(v)  # InvalidReference is a ValueError: pydantic reports it
+        return v
+
+    @field_validator("platform")
+    @classmethod
+    def _check_platform(cls, v: str) -> str:
+        try:
+            parse_platform(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @cached_property
+    def prefix(self) -> Prefix:
+        """``to`` as a value, parsed once: where prebuilt images go and are looked up."""
+        return Prefix.parse(self.to)
+
     @classmethod
     def load(cls, **overrides: Any) -> "Settings":
-        """Settings from the environment with flags (non-None values) on top."""
-        return cls(**{k: v for k, v in overrides.items() if v is not None})
+        """Settings from the environment with flags (non-None values) on top; a bad value
+        raises one ``ConfigError`` line naming the flag or ``IMAGEFARM_*`` variable."""
+        flags = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return cls(**flags)
+        except ValidationError as exc:
+            raise ConfigError(_one_line(exc, flags)) from None
+        except SettingsError as exc:  # a list variable that is not JSON
+            m = re.search(r'field "(\w+)"', str(exc))
+            var = f"IMAGEFARM_{m.group(1).upper()}" if m else "an IMAGEFARM_* variable"
+            raise ConfigError(f"{var}={os.environ.get(var)!r}: not a JSON list, e.g. {var}='[\"reg:5000\"]'"
+                              ) from None
 
+
+def _one_line(exc: ValidationError, flags: dict[str, Any]) -> str:
+    """``--to 'a b': invalid registry prefix ...; IMAGEFARM_REGISTRY_CONCURRENCY='x': ...``."""
+    parts = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        where = f"--{field.replace('_', '-')}" if field in flags else f"IMAGEFARM_{field.upper()}"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}={err.get('input')!r}: {msg}" if "input" in err else f"{where}: {msg}")
+    return "; ".join(parts)
 
 
 def _repo_recipes() -> Path:

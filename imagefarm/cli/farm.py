@@ -112,6 +112,7 @@ def worker(
     """Start a Celery worker for the farm (on a CPU node; see worker/README.md for SLURM)."""
     if broker_url:
         os.environ["IMAGEFARM_BROKER_URL"] = broker_url
+    Settings.load()  # a bad IMAGEFARM_* value is one line here, not a traceback from celery
     argv = [sys.executable, "-m", "celery", "-A", "imagefarm.worker.app", "worker", "-Q", queues,
             "--concurrency", str(concurrency), "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
     os.execv(sys.executable, argv)

@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 from imagefarm import oci
 from imagefarm.errors import DeriveError
 from imagefarm.names.reference import Reference
-from imagefarm.registry.manifests import TO_OCI_LAYER, Manifest, parse_platform
+from imagefarm.oci import parse_platform
+from imagefarm.registry.manifests import TO_OCI_LAYER, Manifest
 from .values import PayloadLike
 
 #: overlayfs stacks at most this many layers in containers/storage (a derived image
