@@ -49,7 +49,7 @@ from imagefarm.settings import Settings
 from .backend import LABEL, LABEL_ID, LABEL_SERVER, LABEL_SESSION, ContainerSpec, PodmanBackend
 from .errors import BackendError, CapacityFull, NoPrebuiltImage, RuntimeServerError, UnknownRuntime
 from .models import ContainerStatus, RuntimeInfo, StartRequest
-from .resolver import Resolver, describe_base, prefix_of
+from .resolver import Resolver, describe_base
 from .state import Record, Store
 
 log = logging.getLogger("imagefarm.runtime")
@@ -136,7 +136,7 @@ class RuntimeManager:
         self.backend = backend
         self.resolver = resolver
         self.config = config
-        self.to = prefix_of(settings.to)
+        self.to = str(settings.prefix)
         self.store = Store(config.state_dir or settings.state_dir / "runtime")
         self.server_id = ""
         self.records: dict[str, Record] = {}
@@ -386,10 +386,7 @@ class RuntimeManager:
         self._present.add(image)
 
     def _tls_verify(self, image: str) -> bool:
-        ref = parse(image)
-        if ref.is_loopback:
-            return False
-        return not (ref.registry in self.settings.insecure_registries)
+        return not parse(image).registry.insecure(self.settings)
 
     async def _image_user(self, image: str) -> str:
         if image not in self._image_users:
@@ -747,7 +744,7 @@ def pinned_image(hit: Any) -> str:
     image = getattr(hit, "pinned", None) or hit.image
     if "@" in image:
         return image
-    return f"{parse(image).name}@{hit.digest}"
+    return parse(image).with_digest(hit.digest).pinned
 
 
 def _bindable(address: str, port: int) -> bool:

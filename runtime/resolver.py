@@ -49,12 +49,6 @@ class Resolution:
     size: int | None = None
 
 
-def prefix_of(to: str) -> str:
-    """``--to`` as ``registry/path`` (no scheme, no trailing slash)."""
-    p = to.strip().rstrip("/")
-    return p.split("://", 1)[1] if "://" in p else p
-
-
 def _version_key(tag: str) -> tuple:
     m = re.search(r"-oh([0-9][0-9A-Za-z_.]*)", tag)
     parts = re.split(r"[._]", m.group(1)) if m else []
@@ -76,7 +70,7 @@ class RegistryResolver:
         from imagefarm.registry import RegistryClient
 
         self.settings = settings
-        self.prefix = prefix_of(settings.to)
+        self.prefix = str(settings.prefix)
         self.client = client or RegistryClient(settings)
         self.ttl, self.miss_ttl = ttl, miss_ttl
         self._cache: dict[str, tuple[float, Resolution | None]] = {}
@@ -130,7 +124,7 @@ class RegistryResolver:
         return self._hit(ref, resolved, None)
 
     def _from_base(self, base: Reference) -> Resolution | None:
-        repo = parse(f"{self.prefix}/{base.repository}:x")
+        repo = self.settings.prefix.repository(base.repository)
         head = base.tag or ("sha256_" + base.digest.split(":", 1)[1][:12] if base.digest else "latest")
         try:
             tags = self.client.list_tags(repo)
@@ -140,7 +134,7 @@ class RegistryResolver:
             raise
         want = str(Reference(base.registry, base.repository, base.tag))
         for tag in sorted((t for t in tags if t.startswith(head + "-oh")), key=_version_key, reverse=True):
-            cand = repo.with_tag(tag)
+            cand = repo.tag(tag)
             resolved = self._manifest(cand)
             if resolved is None:
                 continue

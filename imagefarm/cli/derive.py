@@ -31,11 +31,11 @@ def derive_cmd(
     from imagefarm.payload.recipe import recipe_for
     from imagefarm.names.reference import parse
 
-    parse(base_ref)  # bad input fails at once, not after a payload build
+    base = parse(base_ref)  # bad input fails at once, not after a payload build; parsed once
     settings = Settings.load(to=to, recipe=recipe, platform=platform)
     rec = recipe_for(settings)
     if rec.kind == "buildah":
-        result = build(base_ref, rec, settings)
+        result = build(base, rec, settings)
     else:
         if payload_layer:
             from imagefarm.derive.values import payload_from_file
@@ -48,7 +48,7 @@ def derive_cmd(
                               "(minutes the first time, cached afterwards) ...")
                 found = build_payload(settings, rec, log=lambda m: console.print(m, highlight=False))
             payload = AppendPayload.of(found, rec)
-        result = derive(base_ref, payload, settings)
+        result = derive(base, payload, settings)
     if as_json:
         emit_json(result.to_json())
         return

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from imagefarm import oci
 from imagefarm.errors import DeriveError, NotFound, RegistryError
-from imagefarm.names.reference import Reference, parse
+from imagefarm.names.reference import Prefix, Reference, parse
 from imagefarm.registry import RegistryClient, Resolved, scope
 from imagefarm.registry.manifests import Manifest
 from imagefarm.settings import Settings
@@ -29,10 +29,10 @@ from .values import AppendPayload, DeriveResult, PayloadLike
 PAYLOAD_REPO = "imagefarm-payload"
 
 
-def payload_home(to: str) -> str:
-    """The repository in the target registry where the payload blob is kept."""
-    probe = parse(f"{to.rstrip('/')}/{PAYLOAD_REPO}")
-    return probe.repository
+def payload_home(to: Prefix | str) -> str:
+    """The repository (path) in the target registry where the payload blob is kept."""
+    prefix = to if isinstance(to, Prefix) else Prefix.parse(to)
+    return prefix.repository(PAYLOAD_REPO).path
 
 
 def existing_derive(client: RegistryClient, target: Reference, base_digest: str, recipe_digest: str,
@@ -66,7 +66,7 @@ class Appender:
         self.close()
 
     # -- the verb ----------------------------------------------------------------
-    def derive(self, base: Reference | str, payload: PayloadLike, *, to: str | None = None,
+    def derive(self, base: Reference | str, payload: PayloadLike, *, to: Prefix | str | None = None,
                publish: bool = True) -> DeriveResult:
         """Derive ``base`` with ``payload`` under ``to`` (default ``settings.to``).
 
@@ -75,7 +75,7 @@ class Appender:
         base = parse(base) if isinstance(base, str) else base
         if not hasattr(payload, "env"):  # e.g. imagefarm.payload.Payload: no recipe env
             payload = AppendPayload.of(payload)
-        to = to or self.settings.to
+        to = self.settings.prefix if to is None else to if isinstance(to, Prefix) else Prefix.parse(to)
         with self.client.track() as st:
             resolved = self.client.resolve(base, self.settings.platform)
             where = f"base {base}"
@@ -150,7 +150,7 @@ class Appender:
 
 
 def derive(base: Reference | str, payload: PayloadLike, settings: Settings | None = None, *,
-           to: str | None = None) -> DeriveResult:
+           to: Prefix | str | None = None) -> DeriveResult:
     """One-off derive (opens and closes its own client); farms should share an ``Appender``."""
     with Appender(settings) as a:
         return a.derive(base, payload, to=to)

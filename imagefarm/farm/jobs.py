@@ -21,7 +21,7 @@ from typing import Any
 from . import attest
 from imagefarm import oci
 from imagefarm.derive import Appender, AppendPayload
-from imagefarm.derive.append import payload_home
+from imagefarm.derive.append import PAYLOAD_REPO
 from imagefarm.errors import ImagefarmError, PayloadError
 from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
@@ -66,8 +66,7 @@ def fetch_blob(settings: Settings, digest: str, size: int) -> Path:
     if final.exists() and final.stat().st_size == size:
         return final
     blobs.mkdir(parents=True, exist_ok=True)
-    home = parse(f"{settings.to.rstrip('/')}/x:x").registry + "/" + payload_home(settings.to)
-    ref = parse(f"{home}@{digest}")
+    ref = settings.prefix.repository(PAYLOAD_REPO).digest(digest)
     client = appender(settings).client
     h = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".fetch-")
@@ -77,7 +76,7 @@ def fetch_blob(settings: Settings, digest: str, size: int) -> Path:
                 h.update(chunk)
                 out.write(chunk)
         if "sha256:" + h.hexdigest() != digest:
-            raise PayloadError(f"payload blob fetched from {home} does not match {digest}")
+            raise PayloadError(f"payload blob fetched from {ref.repo} does not match {digest}")
         os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):

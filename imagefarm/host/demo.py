@@ -25,7 +25,7 @@ def run_demo(settings: Settings, n_bases: int = 5, verify: str = "1", console: C
     console = console or Console(stderr=True)
     for ep in devstack.up(settings):
         console.print(f"[bold]{ep.name}[/] on {ep.host}:{ep.port}" + (" (already running)" if ep.pid == 0 else ""))
-    registry = parse(settings.to + ":x").registry
+    registry = settings.prefix.registry
     with FixtureFactory(settings, registry, log=console.print) as factory:
         console.print(f"[bold]bases[/]: making {n_bases} sample r2e-style bases, pushing them to {registry}")
         bases = [b.ref for b in factory.r2e_set(n_bases)]

@@ -16,7 +16,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from imagefarm.errors import ConfigError
-from imagefarm.names.reference import parse
 from .proc import pid_alive
 from imagefarm.settings import Settings
 from .services import Redis, Registry
@@ -44,10 +43,10 @@ def _read_pid(settings: Settings, name: str) -> int | None:
 
 
 def registry_port(settings: Settings) -> tuple[str, int]:
-    ref = parse(f"{settings.to}/x:y") if "/" not in settings.to else parse(f"{settings.to}:probe")
-    if not ref.is_loopback:
+    registry = settings.prefix.registry
+    if not registry.is_loopback:
         raise ConfigError(f"IMAGEFARM_TO={settings.to!r} is not a local registry; `dev up` only starts local ones")
-    host, _, port = ref.registry.rpartition(":")
+    host, _, port = registry.rpartition(":")
     return host, int(port or 80)
 
 

@@ -11,7 +11,8 @@ keep-alive, pooled connections), auth state behind locks, per-thread stats.
 Failure policy: 429, 5xx and dropped connections are retried with exponential
 backoff and jitter, then raise ``TransientRegistryError`` / ``RegistryUnreachable``;
 401/403 raise ``AuthError`` saying how to log in; 404 raises ``NotFound`` quoting the
-registry. Plain HTTP is used for loopback registries and ``settings.insecure_registries``.
+registry. Plain HTTP follows the one rule of ``Registry.insecure`` (loopback, or
+``settings.insecure_registries``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from imagefarm import oci
 from imagefarm.errors import (AuthError, NotFound, RegistryError, RegistryUnreachable,
                       TransientRegistryError, UnsupportedMedia)
 from imagefarm.oci import Descriptor
-from imagefarm.names.reference import Reference
+from imagefarm.names.reference import Reference, Repository
 from imagefarm.settings import Settings
 from . import manifests as mf
 from .auth import Authenticator, Challenge, Credentials, load_credentials, rejected, scope
@@ -114,10 +115,8 @@ class RegistryClient:
         return self.stats.track()
 
     # -- transport -------------------------------------------------------------
-    def base_url(self, ref: Reference) -> str:
-        plain = ref.is_loopback or ref.registry in self.settings.insecure_registries \
-            or ref.api_host in self.settings.insecure_registries
-        return f"{'http' if plain else 'https'}://{ref.api_host}"
+    def base_url(self, ref: Reference | Repository) -> str:
+        return ref.registry.base_url(self.settings)
 
     def _url(self, ref: Reference, tail: str) -> str:
         return f"{self.base_url(ref)}/v2/{ref.repository}/{tail}"
@@ -198,7 +197,7 @@ class RegistryClient:
                         raise RegistryUnreachable(
                             f"cannot reach registry {host} for {what} after {attempt + 1} tries "
                             f"({type(exc).__name__}: {exc}): is it running and is the address right?"
-                            f"{'' if ref.is_loopback else ' (plain HTTP registries belong in insecure_registries)'}"
+                            f"{'' if ref.registry.is_loopback else ' (plain HTTP registries belong in insecure_registries)'}"
                         ) from None
                     raise TransientRegistryError(
                         f"registry {host} dropped the connection during {what} {attempt + 1} times "
@@ -324,16 +323,18 @@ class RegistryClient:
                              headers={"Content-Type": media_type}, body=lambda: raw, ok=(201, 200))
         return resp.headers.get("Docker-Content-Digest") or oci.sha256_digest(raw)
 
-    def list_tags(self, ref: Reference, *, page_size: int | None = None) -> list[str]:
-        """Every tag of ``ref``'s repository, following ``Link: <...>; rel="next"`` pages."""
-        url = self._url(ref, "tags/list")
+    def list_tags(self, repo: Repository | Reference, *, page_size: int | None = None) -> list[str]:
+        """Every tag of the repository (a ``Reference`` means its repository), following
+        ``Link: <...>; rel="next"`` pages."""
+        repo = repo.repo if isinstance(repo, Reference) else repo
+        url = f"{self.base_url(repo)}/v2/{repo.path}/tags/list"
         params = {"n": str(page_size)} if page_size else None
         tags: list[str] = []
         while url:
-            resp = self._request("GET", ref, url, scopes=(scope(ref.repository),),
-                                 what=f"tag list of {ref.name}", params=params)
+            resp = self._request("GET", repo, url, scopes=(scope(repo.path),),
+                                 what=f"tag list of {repo.name}", params=params)
             tags += resp.json().get("tags") or []
-            url, params = _next_link(resp, self.base_url(ref)), None
+            url, params = _next_link(resp, self.base_url(repo)), None
         return tags
 
     # -- blobs -----------------------------------------------------------------
