@@ -428,18 +428,18 @@ class RuntimeManager:
                     await self.backend.run(spec)
                     break
                 except BackendError as exc:
-                    if "workdir" in str(exc) and "does not exist" in str(exc) and spec.working_dir and attempt < 2:
+                    if exc.kind == BackendError.WORKDIR_MISSING and spec.working_dir and attempt < 2:
                         await self.backend.remove(rec.container)
                         log.info("runtime %s: working_dir %s does not exist in the image: the image's own "
                                  "working directory is used", rec.runtime_id, spec.working_dir)
                         spec.working_dir = None
                         continue
-                    if spec.image in self._present and "image not known" in str(exc) and attempt < 2:
+                    if spec.image in self._present and exc.kind == BackendError.IMAGE_UNKNOWN and attempt < 2:
                         self._present.discard(spec.image)  # removed behind our back: pull again
                         await self.backend.remove(rec.container)
                         await self._ensure_image(rec, req)
                         continue
-                    if "address already in use" in str(exc).lower() and attempt < 2:
+                    if exc.kind == BackendError.PORT_IN_USE and attempt < 2:
                         await self.backend.remove(rec.container)
                         rec.host_port = self._free_port()
                         rec.url = f"http://{self.config.url_host}:{rec.host_port}"

@@ -217,14 +217,16 @@ class RegistryClient:
             resp.read()
             resp.close()
         msg = registry_message(resp)
+        data = dict(status=code, codes=registry_codes(resp), reference=ref, request=resp.request)
         if code in RETRY_STATUS:
             raise TransientRegistryError(f"registry {host} failed {what} with {code} after "
-                                         f"{attempt + 1} tries: {msg}")
+                                         f"{attempt + 1} tries: {msg}", **data)
         if code in (401, 403):
-            raise AuthError(rejected(host, what, self._auth.credentials(host)) + f" (registry said: {msg})")
+            raise AuthError(rejected(host, what, self._auth.credentials(host)) + f" (registry said: {msg})",
+                            **data)
         if code == 404:
-            raise NotFound(f"{what}: not found in registry {host} (registry said: {msg})")
-        raise RegistryError(f"registry {host} refused {what} with HTTP {code}: {msg}")
+            raise NotFound(f"{what}: not found in registry {host} (registry said: {msg})", **data)
+        raise RegistryError(f"registry {host} refused {what} with HTTP {code}: {msg}", **data)
 
     def _send_authed(self, method, ref, url, scopes, what, headers, body, params, stream, follow, auth):
         hdrs = dict(headers or {})
@@ -525,6 +527,14 @@ def _next_link(resp: httpx.Response, base: str) -> str | None:
         if 'rel="next"' in part and "<" in part:
             return urllib.parse.urljoin(base + "/", part[part.index("<") + 1:part.index(">")])
     return None
+
+
+def registry_codes(resp: httpx.Response) -> tuple[str, ...]:
+    """The registry's error codes (``BLOB_UNKNOWN``, ``MANIFEST_BLOB_UNKNOWN``...), if it sent JSON errors."""
+    try:
+        return tuple(str(e.get("code")) for e in resp.json().get("errors") or () if e.get("code"))
+    except (ValueError, AttributeError):
+        return ()
 
 
 def registry_message(resp: httpx.Response) -> str:
