@@ -34,7 +34,7 @@ from imagefarm.errors import PayloadError
 from .recipe import Recipe
 from imagefarm.settings import Settings
 from . import bundle
-from .builder import Chroot, builder_rootfs, file_lock, find_uv
+from .builder import Chroot, builder_rootfs, file_lock, find_uv, quiet
 
 Log = Callable[[str], None]
 
@@ -48,10 +48,6 @@ _TERMINFO = ("d/dumb", "l/linux", "s/screen", "s/screen-256color", "t/tmux", "t/
 #: imported by the isolation check (all native stdlib modules the server touches + the server)
 _CHECK_IMPORTS = ["ssl", "sqlite3", "ctypes", "lzma", "bz2", "zlib", "hashlib", "uuid", "decimal",
                   "_asyncio", "pyexpat", "openhands.agent_server.api"]
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +145,7 @@ def disk_errors(where: Path, doing: str):
             f"layer): free space there or set IMAGEFARM_CACHE_DIR to a bigger disk") from None
 
 
-def build_payload(settings: Settings, recipe: Recipe, *, log: Log = _quiet, force: bool = False) -> Payload:
+def build_payload(settings: Settings, recipe: Recipe, *, log: Log = quiet, force: bool = False) -> Payload:
     """The payload of ``recipe``: from the cache, else built (minutes on a cold cache)."""
     if recipe.kind != "append":
         raise PayloadError(f"recipe {recipe.name!r} is kind {recipe.kind!r}: only 'append' recipes have a payload layer")
@@ -186,7 +182,7 @@ def _tree_size(tree: Path) -> int:
     return total
 
 
-def build_tree(settings: Settings, recipe: Recipe, *, log: Log = _quiet, force: bool = False) -> tuple[Path, str]:
+def build_tree(settings: Settings, recipe: Recipe, *, log: Log = quiet, force: bool = False) -> tuple[Path, str]:
     """The installed, bundled tree of ``recipe`` (cached per ``recipe.tree_digest``)."""
     trees = payload_dir(settings) / "trees"
     final = trees / recipe.tree_digest.split(":", 1)[1][:24]

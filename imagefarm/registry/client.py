@@ -8,8 +8,8 @@ built on ``requests`` without a per-request retry policy. This client is sync an
 safe to share between the threads of a pool: one ``httpx.Client`` (HTTP/1.1
 keep-alive, pooled connections), auth state behind locks, per-thread stats.
 
-Failure policy: 429, 5xx and dropped connections are retried with exponential
-backoff and jitter, then raise ``TransientRegistryError`` / ``RegistryUnreachable``;
+Failure policy: 429, 5xx and dropped connections are retried by the one policy of
+``transport.RetryPolicy``, then raise ``TransientRegistryError`` / ``RegistryUnreachable``;
 401/403 raise ``AuthError`` saying how to log in; 404 raises ``NotFound`` quoting the
 registry. Plain HTTP follows the one rule of ``Registry.insecure`` (loopback, or
 ``settings.insecure_registries``).
@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
-import socket
 import threading
-import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +36,8 @@ from imagefarm.settings import Settings
 from . import manifests as mf
 from .auth import Authenticator, Challenge, Credentials, load_credentials, rejected, scope
 from .stats import StatsSink
-
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
-CHUNK = 1 << 20
+from .streams import CHUNK, Counted, OneShot, file_chunks, once, read_limited, rechunk
+from .transport import RETRY_STATUS, RetryableStatus, RetryPolicy, http_client, registry_codes, registry_message
 #: configs are small; refuse absurd ones instead of reading them into memory
 CONFIG_LIMIT = 16 * 1024 * 1024
 
@@ -62,19 +58,6 @@ class Resolved:
         return self.manifest.digest
 
 
-class _OneShot:
-    """Body factory for a single-use iterator: a retry that needs it again is refused."""
-
-    def __init__(self, it: Iterable[bytes]):
-        self._it, self._used = it, False
-
-    def __call__(self) -> Iterable[bytes]:
-        if self._used:
-            raise TransientRegistryError("upload from a one-shot stream failed part way and cannot be replayed")
-        self._used = True
-        return self._it
-
-
 class RegistryClient:
     """Talk to any number of registries; every method takes a ``Reference``."""
 
@@ -82,18 +65,9 @@ class RegistryClient:
                  max_backoff: float = 8.0, timeout: float = 60.0,
                  credentials: dict[str, Credentials] | None = None) -> None:
         self.settings = settings or Settings.load()
-        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
-        n = self.settings.registry_concurrency
+        self.retry = RetryPolicy(retries, backoff, max_backoff)
         # a streamed cross-registry copy holds two connections (GET and PUT)
-        limits = httpx.Limits(max_connections=2 * n, max_keepalive_connections=2 * n)
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=10.0, pool=600.0),
-            # TCP_NODELAY: headers and body go out in two writes; Nagle plus a delayed
-            # ACK can hold a small PUT body back for tens of milliseconds
-            transport=httpx.HTTPTransport(limits=limits, socket_options=[
-                (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]),
-            follow_redirects=False,
-        )
+        self._http = http_client(2 * self.settings.registry_concurrency, timeout)
         creds = credentials if credentials is not None else load_credentials(self.settings.auth_file)
         self._auth = Authenticator(creds, self._fetch_token)
         self._pinged: set[str] = set()
@@ -120,13 +94,6 @@ class RegistryClient:
 
     def _url(self, ref: Reference, tail: str) -> str:
         return f"{self.base_url(ref)}/v2/{ref.repository}/{tail}"
-
-    def _sleep(self, attempt: int, resp: httpx.Response | None) -> None:
-        delay = min(self.max_backoff, self.backoff * (2 ** attempt))
-        delay = delay / 2 + random.uniform(0, delay / 2)
-        if resp is not None and resp.headers.get("Retry-After", "").isdigit():
-            delay = min(self.max_backoff, float(resp.headers["Retry-After"]))
-        time.sleep(delay)
 
     def _send(self, method: str, url: str, headers: dict[str, str], body: Body | None,
               params: dict[str, str] | None, stream: bool, follow: bool) -> httpx.Response:
@@ -183,33 +150,38 @@ class RegistryClient:
         (or a 404 with ``missing_ok``); a streamed response must be closed by the caller."""
         if auth:
             self._ensure_auth(ref)
-        retries = self.retries if retries is None else retries
         host = ref.registry
-        attempt = 0
-        while True:
-            resp: httpx.Response | None = None
-            try:
-                resp = self._send_authed(method, ref, url, scopes, what, headers, body, params,
-                                         stream, follow, auth)
-            except httpx.TransportError as exc:
-                if attempt >= retries:
-                    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-                        raise RegistryUnreachable(
-                            f"cannot reach registry {host} for {what} after {attempt + 1} tries "
-                            f"({type(exc).__name__}: {exc}): is it running and is the address right?"
-                            f"{'' if ref.registry.is_loopback else ' (plain HTTP registries belong in insecure_registries)'}"
-                        ) from None
-                    raise TransientRegistryError(
-                        f"registry {host} dropped the connection during {what} {attempt + 1} times "
-                        f"({type(exc).__name__}: {exc})") from None
-            else:
-                if resp.status_code not in RETRY_STATUS or attempt >= retries:
-                    break
-                if stream:
-                    resp.close()
-            attempt += 1
+        tries = 0
+
+        def once_more() -> httpx.Response:
+            nonlocal tries
+            tries += 1
+            resp = self._send_authed(method, ref, url, scopes, what, headers, body, params, stream, follow, auth)
+            if resp.status_code in RETRY_STATUS:
+                raise RetryableStatus(resp)
+            return resp
+
+        def before_sleep(exc: BaseException) -> None:
             self.stats.add(retries=1)
-            self._sleep(attempt - 1, resp)
+            if stream and isinstance(exc, RetryableStatus):
+                exc.response.close()
+
+        try:
+            resp = self.retry.call(once_more, retries=retries, before_sleep=before_sleep,
+                                   retry_on=lambda e: isinstance(e, (httpx.TransportError, RetryableStatus)))
+        except RetryableStatus as exc:
+            resp = exc.response  # retries ran out: mapped below
+        except httpx.TransportError as exc:
+            if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                raise RegistryUnreachable(
+                    f"cannot reach registry {host} for {what} after {tries} tries "
+                    f"({type(exc).__name__}: {exc}): is it running and is the address right?"
+                    f"{'' if ref.registry.is_loopback else ' (plain HTTP registries belong in insecure_registries)'}",
+                    reference=ref) from None
+            raise TransientRegistryError(
+                f"registry {host} dropped the connection during {what} {tries} times "
+                f"({type(exc).__name__}: {exc})", reference=ref) from None
+        attempt = tries - 1
         code = resp.status_code
         if code in ok or (missing_ok and code == 404):
             return resp
@@ -248,19 +220,20 @@ class RegistryClient:
         params += [("scope", s) for s in scopes]
         headers = {"Authorization": creds.basic} if creds else {}
         host = urllib.parse.urlsplit(ch.realm).netloc or ch.realm
-        for attempt in range(self.retries + 1):
-            try:
-                self.stats.add(requests=1)
-                resp = self._http.get(ch.realm, params=params, headers=headers)
-            except httpx.TransportError as exc:
-                if attempt >= self.retries:
-                    raise RegistryUnreachable(f"cannot reach token server {ch.realm}: {exc}") from None
-                self._sleep(attempt, None)
-                continue
-            if resp.status_code in RETRY_STATUS and attempt < self.retries:
-                self._sleep(attempt, resp)
-                continue
-            break
+
+        def once_more() -> httpx.Response:
+            self.stats.add(requests=1)
+            resp = self._http.get(ch.realm, params=params, headers=headers)
+            if resp.status_code in RETRY_STATUS:
+                raise RetryableStatus(resp)
+            return resp
+
+        try:
+            resp = self.retry.call(once_more, retry_on=lambda e: isinstance(e, (httpx.TransportError, RetryableStatus)))
+        except RetryableStatus as exc:
+            resp = exc.response
+        except httpx.TransportError as exc:
+            raise RegistryUnreachable(f"cannot reach token server {ch.realm}: {exc}") from None
         if resp.status_code in (401, 403):
             raise AuthError(rejected(ch.service or host, f"a token for {' '.join(scopes) or 'login'}", creds))
         if resp.status_code != 200:
@@ -284,7 +257,7 @@ class RegistryClient:
             if size > mf.MANIFEST_LIMIT:
                 raise UnsupportedMedia(f"{what}: manifest is {size} bytes, over the "
                                        f"{mf.MANIFEST_LIMIT} byte limit")
-            raw = _read_limited(resp, mf.MANIFEST_LIMIT, what)
+            raw = read_limited(resp, mf.MANIFEST_LIMIT, what)
             self.stats.add(bytes_down=len(raw))
         finally:
             resp.close()
@@ -413,7 +386,7 @@ class RegistryClient:
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
             size = path.stat().st_size if size is None else size
-            factory: Callable[[], Iterable[bytes]] = lambda: _file_chunks(path)
+            factory: Callable[[], Iterable[bytes]] = lambda: file_chunks(path)
         elif isinstance(source, (bytes, bytearray)):
             data = bytes(source)
             size = len(data)
@@ -421,35 +394,33 @@ class RegistryClient:
         elif callable(source):
             factory = source
         else:
-            factory = _OneShot(source)
-        attempt = 0
-        while True:
-            try:
-                loc = location or self.start_upload(ref, scopes=scopes)
-                location = None  # a restart needs a fresh session
-                counted = _Counted(factory())
-                if chunk_size:
-                    self._put_chunked(ref, digest, counted, loc, chunk_size, scopes)
-                else:
-                    headers = {"Content-Type": "application/octet-stream"}
-                    if size is not None:
-                        headers["Content-Length"] = str(size)
-                    self._request("PUT", ref, loc, scopes=scopes, what=f"upload of blob {digest[:19]} to {ref.name}",
-                                  headers=headers, body=_once(counted), params={"digest": digest},
-                                  ok=(201, 204), retries=0)
-                self.stats.add(blobs_uploaded=1, blob_bytes_uploaded=counted.n)
-                return
-            except (TransientRegistryError, RegistryUnreachable):
-                if attempt >= self.retries or isinstance(factory, _OneShot):
-                    raise
-            attempt += 1
-            self.stats.add(retries=1)
-            self._sleep(attempt - 1, None)
+            factory = OneShot(source)
+        session = [location]
+
+        def whole_upload() -> None:
+            loc = session.pop() or self.start_upload(ref, scopes=scopes)
+            session.append(None)  # a restart needs a fresh session
+            counted = Counted(factory())
+            if chunk_size:
+                self._put_chunked(ref, digest, counted, loc, chunk_size, scopes)
+            else:
+                headers = {"Content-Type": "application/octet-stream"}
+                if size is not None:
+                    headers["Content-Length"] = str(size)
+                self._request("PUT", ref, loc, scopes=scopes, what=f"upload of blob {digest[:19]} to {ref.name}",
+                              headers=headers, body=once(counted), params={"digest": digest},
+                              ok=(201, 204), retries=0)
+            self.stats.add(blobs_uploaded=1, blob_bytes_uploaded=counted.n)
+
+        # a transient failure restarts the whole upload, unless its source cannot be replayed
+        self.retry.call(whole_upload, before_sleep=lambda e: self.stats.add(retries=1),
+                        retry_on=lambda e: isinstance(e, (TransientRegistryError, RegistryUnreachable))
+                        and not isinstance(factory, OneShot))
 
     def _put_chunked(self, ref, digest, chunks, loc, chunk_size, scopes) -> None:
         offset = 0
         what = f"chunked upload of blob {digest[:19]} to {ref.name}"
-        for piece in _rechunk(chunks, chunk_size):
+        for piece in rechunk(chunks, chunk_size):
             headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(piece)),
                        "Content-Range": f"{offset}-{offset + len(piece) - 1}"}
             resp = self._request("PATCH", ref, loc, scopes=scopes, what=what, headers=headers,
@@ -479,72 +450,9 @@ class RegistryClient:
                 stack.pop().close()
 
 
-class _Counted:
-    """Counts the bytes an upload actually sent (for ``blob_bytes_uploaded``)."""
-
-    def __init__(self, it: Iterable[bytes]):
-        self._it, self.n = it, 0
-
-    def __iter__(self) -> Iterator[bytes]:
-        for c in self._it:
-            self.n += len(c)
-            yield c
-
-
-def _once(it: Iterable[bytes]) -> Body:
-    return _OneShot(it)
-
-
-def _file_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            yield chunk
-
-
-def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
-    buf = bytearray()
-    for c in chunks:
-        buf += c
-        while len(buf) >= size:
-            yield bytes(buf[:size])
-            del buf[:size]
-    if buf:
-        yield bytes(buf)
-
-
-def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
-    buf = bytearray()
-    for c in resp.iter_bytes(CHUNK):
-        buf += c
-        if len(buf) > limit:
-            raise UnsupportedMedia(f"{what}: manifest is over the {limit} byte limit")
-    return bytes(buf)
-
-
 def _next_link(resp: httpx.Response, base: str) -> str | None:
     link = resp.headers.get("Link", "")
     for part in link.split(","):
         if 'rel="next"' in part and "<" in part:
             return urllib.parse.urljoin(base + "/", part[part.index("<") + 1:part.index(">")])
     return None
-
-
-def registry_codes(resp: httpx.Response) -> tuple[str, ...]:
-    """The registry's error codes (``BLOB_UNKNOWN``, ``MANIFEST_BLOB_UNKNOWN``...), if it sent JSON errors."""
-    try:
-        return tuple(str(e.get("code")) for e in resp.json().get("errors") or () if e.get("code"))
-    except (ValueError, AttributeError):
-        return ()
-
-
-def registry_message(resp: httpx.Response) -> str:
-    """The registry's own words: ``CODE: message`` from its JSON errors, else the body."""
-    try:
-        errors = resp.json().get("errors") or []
-        if errors:
-            return "; ".join(f"{e.get('code', '?')}: {e.get('message', '')}".strip() for e in errors)
-    except (ValueError, AttributeError):
-        pass
-    text = (resp.text or "").strip()
-    return text[:300] or f"HTTP {resp.status_code} with no body"
-

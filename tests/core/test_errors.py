@@ -6,7 +6,7 @@ import httpx
 
 from imagefarm.errors import (ConfigError, ImagefarmError, InvalidReference, NotFound, RegistryError,
                               RegistryUnreachable, http_status)
-from imagefarm.registry.client import registry_codes
+from imagefarm.registry.transport import registry_codes
 from imagefarm.runtime.errors import BackendError, CapacityFull, NoPrebuiltImage
 
 
