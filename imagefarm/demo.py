@@ -13,12 +13,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import devstack
+from imagefarm.host import devstack
 from imagefarm.serve.lookup import Lookup
 from imagefarm.farm.prebuild import run_batch
 from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
-from .samples import FixtureFactory
+from imagefarm.host.samples import FixtureFactory
 
 
 def run_demo(settings: Settings, n_bases: int = 5, verify: str = "1", console: Console | None = None) -> Path:
