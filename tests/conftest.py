@@ -72,7 +72,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Setti
     # leave no container or mount behind
     run(s, ["podman", "rm", "--all", "--force", "--time", "0"], check=False, timeout=120)
     run(s, ["buildah", "rm", "--all"], check=False, timeout=120)
-    run(s, ["podman", "system", "reset", "--force"], check=False, timeout=120)
+    run(s, ["podman", "system", "reset", "--force"], check=False, timeout=600)
 
 
 @pytest.fixture(scope="session")

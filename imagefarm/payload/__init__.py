@@ -160,7 +160,7 @@ def build_payload(settings: Settings, recipe: Recipe, *, log: Log = quiet, force
         log(f"writing the layer (gzip) for recipe {recipe.name} ...")
         layer = oci.write_layer(layer_entries(tree, recipe), pdir / "blobs")
         payload = Payload(recipe.name, recipe.digest, recipe.agent_server_version, layer,
-                          _tree_size(tree), python_version, time.monotonic() - t0)
+                          _tree_size(tree), python_version, round(time.monotonic() - t0, 1))
         rec = _record(settings, recipe)
         tmp = rec.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload.to_json(), indent=2, sort_keys=True) + "\n")
