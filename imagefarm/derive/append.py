@@ -117,7 +117,7 @@ class Appender:
         return tuple(out)
 
     def _derive(self, base: Reference, resolved: Resolved, target: Reference, payload: PayloadLike,
-                to: str, scopes: tuple[str, ...], where: str, publish: bool = True) -> str:
+                to: Prefix, scopes: tuple[str, ...], where: str, publish: bool = True) -> str:
         m = resolved.manifest
         pinned = base.with_digest(m.digest)
         src_scopes = scopes if base.registry == target.registry else None
