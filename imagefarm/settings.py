@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from functools import cached_property
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +71,12 @@ class Settings(BaseSettings):
             raise ValueError(str(exc)) from None
         return v
 
-    @cached_property
+    @property
     def prefix(self) -> Prefix:
-        """``to`` as a value, parsed once: where prebuilt images go and are looked up."""
-        return Prefix.parse(self.to)
+        """``to`` as a value (checked when the settings were made; parsed once per distinct
+        text): where prebuilt images go and are looked up. A property, not a cached field,
+        so ``model_copy(update={"to": ...})`` can never carry a stale prefix."""
+        return _prefix(self.to)
 
     @classmethod
     def load(cls, **overrides: Any) -> "Settings":
@@ -90,6 +92,9 @@ class Settings(BaseSettings):
             var = f"IMAGEFARM_{m.group(1).upper()}" if m else "an IMAGEFARM_* variable"
             raise ConfigError(f"{var}={os.environ.get(var)!r}: not a JSON list, e.g. {var}='[\"reg:5000\"]'"
                               ) from None
+
+
+_prefix = lru_cache(maxsize=256)(Prefix.parse)
 
 
 def _one_line(exc: ValidationError, flags: dict[str, Any]) -> str:
