@@ -55,6 +55,14 @@ class Settings(BaseSettings):
         default_factory=lambda: _repo_recipes(), description="where recipe files live"
     )
     registry_concurrency: int = Field(16, ge=1, description="cap on parallel registry calls")
+    copies_per_source: int = Field(
+        4, ge=1, description="cap on blobs copied at once from one source registry (per process)")
+    mirrors: dict[str, str] = Field(
+        default_factory=dict,
+        description='registry -> the mirror its images are read through, as JSON ({"docker.io": '
+                    '"127.0.0.1:5001"}, e.g. `imagefarm dev up --mirror docker.io`); images keep the '
+                    "registry's name",
+    )
 
     @field_validator("to")
     @classmethod
@@ -90,7 +98,7 @@ class Settings(BaseSettings):
         except SettingsError as exc:  # a list variable that is not JSON
             m = re.search(r'field "(\w+)"', str(exc))
             var = f"IMAGEFARM_{m.group(1).upper()}" if m else "an IMAGEFARM_* variable"
-            raise ConfigError(f"{var}={os.environ.get(var)!r}: not a JSON list, e.g. {var}='[\"reg:5000\"]'"
+            raise ConfigError(f"{var}={os.environ.get(var)!r}: not valid JSON (list and map values are JSON, e.g. IMAGEFARM_INSECURE_REGISTRIES='[\"reg:5000\"]')"
                               ) from None
 
 

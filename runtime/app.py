@@ -5,7 +5,9 @@
 
 Status codes, chosen after what the clients do with them:
 
-* 401 missing or wrong ``X-API-Key`` (compared with ``hmac.compare_digest``);
+* 401 missing or wrong ``X-API-Key`` (compared with ``hmac.compare_digest``), answered
+  from the headers before any body byte is read (``imagefarm.serve.apikey.protect``);
+* 413 a body over ``ServeConfig.max_body`` (1 MiB: a /start body is a few KB);
 * 404 ``/start`` of an image with no prebuilt image (``detail`` names the base and
   the ``imagefarm derive`` / ``imagefarm prebuild`` command); neither client retries
   a 404 on ``/start`` and both surface ``detail`` (V0 appends it to its error);
@@ -13,7 +15,8 @@ Status codes, chosen after what the clients do with them:
   runtime id;
 * 429 when ``--max-runtimes`` run (V0's request helper retries 429 with backoff);
 * 501 ``/build`` and ``/build_status``: this server never builds;
-* 422 a body of the wrong shape (FastAPI's validation), never a 500.
+* 409 a derived image the lookup refuses (stale recipe, no boot check passed);
+* 422 a body of the wrong shape (FastAPI's validation; values are never echoed), never a 500.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
-from imagefarm.serve.apikey import HEADER, key_matches
-from imagefarm.errors import ImagefarmError, InvalidReference, RegistryError, http_status
+from imagefarm.serve.apikey import protect
+from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, RegistryError, http_status
 from imagefarm.settings import Settings
 
 from .backend import PodmanBackend
@@ -70,14 +73,8 @@ def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
         lifespan=lifespan,
     )
     app.state.manager = manager
-
-    def require_key(x_api_key: str | None = Header(None, alias="X-API-Key",
-                                                  description="the server's API key")) -> None:
-        if config.disable_auth:
-            return
-        if not key_matches(x_api_key, config.api_key or ""):  # hmac.compare_digest
-            raise HTTPException(401, f"missing or wrong API key: send it in the {HEADER} header",
-                                headers={"WWW-Authenticate": HEADER})
+    protect(app, key=None if config.disable_auth else config.api_key, open_paths={"/alive", "/health"},
+            max_body=config.max_body)
 
     @app.exception_handler(RuntimeServerError)
     async def _runtime_error(request: Request, exc: RuntimeServerError) -> JSONResponse:
@@ -86,6 +83,10 @@ def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
 
     @app.exception_handler(InvalidReference)
     async def _bad_ref(request: Request, exc: InvalidReference) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=http_status(exc))
+
+    @app.exception_handler(ImageRefused)
+    async def _refused(request: Request, exc: ImageRefused) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=http_status(exc))
 
     @app.exception_handler(RegistryError)
@@ -105,7 +106,7 @@ def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
     app.get("/alive", response_model=Health, tags=["server"], summary="liveness (no auth)")(health)
     app.get("/health", response_model=Health, tags=["server"], summary="liveness (no auth)")(health)
 
-    api = APIRouter(dependencies=[Depends(require_key)], responses=ERRORS)
+    api = APIRouter(responses=ERRORS)
 
     @api.post("/start", response_model=RuntimeInfo, tags=["runtimes"],
               responses={429: {"model": ErrorBody, "description": "server full (--max-runtimes)"}})
@@ -130,16 +131,14 @@ def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
     @api.get("/sessions/{session_id}", response_model=RuntimeInfo, tags=["runtimes"])
     async def session(session_id: str) -> RuntimeInfo:
         """The runtime of a session: ``status`` (running/paused/error) and ``pod_status``."""
-        rec = manager.by_session_id(session_id)
-        manager.touch(rec)
+        rec = manager.by_session_id(session_id)  # a poll: the idle clock runs on
         await manager.refresh(rec)
         return manager.info(rec)
 
     @api.get("/runtime/{runtime_id}", response_model=RuntimeInfo, tags=["runtimes"])
     async def runtime(runtime_id: str) -> RuntimeInfo:
         """One runtime by id (V0 polls this for ``pod_status``)."""
-        rec = manager.get(runtime_id)
-        manager.touch(rec)
+        rec = manager.get(runtime_id)  # a poll: the idle clock runs on
         await manager.refresh(rec)
         return manager.info(rec)
 
@@ -168,7 +167,7 @@ def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
         """Whether a prebuilt image serves ``image`` (V0 asks before starting)."""
         try:
             hit = await manager.resolve(image)
-        except NoPrebuiltImage as exc:
+        except (NoPrebuiltImage, ImageRefused) as exc:
             return ImageExists(exists=False, detail=str(exc))
         size = await manager.image_size(hit)
         return ImageExists(exists=True, image=ImageDetails(

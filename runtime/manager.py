@@ -12,9 +12,12 @@ the image if the node lacks it (``pod_status`` pending), creates the container
 answer (ready), or reports the exit with the container's last log lines (failed; an
 OOM kill is reported as crashloopbackoff, which both clients explain as "possibly
 OOM, try again"). A monitor notices containers that exit later; a reaper removes
-runtimes idle longer than ``idle_timeout`` (idle = no API call for the runtime and,
+runtimes idle longer than ``idle_timeout`` (idle = no API call for the runtime other
+than status polls, which never reset the clock, and,
 where the agent server tells, no agent activity per ``GET {url}/server_info``
-``idle_time``; else no CPU time used) and failed ones after ``failed_ttl``.
+``idle_time``; else no CPU time used). A failed runtime's container is removed at once
+(it holds its ``--max-runtimes`` slot until podman confirms); its record, with the
+last log lines, stays for polls until ``failed_ttl``.
 
 User policy (``user_policy="image"``, the default): APIRemoteWorkspace always asks for
 ``run_as_user`` 10001 (and ``runtime_class`` sysbox-runc), but r2e images are
@@ -42,6 +45,7 @@ from typing import Any, Literal
 
 import httpx
 
+from imagefarm.serve.apikey import check_key_config
 from imagefarm.errors import ImagefarmError
 from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
@@ -76,17 +80,20 @@ class ServeConfig:
     ready_timeout: float = 900.0
     monitor_interval: float = 1.0
     log_tail: int = 50
+    max_body: int = 1 << 20               #: bytes of a request body (413 beyond)
     state_dir: Path | None = None         #: default: settings.state_dir / "runtime"
 
     def __post_init__(self) -> None:
         lo, hi = self.port_range
         if not (1024 <= lo <= hi <= 65535):
             raise ImagefarmError(f"invalid port range {lo}-{hi}: expected A-B within 1024-65535")
-        if not self.disable_auth and not self.api_key:
-            raise ImagefarmError("an API key is required (--api-key or IMAGEFARM_RUNTIME_API_KEY), "
-                                 "or run with --disable-auth explicitly")
+        check_key_config(self.api_key, self.disable_auth, "IMAGEFARM_RUNTIME_API_KEY")
         if self.max_runtimes < 1:
             raise ImagefarmError("--max-runtimes must be at least 1")
+        if not self.cpus_per_factor >= 0.01:  # podman reads a tiny --cpus as no limit
+            raise ImagefarmError(f"--cpus-per-factor {self.cpus_per_factor}: expected at least 0.01")
+        if self.memory_mib_per_factor < 6:  # podman's floor; --memory 0m means no limit
+            raise ImagefarmError(f"--memory-mib-per-factor {self.memory_mib_per_factor}: expected at least 6")
 
     @property
     def url_host(self) -> str:
@@ -251,7 +258,9 @@ class RuntimeManager:
         return self.records[rid]
 
     def live_count(self) -> int:
-        return sum(1 for r in self.records.values() if r.status in LIVE)
+        """Runtimes holding a slot of ``--max-runtimes``: live ones, and failed ones whose
+        container is not removed yet (a failed container may still run and use the node)."""
+        return sum(1 for r in self.records.values() if r.status in LIVE or not r.extra.get("removed"))
 
     def info(self, rec: Record) -> RuntimeInfo:
         state = {"pending": "waiting", "running": "running", "ready": "running"}.get(rec.pod_status, "terminated")
@@ -542,7 +551,15 @@ class RuntimeManager:
             await self._fail(rec, "the container disappeared (removed outside this server?)", logs=False)
             return
         why = f"the container exited with code {c.exit_code}" + (f": {c.error}" if c.error else "")
-        await self._fail(rec, why, exit_code=c.exit_code, oom=c.oom_killed)
+        oom = c.oom_killed
+        if not oom and c.exit_code == 137:
+            # SIGKILL under the memory limit: on cgroup v1 hosts (these) podman never sets
+            # OOMKilled, though the kernel logged an OOM kill; this server never SIGKILLs a
+            # runtime it still tracks, so an OOM kill is by far the likeliest cause
+            oom = True
+            why += (f" (SIGKILL under the {int(self.config.memory_mib_per_factor * rec.resource_factor)} MiB "
+                    "memory limit: most likely out of memory; podman here cannot tell for sure)")
+        await self._fail(rec, why, exit_code=c.exit_code, oom=oom)
 
     async def _fail(self, rec: Record, reason: str, *, exit_code: int | None = None, oom: bool = False,
                     logs: bool = True) -> None:
@@ -560,6 +577,7 @@ class RuntimeManager:
             hint = (" (the command does not exist in this image: agent-server images serve SDK clients "
                     "(APIRemoteWorkspace, command /usr/local/bin/openhands-agent-server); a V0 "
                     "RemoteRuntime's action execution server is not in them)")
+        await self._remove_failed(rec)  # before the failure shows: a failed poll means it is gone
         rec.status = "error"
         rec.pod_status = "crashloopbackoff" if oom else "failed"
         rec.reason = ("OOMKilled: " if oom else "") + reason + hint
@@ -570,6 +588,18 @@ class RuntimeManager:
         lines = [ln for ln in tail.strip().splitlines() if ln][-5:]
         log.warning("runtime %s failed: %s%s", rec.runtime_id, rec.reason,
                     ("; last log lines:\n    " + "\n    ".join(lines)) if lines else "")
+
+    async def _remove_failed(self, rec: Record) -> None:
+        """A failed runtime's container goes at once (its logs are in the record); until
+        podman confirms, it keeps its slot and the reaper tries again."""
+        try:
+            await self.backend.remove(rec.container)
+        except BackendError as exc:
+            log.warning("runtime %s: could not remove the failed container yet: %s", rec.runtime_id, exc)
+            return
+        rec.extra["removed"] = True
+        if rec.runtime_id in self.records:
+            self._save(rec)
 
     def _watch(self, rec: Record) -> None:
         """(Re)start readiness watching for a running, not yet ready runtime."""
@@ -705,6 +735,8 @@ class RuntimeManager:
         for rec in [r for r in self.records.values() if r.status == "error"]:
             if now - rec.last_activity > self.config.failed_ttl:
                 await self.stop(rec.runtime_id, "removed (failed and untouched)")
+            elif not rec.extra.get("removed"):
+                await self._remove_failed(rec)
         idle = self.config.idle_timeout
         if not idle:
             return

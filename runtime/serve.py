@@ -19,24 +19,16 @@ from typing import Callable
 from imagefarm.settings import Settings
 
 from .manager import ServeConfig
-from .resolver import RegistryResolver, Resolver
+from .resolver import Resolver
 
 log = logging.getLogger("imagefarm.runtime")
 
 
-def default_resolver(settings: Settings, kind: str = "auto") -> Resolver:
-    """``lookup`` (imagefarm.serve.lookup.Lookup), ``registry`` (RegistryResolver), or ``auto``."""
-    if kind in ("auto", "lookup"):
-        try:
-            from imagefarm.serve.lookup import Lookup  # type: ignore[import-not-found]
-        except ImportError:
-            if kind == "lookup":
-                raise
-        else:
-            log.info("resolving images with imagefarm.serve.lookup.Lookup")
-            return Lookup(settings)
-    log.info("resolving images from the registry under %s (RegistryResolver)", settings.to)
-    return RegistryResolver(settings)
+def default_resolver(settings: Settings) -> Resolver:
+    """The one resolver of the project: ``imagefarm.serve.lookup.Lookup``."""
+    from imagefarm.serve.lookup import Lookup
+
+    return Lookup(settings)
 
 
 def write_atomic(path: Path, text: str) -> None:

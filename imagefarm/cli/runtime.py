@@ -51,7 +51,6 @@ def serve_cmd(
                                       help="remove all runtimes when the server stops (SLURM jobs)"),
     url_file: Path = typer.Option(None, "--url-file", envvar="IMAGEFARM_RUNTIME_URL_FILE",
                                   help="write the server URL here (atomically) once it accepts requests"),
-    resolver: str = typer.Option("auto", "--resolver", help="auto | lookup | registry"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Serve the runtime API (SDK APIRemoteWorkspace and V0 RemoteRuntime)."""
@@ -60,12 +59,8 @@ def serve_cmd(
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if api_key and disable_auth:
-        raise ConfigError("--api-key and --disable-auth exclude each other")
     if user_policy not in ("image", "requested"):
         raise ConfigError(f"--user-policy {user_policy!r}: expected image or requested")
-    if resolver not in ("auto", "lookup", "registry"):
-        raise ConfigError(f"--resolver {resolver!r}: expected auto, lookup or registry")
     settings = Settings.load(to=to)
     config = ServeConfig(
         api_key=api_key, disable_auth=disable_auth, max_runtimes=max_runtimes,
@@ -74,5 +69,5 @@ def serve_cmd(
         pids_limit=pids_limit, user_policy=user_policy, stop_on_exit=stop_on_exit)  # type: ignore[arg-type]
     os.environ.pop("IMAGEFARM_RUNTIME_API_KEY", None)  # not inherited by podman and its children
     console.print(f"runtime server: prebuilt images under {settings.to}, state in {settings.state_dir / 'runtime'}")
-    serve(settings, config, host=host, port=port, resolver=default_resolver(settings, resolver),
+    serve(settings, config, host=host, port=port, resolver=default_resolver(settings),
           url_file=url_file, public_host=public_host, log_level=log_level)

@@ -38,22 +38,9 @@ class Registry(str):
     __slots__ = ()
 
     @property
-    def hostname(self) -> str:
-        """The host without the port (``[::1]`` keeps its brackets)."""
-        if self.startswith("["):
-            return self.split("]", 1)[0] + "]"
-        return self.rsplit(":", 1)[0]
-
-    @property
     def is_loopback(self) -> bool:
         """``localhost`` or a loopback IP literal; never a name that merely starts with ``127.``."""
-        host = self.hostname
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host.strip("[]")).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self)
 
     @property
     def api_host(self) -> str:
@@ -86,6 +73,12 @@ class Repository:
     @property
     def name(self) -> str:
         return f"{self.registry}/{self.path}"
+
+    @property
+    def repository(self) -> str:
+        """The path, as ``Reference.repository`` names it: repository-level client calls
+        (``blob_exists``, ``list_tags``, uploads) take a ``Repository`` or a ``Reference``."""
+        return self.path
 
     def __str__(self) -> str:
         return self.name
@@ -204,6 +197,12 @@ class Reference:
         return f"{self.name}@{self.digest}"
 
     @property
+    def path(self) -> str:
+        """``repository[:tag][@digest]``: the name with no registry. A dataset's image and
+        the same image read through a mirror differ only in the registry, not here."""
+        return str(self)[len(self.registry) + 1:]
+
+    @property
     def identifier(self) -> str:
         """What goes after ``/manifests/``: the digest if pinned, else the tag."""
         return self.digest or self.tag or "latest"
@@ -230,6 +229,20 @@ class Reference:
     @property
     def api_host(self) -> str:
         return self.registry.api_host
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (``name[:port]``, ``[v6][:port]``) is this machine's loopback."""
+    if host.startswith("["):
+        name = host[1:host.find("]")] if "]" in host else host[1:]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def parse(text: str) -> Reference:
@@ -284,3 +297,11 @@ def parse(text: str) -> Reference:
     if tag is None and digest is None:
         tag = "latest"
     return Reference(registry=Registry(registry), repository=path, tag=tag, digest=digest)
+
+
+def mirrored(ref: Reference, mirrors: dict[str, str]) -> Reference:
+    """Where ``ref``'s bytes are read when its registry has a mirror (``{"docker.io":
+    "127.0.0.1:5001"}``, a pull-through cache): same repository, tag and digest."""
+    mirror = mirrors.get(ref.registry)
+    return ref.with_repository(mirror, ref.repository) if mirror else ref
+

@@ -8,8 +8,11 @@ built on ``requests`` without a per-request retry policy. This client is sync an
 safe to share between the threads of a pool: one ``httpx.Client`` (HTTP/1.1
 keep-alive, pooled connections), auth state behind locks, per-thread stats.
 
-Failure policy: 429, 5xx and dropped connections are retried by the one policy of
+Failure policy: 5xx and dropped connections are retried by the one policy of
 ``transport.RetryPolicy``, then raise ``TransientRegistryError`` / ``RegistryUnreachable``;
+a 429 or a spent pull budget waits at the process's rate-limit gate (``ratelimit``),
+shared by every caller, uses up no retry, and raises ``RateLimited`` if the wait is
+longer than ``rate_wait``;
 401/403 raise ``AuthError`` saying how to log in; 404 raises ``NotFound`` quoting the
 registry. Plain HTTP follows the one rule of ``Registry.insecure`` (loopback, or
 ``settings.insecure_registries``).
@@ -34,12 +37,16 @@ from imagefarm.oci import Descriptor
 from imagefarm.names.reference import Reference, Repository
 from imagefarm.settings import Settings
 from . import manifests as mf
+from . import ratelimit
 from .auth import Authenticator, Challenge, Credentials, load_credentials, rejected, scope
+from .cache import ManifestCache
 from .stats import StatsSink
 from .streams import CHUNK, Counted, OneShot, file_chunks, once, read_limited, rechunk
 from .transport import RETRY_STATUS, RetryableStatus, RetryPolicy, http_client, registry_codes, registry_message
 #: configs are small; refuse absurd ones instead of reading them into memory
 CONFIG_LIMIT = 16 * 1024 * 1024
+#: pages of one tag list (distribution pages 100 tags by default: a million tags)
+MAX_TAG_PAGES = 10_000
 
 Body = Callable[[], Iterable[bytes] | bytes]
 BlobSource = Path | bytes | Callable[[], Iterable[bytes]] | Iterable[bytes]
@@ -63,9 +70,12 @@ class RegistryClient:
 
     def __init__(self, settings: Settings | None = None, *, retries: int = 5, backoff: float = 0.2,
                  max_backoff: float = 8.0, timeout: float = 60.0,
-                 credentials: dict[str, Credentials] | None = None) -> None:
+                 credentials: dict[str, Credentials] | None = None, rate_wait: float = 2.0) -> None:
         self.settings = settings or Settings.load()
         self.retry = RetryPolicy(retries, backoff, max_backoff)
+        #: seconds a request may wait for a rate-limit pause before ``RateLimited`` is
+        #: raised (a batch sets the base aside; a plan waits: ``math.inf``)
+        self.rate_wait = rate_wait
         # a streamed cross-registry copy holds two connections (GET and PUT)
         self._http = http_client(2 * self.settings.registry_concurrency, timeout)
         creds = credentials if credentials is not None else load_credentials(self.settings.auth_file)
@@ -73,6 +83,7 @@ class RegistryClient:
         self._pinged: set[str] = set()
         self._ping_lock = threading.Lock()
         self.stats = StatsSink()
+        self.manifests = ManifestCache(Path(self.settings.state_dir) / "manifests")
 
     # -- lifecycle -------------------------------------------------------------
     def close(self) -> None:
@@ -87,6 +98,11 @@ class RegistryClient:
     def track(self):
         """``with client.track() as s:`` counts this thread's requests into ``s``."""
         return self.stats.track()
+
+    def account(self, registry: str) -> str:
+        """Whose pull budget requests to ``registry`` spend: the auth file's user."""
+        creds = self._auth.credentials(registry)
+        return creds.username if creds else "anonymous"
 
     # -- transport -------------------------------------------------------------
     def base_url(self, ref: Reference | Repository) -> str:
@@ -151,12 +167,33 @@ class RegistryClient:
         if auth:
             self._ensure_auth(ref)
         host = ref.registry
+        gate, counted, account = ratelimit.current(), ratelimit.counts(method, url), self.account(host)
         tries = 0
 
         def once_more() -> httpx.Response:
-            nonlocal tries
+            nonlocal tries, counted
+            while True:
+                permit, seen = gate.acquire(host, account, counted, self.rate_wait), None
+                try:
+                    resp = self._send_authed(method, ref, url, scopes, what, headers, body, params,
+                                             stream, follow, auth)
+                    seen = ratelimit.observe(resp.status_code, resp.headers)
+                    if counted and seen is not None:  # a registry that counts said so
+                        self.stats.add(pulls=1)
+                except httpx.TransportError:
+                    tries += 1
+                    raise
+                finally:
+                    gate.release(permit, seen)
+                if resp.status_code != 429:
+                    break
+                # a spent budget: wait at the gate with every other caller (it says how
+                # long); this is no failure and uses up no retry
+                if stream:
+                    resp.close()
+                counted = True
+                self.stats.add(rate_limited=1)
             tries += 1
-            resp = self._send_authed(method, ref, url, scopes, what, headers, body, params, stream, follow, auth)
             if resp.status_code in RETRY_STATUS:
                 raise RetryableStatus(resp)
             return resp
@@ -278,17 +315,36 @@ class RegistryClient:
                           int(resp.headers.get("Content-Length") or 0))
 
     def resolve(self, ref: Reference, platform: str | None = None, *,
-                scopes: Sequence[str] | None = None) -> Resolved:
-        """The image manifest ``ref`` means on ``platform`` (indexes resolved)."""
-        got = self.get_manifest(ref, scopes=scopes)
+                scopes: Sequence[str] | None = None, head_first: bool = False) -> Resolved:
+        """The image manifest ``ref`` means on ``platform`` (indexes resolved).
+
+        ``head_first`` (for a source registry that counts GETs): HEAD the tag, which is
+        not counted, and take the bytes from the manifest cache when that digest was
+        read before, so each manifest costs one counted GET, ever."""
+        got = self._read(ref, scopes, head_first)
         if isinstance(got, mf.Manifest):
             return Resolved(ref, got)
         platform = platform or self.settings.platform
         entry = mf.select_platform(got, platform, where=f"image index {ref}")
-        child = self.get_manifest(ref.with_digest(entry.digest), scopes=scopes)
+        child = self._read(ref.with_digest(entry.digest), scopes, head_first)
         if not isinstance(child, mf.Manifest):
             raise UnsupportedMedia(f"image index {ref}: entry for {platform} is itself an index")
         return Resolved(ref, child, got)
+
+    def _read(self, ref: Reference, scopes: Sequence[str] | None, cached: bool) -> mf.Manifest | mf.Index:
+        if not cached:
+            return self.get_manifest(ref, scopes=scopes)
+        digest = ref.digest
+        if digest is None:
+            desc = self.head_manifest(ref, scopes=scopes)
+            if desc is None:
+                raise NotFound(f"manifest {ref}: not found in registry {ref.registry}")
+            digest = desc.digest or None
+        got = self.manifests.get(digest, f"manifest {ref}") if digest else None
+        if got is None:
+            got = self.get_manifest(ref.with_digest(digest) if digest else ref, scopes=scopes)
+            self.manifests.put(got)
+        return got
 
     def put_manifest(self, ref: Reference, raw: bytes, media_type: str, *,
                      scopes: Sequence[str] | None = None) -> str:
@@ -300,12 +356,21 @@ class RegistryClient:
 
     def list_tags(self, repo: Repository | Reference, *, page_size: int | None = None) -> list[str]:
         """Every tag of the repository (a ``Reference`` means its repository), following
-        ``Link: <...>; rel="next"`` pages."""
+        ``Link: <...>; rel="next"`` pages.
+
+        A ``Link`` seen before (a registry pointing a page at itself) or more than
+        ``MAX_TAG_PAGES`` pages is a ``RegistryError``, never an endless loop."""
         repo = repo.repo if isinstance(repo, Reference) else repo
-        url = f"{self.base_url(repo)}/v2/{repo.path}/tags/list"
+        url: str | None = f"{self.base_url(repo)}/v2/{repo.path}/tags/list"
         params = {"n": str(page_size)} if page_size else None
         tags: list[str] = []
+        seen: set[str] = set()
         while url:
+            if url in seen or len(seen) >= MAX_TAG_PAGES:
+                why = "links back to a page already read" if url in seen else f"has over {MAX_TAG_PAGES} pages"
+                raise RegistryError(f"tag list of {repo.name} on {repo.registry} {why} ({url}): "
+                                    "the registry's pagination is broken")
+            seen.add(url)
             resp = self._request("GET", repo, url, scopes=(scope(repo.path),),
                                  what=f"tag list of {repo.name}", params=params)
             tags += resp.json().get("tags") or []
