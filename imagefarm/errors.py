@@ -20,7 +20,7 @@ Catch ``ImagefarmError`` for everything; the tree says what else to catch::
     └── VerifyError              a derived image does not boot or answers wrongly
 
 Every message names the bad input and, where there is one, the fix. Callers read
-data, not text: ``RegistryError`` carries the HTTP ``status``, the registry's error
+data, not text: ``RegistryError`` carries the ``registry_status``, the registry's error
 ``codes`` (``BLOB_UNKNOWN``...), the ``reference`` and the httpx ``request``; every
 error has the HTTP ``status_code`` both servers answer with (``http_status``).
 """
@@ -73,11 +73,12 @@ class RegistryError(ImagefarmError):
 
     status_code = 502
 
-    def __init__(self, message: str, *, status: int | None = None, codes: tuple[str, ...] = (),
+    def __init__(self, message: str, *, registry_status: int | None = None, codes: tuple[str, ...] = (),
                  reference: Any = None, request: Any = None) -> None:
         super().__init__(message)
         #: the registry's HTTP status (None: no answer), its error codes, what was asked
-        self.status, self.codes, self.reference, self.request = status, tuple(codes), reference, request
+        self.registry_status, self.codes = registry_status, tuple(codes)
+        self.reference, self.request = reference, request
 
 
 class RegistryUnreachable(RegistryError):

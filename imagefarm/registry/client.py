@@ -226,7 +226,7 @@ class RegistryClient:
             resp.read()
             resp.close()
         msg = registry_message(resp)
-        data = dict(status=code, codes=registry_codes(resp), reference=ref, request=resp.request)
+        data = dict(registry_status=code, codes=registry_codes(resp), reference=ref, request=resp.request)
         if code in RETRY_STATUS:
             raise TransientRegistryError(f"registry {host} failed {what} with {code} after "
                                          f"{attempt + 1} tries: {msg}", **data)

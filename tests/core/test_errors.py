@@ -26,10 +26,12 @@ def test_registry_error_carries_status_codes_and_reference():
         {"code": "MANIFEST_BLOB_UNKNOWN", "message": "blob unknown to registry"}, {"code": "BLOB_UNKNOWN"}]})
     assert registry_codes(resp) == ("MANIFEST_BLOB_UNKNOWN", "BLOB_UNKNOWN")
     assert registry_codes(httpx.Response(500, request=req, text="oops")) == ()
-    exc = NotFound("gone", status=404, codes=("MANIFEST_UNKNOWN",), reference="127.0.0.1:9/a:t", request=req)
-    assert (exc.status, exc.codes, exc.reference, exc.request) == (404, ("MANIFEST_UNKNOWN",), "127.0.0.1:9/a:t", req)
+    exc = NotFound("gone", registry_status=404, codes=("MANIFEST_UNKNOWN",), reference="127.0.0.1:9/a:t",
+                   request=req)
+    assert (exc.registry_status, exc.codes, exc.reference, exc.request) == (
+        404, ("MANIFEST_UNKNOWN",), "127.0.0.1:9/a:t", req)
     plain = RegistryError("no data")
-    assert (plain.status, plain.codes, plain.reference, str(plain)) == (None, (), None, "no data")
+    assert (plain.registry_status, plain.codes, plain.reference, str(plain)) == (None, (), None, "no data")
 
 
 def test_backend_failure_kind_is_named_once_from_podman_stderr():
