@@ -23,8 +23,6 @@ class Resolver(Protocol):
         """The prebuilt image serving ``image`` (a base or a derived reference), or None."""
 
 
-
-
 def describe_base(image: str) -> str:
     """The base a request names, normalised for messages (the input if unparsable)."""
     try:
