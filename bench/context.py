@@ -104,14 +104,6 @@ class LoggedRegistry(Registry):
         except OSError:
             return 0
 
-    def storage_bytes(self) -> int:
-        total = 0
-        for dirpath, _dirs, files in os.walk(self.workdir / "data"):
-            for f in files:
-                with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(dirpath, f)).st_size
-        return total
-
     def traffic(self, mark: int) -> dict[str, Any]:
         """What the access log says happened since ``mark``.
 

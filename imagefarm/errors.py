@@ -19,10 +19,15 @@ Catch ``ImagefarmError`` for everything; the tree says what else to catch::
     ├── PayloadError             the agent payload cannot be built
     └── VerifyError              a derived image does not boot or answers wrongly
 
-Every message names the bad input and, where there is one, the fix.
+Every message names the bad input and, where there is one, the fix. Callers read
+data, not text: ``RegistryError`` carries the ``registry_status``, the registry's error
+``codes`` (``BLOB_UNKNOWN``...), the ``reference`` and the httpx ``request``; every
+error has the HTTP ``status_code`` both servers answer with (``http_status``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ImagefarmError(Exception):
@@ -30,15 +35,21 @@ class ImagefarmError(Exception):
 
     #: transient errors may succeed on retry (the farm retries them with backoff)
     transient: bool = False
+    #: what an HTTP server answers when this escapes a request (see ``http_status``)
+    status_code: int = 500
 
 
 class InvalidReference(ImagefarmError, ValueError):
     """A malformed image reference."""
 
+    status_code = 400
+
 
 class ImageRefused(ImagefarmError):
     """A derived image named by the caller that must not be served: built with another
     recipe, or (by digest) without a passed boot check. Servers answer 409."""
+
+    status_code = 409
 
 
 class ConfigError(ImagefarmError):
@@ -58,7 +69,16 @@ class ToolMissing(ToolError):
 
 
 class RegistryError(ImagefarmError):
-    """The registry refused or failed a request."""
+    """The registry refused or failed a request: an upstream failure (502) to our clients."""
+
+    status_code = 502
+
+    def __init__(self, message: str, *, registry_status: int | None = None, codes: tuple[str, ...] = (),
+                 reference: Any = None, request: Any = None) -> None:
+        super().__init__(message)
+        #: the registry's HTTP status (None: no answer), its error codes, what was asked
+        self.registry_status, self.codes = registry_status, tuple(codes)
+        self.reference, self.request = reference, request
 
 
 class RegistryUnreachable(RegistryError):
@@ -91,3 +111,9 @@ class PayloadError(ImagefarmError):
 
 class VerifyError(ImagefarmError):
     """A derived image failed its boot check."""
+
+
+def http_status(exc: BaseException) -> int:
+    """The one mapping from error to HTTP status, shared by the lookup API and the runtime
+    server: 400 bad reference, 502 upstream registry failure, a runtime error's own, else 500."""
+    return exc.status_code if isinstance(exc, ImagefarmError) else 500

@@ -13,12 +13,24 @@ import io
 import json
 import os
 import shutil
-import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
+
+from imagefarm.errors import ConfigError
+
+def parse_platform(text: str) -> dict[str, str]:
+    """``linux/amd64`` or ``linux/arm64/v8`` -> OCI platform fields (``ConfigError`` if not)."""
+    parts = text.strip().split("/")
+    if len(parts) not in (2, 3) or not all(parts) or any(c.isspace() for c in text.strip()):
+        raise ConfigError(f"platform {text!r} must look like os/arch[/variant], e.g. linux/amd64")
+    out = {"os": parts[0], "architecture": parts[1]}
+    if len(parts) == 3:
+        out["variant"] = parts[2]
+    return out
+
 
 # -- media types ---------------------------------------------------------------
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -229,24 +241,6 @@ def symlink_entry(name: str, target: str) -> tuple[str, None, tarfile.TarInfo]:
     return name, None, info
 
 
-def layer_from_tarball(tarball: Path, out_dir: Path, level: int = 6) -> Layer:
-    """Recompress an existing (uncompressed) tar as a layer, byte for byte inside."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".layer-", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as raw, open(tarball, "rb") as src:
-            outer = _HashingWriter(raw)
-            with gzip.GzipFile(fileobj=outer, mode="wb", compresslevel=level, mtime=0, filename="") as gz:
-                inner = _HashingWriter(gz)  # type: ignore[arg-type]
-                shutil.copyfileobj(src, inner, 1 << 20)
-        final = out_dir / ("sha256-" + outer.hash.hexdigest())
-        tmp.replace(final)
-        return Layer(final, "sha256:" + outer.hash.hexdigest(), outer.size, "sha256:" + inner.hash.hexdigest())
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def image_config(
     layers: list[Layer],
     *,
@@ -348,7 +342,3 @@ class OCILayout:
         index["manifests"].append(entry)
         self._index.write_bytes(canonical_json(index))
         return desc
-
-
-def is_executable(path: Path) -> bool:
-    return path.is_file() and bool(path.stat().st_mode & stat.S_IXUSR)

@@ -2,17 +2,24 @@
 
 The same name means the same thing everywhere: ``--to`` / ``IMAGEFARM_TO`` is the
 registry prefix that prebuilt images go to in derive, prebuild, lookup, runtime
-serve and launch.
+serve and launch. Values are checked when the settings are made: a bad flag or
+variable is one ``ConfigError`` line naming it (``Settings.load``), never a traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from imagefarm.errors import ConfigError
+from imagefarm.names.reference import Prefix
+from imagefarm.oci import parse_platform
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -60,25 +67,56 @@ class Settings(BaseSettings):
                     "registry's name",
     )
 
+    @field_validator("to")
+    @classmethod
+    def _check_to(cls, v: str) -> str:
+        Prefix.parse(v)  # InvalidReference is a ValueError: pydantic reports it
+        return v
+
+    @field_validator("platform")
+    @classmethod
+    def _check_platform(cls, v: str) -> str:
+        try:
+            parse_platform(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @property
+    def prefix(self) -> Prefix:
+        """``to`` as a value (checked when the settings were made; parsed once per distinct
+        text): where prebuilt images go and are looked up. A property, not a cached field,
+        so ``model_copy(update={"to": ...})`` can never carry a stale prefix."""
+        return _prefix(self.to)
+
     @classmethod
     def load(cls, **overrides: Any) -> "Settings":
-        """Settings from the environment with flags (non-None values) on top; a bad
-        value is one ``ConfigError`` naming the variable (the CLI prints one line)."""
-        from pydantic import ValidationError
-        from pydantic_settings import SettingsError
-
-        from imagefarm.errors import ConfigError
-
+        """Settings from the environment with flags (non-None values) on top; a bad value
+        raises one ``ConfigError`` line naming the flag or ``IMAGEFARM_*`` variable."""
+        flags = {k: v for k, v in overrides.items() if v is not None}
         try:
-            return cls(**{k: v for k, v in overrides.items() if v is not None})
-        except SettingsError as exc:  # a JSON-valued variable that is not JSON
-            field = str(exc).split('"')[1] if '"' in str(exc) else "?"
-            raise ConfigError(f"IMAGEFARM_{field.upper()} is not valid JSON") from None
+            return cls(**flags)
         except ValidationError as exc:
-            e = exc.errors()[0]
-            where = ".".join(str(p) for p in e["loc"])
-            raise ConfigError(f"IMAGEFARM_{str(e['loc'][0]).upper()} (or its flag): {where}: {e['msg']}") from None
+            raise ConfigError(_one_line(exc, flags)) from None
+        except SettingsError as exc:  # a list variable that is not JSON
+            m = re.search(r'field "(\w+)"', str(exc))
+            var = f"IMAGEFARM_{m.group(1).upper()}" if m else "an IMAGEFARM_* variable"
+            raise ConfigError(f"{var}={os.environ.get(var)!r}: not valid JSON (list and map values are JSON, e.g. IMAGEFARM_INSECURE_REGISTRIES='[\"reg:5000\"]')"
+                              ) from None
 
+
+_prefix = lru_cache(maxsize=256)(Prefix.parse)
+
+
+def _one_line(exc: ValidationError, flags: dict[str, Any]) -> str:
+    """``--to 'a b': invalid registry prefix ...; IMAGEFARM_REGISTRY_CONCURRENCY='x': ...``."""
+    parts = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        where = f"--{field.replace('_', '-')}" if field in flags else f"IMAGEFARM_{field.upper()}"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}={err.get('input')!r}: {msg}" if "input" in err else f"{where}: {msg}")
+    return "; ".join(parts)
 
 
 def _repo_recipes() -> Path:

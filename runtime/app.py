@@ -29,7 +29,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from imagefarm.serve.apikey import protect
-from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, RegistryError
+from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, RegistryError, http_status
 from imagefarm.settings import Settings
 
 from .backend import PodmanBackend
@@ -79,24 +79,24 @@ def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
     @app.exception_handler(RuntimeServerError)
     async def _runtime_error(request: Request, exc: RuntimeServerError) -> JSONResponse:
         headers = {"Retry-After": "10"} if exc.status_code == 429 else None
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=headers)
+        return JSONResponse({"detail": str(exc)}, status_code=http_status(exc), headers=headers)
 
     @app.exception_handler(InvalidReference)
     async def _bad_ref(request: Request, exc: InvalidReference) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse({"detail": str(exc)}, status_code=http_status(exc))
 
     @app.exception_handler(ImageRefused)
     async def _refused(request: Request, exc: ImageRefused) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
+        return JSONResponse({"detail": str(exc)}, status_code=http_status(exc))
 
     @app.exception_handler(RegistryError)
     async def _registry(request: Request, exc: RegistryError) -> JSONResponse:
         return JSONResponse({"detail": f"the registry could not be asked for a prebuilt image: {exc}"},
-                            status_code=503, headers={"Retry-After": "5"})
+                            status_code=http_status(exc), headers={"Retry-After": "5"})
 
     @app.exception_handler(ImagefarmError)
     async def _other(request: Request, exc: ImagefarmError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=500)
+        return JSONResponse({"detail": str(exc)}, status_code=http_status(exc))
 
     # -- no auth: liveness of the server itself -------------------------------------------
     def health() -> Health:

@@ -105,13 +105,15 @@ class PodmanBackend:
         except asyncio.TimeoutError:
             _kill(proc)
             await proc.wait()
-            raise BackendError(f"`podman {' '.join(args[:2])}` timed out after {timeout or self.timeout}s") from None
+            raise BackendError(f"`podman {' '.join(args[:2])}` timed out after {timeout or self.timeout}s",
+                               BackendError.TIMEOUT) from None
         so = out.decode(errors="replace")
         se = (err or b"").decode(errors="replace")
         log.debug("podman %s -> %s in %.3fs", args[0], proc.returncode, time.monotonic() - t0)
         if check and proc.returncode != 0:
             tail = "\n".join(se.strip().splitlines()[-10:]) or so.strip()[-2000:]
-            raise BackendError(f"`podman {' '.join(args[:2])}` failed (exit {proc.returncode}): {tail}")
+            raise BackendError.from_podman(f"`podman {' '.join(args[:2])}` failed (exit {proc.returncode}): {tail}",
+                                           se or so)
         return proc.returncode or 0, so, se
 
     # -- images ---------------------------------------------------------------

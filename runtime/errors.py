@@ -8,7 +8,7 @@
         ├── UnknownRuntime         (404) no runtime with that id / session
         ├── CapacityFull           (429) --max-runtimes reached
         ├── BuildRefused           (501) /build: this server never builds
-        └── BackendError           (502) podman failed (message carries its stderr)
+        └── BackendError           (502) podman failed: ``kind`` says how, the message carries stderr
 
 Each carries the HTTP status the API answers with; the message is the ``detail``.
 """
@@ -49,4 +49,29 @@ class BuildRefused(RuntimeServerError):
 
 
 class BackendError(RuntimeServerError):
+    """podman failed; ``kind`` is what callers branch on (one of the constants below)."""
+
     status_code = 502
+    WORKDIR_MISSING = "workdir-missing"   # the requested working directory is not in the image
+    IMAGE_UNKNOWN = "image-unknown"       # the image is not (or no longer) in local storage
+    PORT_IN_USE = "port-in-use"           # the host port was taken between choosing and binding
+    TIMEOUT = "timeout"
+    OTHER = "other"
+
+    def __init__(self, message: str, kind: str = OTHER) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    @classmethod
+    def from_podman(cls, message: str, stderr: str) -> "BackendError":
+        """Name the failure once, here, from podman's words (it has no error codes)."""
+        low = stderr.lower()
+        if "workdir" in low and "does not exist" in low:
+            kind = cls.WORKDIR_MISSING
+        elif "image not known" in low:
+            kind = cls.IMAGE_UNKNOWN
+        elif "address already in use" in low:
+            kind = cls.PORT_IN_USE
+        else:
+            kind = cls.OTHER
+        return cls(message, kind)

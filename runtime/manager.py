@@ -53,7 +53,7 @@ from imagefarm.settings import Settings
 from .backend import LABEL, LABEL_ID, LABEL_SERVER, LABEL_SESSION, ContainerSpec, PodmanBackend
 from .errors import BackendError, CapacityFull, NoPrebuiltImage, RuntimeServerError, UnknownRuntime
 from .models import ContainerStatus, RuntimeInfo, StartRequest
-from .resolver import Resolver, describe_base, prefix_of
+from .resolver import Resolver, describe_base
 from .state import Record, Store
 
 log = logging.getLogger("imagefarm.runtime")
@@ -143,7 +143,7 @@ class RuntimeManager:
         self.backend = backend
         self.resolver = resolver
         self.config = config
-        self.to = prefix_of(settings.to)
+        self.to = str(settings.prefix)
         self.store = Store(config.state_dir or settings.state_dir / "runtime")
         self.server_id = ""
         self.records: dict[str, Record] = {}
@@ -395,10 +395,7 @@ class RuntimeManager:
         self._present.add(image)
 
     def _tls_verify(self, image: str) -> bool:
-        ref = parse(image)
-        if ref.is_loopback:
-            return False
-        return not (ref.registry in self.settings.insecure_registries)
+        return not parse(image).registry.insecure(self.settings)
 
     async def _image_user(self, image: str) -> str:
         if image not in self._image_users:
@@ -440,18 +437,18 @@ class RuntimeManager:
                     await self.backend.run(spec)
                     break
                 except BackendError as exc:
-                    if "workdir" in str(exc) and "does not exist" in str(exc) and spec.working_dir and attempt < 2:
+                    if exc.kind == BackendError.WORKDIR_MISSING and spec.working_dir and attempt < 2:
                         await self.backend.remove(rec.container)
                         log.info("runtime %s: working_dir %s does not exist in the image: the image's own "
                                  "working directory is used", rec.runtime_id, spec.working_dir)
                         spec.working_dir = None
                         continue
-                    if spec.image in self._present and "image not known" in str(exc) and attempt < 2:
+                    if spec.image in self._present and exc.kind == BackendError.IMAGE_UNKNOWN and attempt < 2:
                         self._present.discard(spec.image)  # removed behind our back: pull again
                         await self.backend.remove(rec.container)
                         await self._ensure_image(rec, req)
                         continue
-                    if "address already in use" in str(exc).lower() and attempt < 2:
+                    if exc.kind == BackendError.PORT_IN_USE and attempt < 2:
                         await self.backend.remove(rec.container)
                         rec.host_port = self._free_port()
                         rec.url = f"http://{self.config.url_host}:{rec.host_port}"
@@ -779,7 +776,7 @@ def pinned_image(hit: Any) -> str:
     image = getattr(hit, "pinned", None) or hit.image
     if "@" in image:
         return image
-    return f"{parse(image).name}@{hit.digest}"
+    return parse(image).with_digest(hit.digest).pinned
 
 
 def _bindable(address: str, port: int) -> bool:

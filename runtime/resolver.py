@@ -23,12 +23,6 @@ class Resolver(Protocol):
         """The prebuilt image serving ``image`` (a base or a derived reference), or None."""
 
 
-def prefix_of(to: str) -> str:
-    """``--to`` as ``registry/path`` (no scheme, no trailing slash)."""
-    p = to.strip().rstrip("/")
-    return p.split("://", 1)[1] if "://" in p else p
-
-
 def describe_base(image: str) -> str:
     """The base a request names, normalised for messages (the input if unparsable)."""
     try:

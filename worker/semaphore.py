@@ -52,10 +52,6 @@ class RedisSemaphore:
             time.sleep(delay + random.random() * delay)
             delay = min(delay * 2, 5.0)
 
-    def holders(self) -> int:
-        self.client.zremrangebyscore(self.key, "-inf", time.time())
-        return int(self.client.zcard(self.key))
-
     @contextmanager
     def slot(self, timeout: float = 3600.0) -> Iterator[str]:
         deadline = time.monotonic() + timeout

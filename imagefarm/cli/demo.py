@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from imagefarm.host.demo import run_demo
+from imagefarm.demo import run_demo
 from imagefarm.settings import Settings
 from ._app import app, friendly
 

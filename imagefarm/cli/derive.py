@@ -35,11 +35,11 @@ def derive_cmd(
     from imagefarm.payload.recipe import recipe_for
     from imagefarm.names.reference import parse
 
-    parse(base_ref)  # bad input fails at once, not after a payload build
+    base = parse(base_ref)  # bad input fails at once, not after a payload build; parsed once
     settings = Settings.load(to=to, recipe=recipe, platform=platform, payload_from=payload_from)
     rec = recipe_for(settings)
     if rec.kind == "buildah":
-        result = build(base_ref, rec, settings)
+        result = build(base, rec, settings)
     else:
         with Appender(settings) as appender:
             if payload_layer:
@@ -50,7 +50,7 @@ def derive_cmd(
                 found = locate(settings, rec, appender.client,
                                log=lambda m: console.print(m, highlight=False, soft_wrap=True))
                 payload = found if hasattr(found, "source") else AppendPayload.of(found, rec)
-            result = appender.derive(base_ref, payload)
+            result = appender.derive(base, payload)
     if as_json:
         emit_json(result.to_json())
         return

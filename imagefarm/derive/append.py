@@ -17,7 +17,7 @@ from typing import Sequence
 
 from imagefarm import oci
 from imagefarm.errors import DeriveError, NotFound, RegistryError
-from imagefarm.names.reference import Reference, mirrored, parse
+from imagefarm.names.reference import Prefix, Reference, mirrored, parse
 from imagefarm.registry import RegistryClient, Resolved, scope
 from imagefarm.registry.manifests import Manifest
 from imagefarm.settings import Settings
@@ -27,12 +27,14 @@ from .blobs import BlobPlacer
 from .values import AppendPayload, DeriveResult, PayloadLike
 
 PAYLOAD_REPO = "imagefarm-payload"
+#: the registry's codes for "a manifest names a blob I do not have"
+BLOB_UNKNOWN = frozenset({"BLOB_UNKNOWN", "MANIFEST_BLOB_UNKNOWN"})
 
 
-def payload_home(to: str) -> str:
-    """The repository in the target registry where the payload blob is kept."""
-    probe = parse(f"{to.rstrip('/')}/{PAYLOAD_REPO}")
-    return probe.repository
+def payload_home(to: Prefix | str) -> str:
+    """The repository (path) in the target registry where the payload blob is kept."""
+    prefix = to if isinstance(to, Prefix) else Prefix.parse(to)
+    return prefix.repository(PAYLOAD_REPO).path
 
 
 def existing_derive(client: RegistryClient, target: Reference, base_digest: str, recipe_digest: str,
@@ -66,7 +68,7 @@ class Appender:
         self.close()
 
     # -- the verb ----------------------------------------------------------------
-    def derive(self, base: Reference | str, payload: PayloadLike, *, to: str | None = None,
+    def derive(self, base: Reference | str, payload: PayloadLike, *, to: Prefix | str | None = None,
                publish: bool = True) -> DeriveResult:
         """Derive ``base`` with ``payload`` under ``to`` (default ``settings.to``).
 
@@ -75,12 +77,12 @@ class Appender:
         base = parse(base) if isinstance(base, str) else base
         if not hasattr(payload, "env"):  # e.g. imagefarm.payload.Payload: no recipe env
             payload = AppendPayload.of(payload)
-        to = to or self.settings.to
+        to = self.settings.prefix if to is None else to if isinstance(to, Prefix) else Prefix.parse(to)
         # the name stays the dataset's; the bytes may come through a mirror
         source = mirrored(base, self.settings.mirrors)
         # a base from another registry (a public one counts manifest GETs): HEAD first,
         # so a base read before (by --plan, an earlier batch) spends no pull
-        cross = source.registry != parse(f"{to.rstrip('/')}/x:x").registry
+        cross = source.registry != to.registry
         with self.client.track() as st:
             resolved = self.client.resolve(source, self.settings.platform, head_first=cross)
             where = f"base {base}" + (f" (read through {source.registry})" if source != base else "")
@@ -120,7 +122,7 @@ class Appender:
         return tuple(out)
 
     def _derive(self, base: Reference, source: Reference, resolved: Resolved, target: Reference,
-                payload: PayloadLike, to: str, scopes: tuple[str, ...], where: str, publish: bool = True) -> str:
+                payload: PayloadLike, to: Prefix, scopes: tuple[str, ...], where: str, publish: bool = True) -> str:
         m = resolved.manifest
         pinned = source.with_digest(m.digest)
         src_scopes = scopes if source.registry == target.registry else None
@@ -139,7 +141,7 @@ class Appender:
             try:
                 return self.client.put_manifest(dest, manifest, oci.OCI_MANIFEST, scopes=scopes)
             except RegistryError as exc:
-                if "BLOB_UNKNOWN" not in str(exc) or attempt:
+                if not BLOB_UNKNOWN.intersection(exc.codes) or attempt:
                     raise
                 self.blobs.forget(target)  # someone deleted blobs we believed present
         raise AssertionError("unreachable")
@@ -158,7 +160,7 @@ class Appender:
 
 
 def derive(base: Reference | str, payload: PayloadLike, settings: Settings | None = None, *,
-           to: str | None = None) -> DeriveResult:
+           to: Prefix | str | None = None) -> DeriveResult:
     """One-off derive (opens and closes its own client); farms should share an ``Appender``."""
     with Appender(settings) as a:
         return a.derive(base, payload, to=to)

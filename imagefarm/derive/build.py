@@ -16,7 +16,7 @@ from typing import Protocol, Sequence
 from imagefarm import oci
 from imagefarm.host.containers import run
 from imagefarm.errors import DeriveError
-from imagefarm.names.reference import Reference, parse
+from imagefarm.names.reference import Prefix, Reference, parse
 from imagefarm.registry import RegistryClient
 from imagefarm.settings import Settings
 from imagefarm.names.tags import derived_reference
@@ -55,18 +55,17 @@ def render(template: str, base: Reference, env: Sequence[str] = ()) -> str:
 
 
 def _tls(settings: Settings, ref: Reference) -> list[str]:
-    plain = ref.is_loopback or ref.registry in settings.insecure_registries
-    return ["--tls-verify=false"] if plain else []
+    return ["--tls-verify=false"] if ref.registry.insecure(settings) else []
 
 
 def build(base: Reference | str, recipe: BuildRecipe, settings: Settings, *,
-          client: RegistryClient | None = None, to: str | None = None,
+          client: RegistryClient | None = None, to: Prefix | str | None = None,
           context: Path | None = None) -> DeriveResult:
     """Build ``recipe`` on ``base`` with buildah and push it under the derived tag."""
     if not recipe.containerfile:
         raise DeriveError(f"recipe {recipe.name!r} has no containerfile: it cannot take the buildah path")
     base = parse(base) if isinstance(base, str) else base
-    to = to or settings.to
+    to = settings.prefix if to is None else to
     own = client is None
     client = client or RegistryClient(settings)
     try:

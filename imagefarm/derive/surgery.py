@@ -15,7 +15,8 @@ from imagefarm import oci
 from imagefarm.errors import DeriveError
 from imagefarm.names.reference import Reference
 from imagefarm.names.reference import parse as parse_ref
-from imagefarm.registry.manifests import TO_OCI_LAYER, Manifest, parse_platform
+from imagefarm.oci import parse_platform
+from imagefarm.registry.manifests import TO_OCI_LAYER, Manifest
 from .values import PayloadLike
 
 #: overlayfs stacks at most this many layers in containers/storage (a derived image

@@ -67,7 +67,8 @@ def derive_base(settings: Settings, base: str, recipe: str, layer: dict[str, Any
 
     ``publish=False``: push by digest only; ``verify_image`` tags it once it boots."""
     try:
-        result = appender(settings).derive(base, payload_for(settings, recipe, layer), publish=publish)
+        # the task's strings (Celery's wire format) become values once, here
+        result = appender(settings).derive(parse(base), payload_for(settings, recipe, layer), publish=publish)
     except ImagefarmError as exc:
         if exc.transient:
             raise
@@ -82,7 +83,7 @@ def verify_image(settings: Settings, image: str, digest: str, timeout: float = 1
     from .verify import verify
 
     ref = parse(image)
-    pinned = f"{ref.name}@{digest}"
+    pinned = ref.with_digest(digest).pinned
     a = appender(settings)
     if attest.is_verified(a.client, ref, digest):
         a.publish(ref, digest)

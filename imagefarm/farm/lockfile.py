@@ -35,7 +35,7 @@ class Entry:
 
     @property
     def pinned(self) -> str:
-        return f"{parse(self.image).name}@{self.image_digest}"
+        return parse(self.image).with_digest(self.image_digest).pinned
 
 
 @dataclass(frozen=True)

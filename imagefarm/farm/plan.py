@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from imagefarm import oci
-from imagefarm.derive.append import existing_derive, payload_home
+from imagefarm.derive.append import PAYLOAD_REPO, existing_derive
 from imagefarm.derive.surgery import check_base
 from imagefarm.errors import ConfigError, ImagefarmError
-from imagefarm.names.reference import Reference, parse
+from imagefarm.names.reference import Prefix, Reference
 from imagefarm.names.tags import derived_reference
 from imagefarm.registry import RegistryClient, ratelimit
 from imagefarm.settings import Settings
@@ -114,7 +114,7 @@ def make_plan(settings: Settings, dataset: str, *, limit: int | None = None, ban
     own = client is None
     client = client or RegistryClient(settings, rate_wait=math.inf)  # a plan waits out a window
     plan = Plan(dataset, to, recipe.name, len(cat.bases), len(cat.bad_rows), bandwidth=bandwidth)
-    target_registry = parse(f"{to}/x:x").registry
+    target_registry = settings.prefix.registry
 
     def one(base: Reference) -> tuple[str, Any]:
         with client.track() as st:
@@ -155,7 +155,7 @@ def make_plan(settings: Settings, dataset: str, *, limit: int | None = None, ban
         payload = load_payload(settings, recipe)
         if payload is None:
             plan.payload_bytes = None
-        elif plan.to_derive and not client.blob_exists(parse(f"{target_registry}/{payload_home(to)}:x"),
+        elif plan.to_derive and not client.blob_exists(settings.prefix.repository(PAYLOAD_REPO),
                                                         payload.layer.digest):
             plan.payload_bytes = payload.layer.size
         else:
@@ -166,8 +166,9 @@ def make_plan(settings: Settings, dataset: str, *, limit: int | None = None, ban
     return plan
 
 
-def target_repo(base: Reference, to: str) -> str:
-    return parse(f"{to}/{base.repository}:x").repository
+def target_repo(base: Reference, to: Prefix | str) -> str:
+    prefix = to if isinstance(to, Prefix) else Prefix.parse(to)
+    return prefix.repository(base.repository).path
 
 
 def base_needs(client: RegistryClient, item: tuple[Reference, oci.Descriptor, str], target_registry: str) -> bool:

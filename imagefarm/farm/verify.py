@@ -27,6 +27,7 @@ import httpx
 
 from imagefarm.host.containers import run
 from imagefarm.errors import ToolError, VerifyError
+from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
 
 PORT = 60000
@@ -57,18 +58,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _registry_host(ref: str) -> str:
-    first = ref.split("/", 1)[0]
-    return first if ("." in first or ":" in first or first == "localhost") and "/" in ref else ""
-
-
-def _insecure(settings: Settings, ref: str) -> bool:
-    host = _registry_host(ref)
-    name = host.rsplit(":", 1)[0] if host and not host.endswith("]") else host
-    return name in ("127.0.0.1", "localhost", "::1", "[::1]") or host in settings.insecure_registries \
-        or name in settings.insecure_registries
-
-
 def _env_of(config: dict[str, Any]) -> dict[str, str]:
     env = {}
     for item in (config.get("Config") or config.get("config") or {}).get("Env") or []:
@@ -79,7 +68,7 @@ def _env_of(config: dict[str, Any]) -> dict[str, str]:
 
 def pull(settings: Settings, image_ref: str, timeout: float = 900) -> dict[str, Any]:
     """Pull (if needed) and return ``podman image inspect`` of ``image_ref``."""
-    tls = ["--tls-verify=false"] if _insecure(settings, image_ref) else []
+    tls = ["--tls-verify=false"] if parse(image_ref).registry.insecure(settings) else []
     try:
         run(settings, ["podman", "pull", "--quiet", *tls, image_ref], timeout=timeout)
         out = run(settings, ["podman", "image", "inspect", image_ref], timeout=60).stdout

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from imagefarm.errors import ConfigError
-from imagefarm.names.reference import parse
+from imagefarm.names.reference import Prefix
 from .proc import pid_alive
 from imagefarm.settings import Settings
 from .services import Redis, Registry
@@ -45,17 +45,16 @@ def _read_pid(settings: Settings, name: str) -> int | None:
 
 
 def registry_port(settings: Settings) -> tuple[str, int]:
-    ref = parse(f"{settings.to}/x:y") if "/" not in settings.to else parse(f"{settings.to}:probe")
-    if not ref.is_loopback:
+    registry = settings.prefix.registry
+    if not registry.is_loopback:
         raise ConfigError(f"IMAGEFARM_TO={settings.to!r} is not a local registry; `dev up` only starts local ones")
-    host, _, port = ref.registry.rpartition(":")
+    host, _, port = registry.rpartition(":")
     return host, int(port or 80)
 
 
 def remote_url(registry: str) -> str:
     """The API URL of a registry named as in image references (``docker.io``)."""
-    ref = parse(f"{registry}/x/y:z")
-    return f"{'http' if ref.is_loopback else 'https'}://{ref.api_host}"
+    return Prefix.parse(registry).registry.base_url()
 
 
 def up(settings: Settings, mirror: str | None = None, mirror_port: int | None = None) -> list[Endpoint]:

@@ -14,7 +14,6 @@ import httpx
 
 from .containers import INSTALL_HINT, run, which
 from imagefarm.errors import ImagefarmError
-from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
 
 
@@ -61,13 +60,12 @@ def _podman_runs(settings: Settings) -> Check:
 
 
 def _registry(settings: Settings) -> Check:
-    ref = parse(settings.to + ("/probe:probe" if "/" not in settings.to else ":probe"))
-    scheme = "http" if ref.is_loopback or ref.registry in settings.insecure_registries else "https"
-    url = f"{scheme}://{ref.api_host}/v2/"
+    registry = settings.prefix.registry
+    url = f"{registry.base_url(settings)}/v2/"
     try:
         r = httpx.get(url, timeout=3)
     except httpx.HTTPError as exc:
-        fix = "imagefarm dev up" if ref.is_loopback else f"check the network path to {ref.registry}"
+        fix = "imagefarm dev up" if registry.is_loopback else f"check the network path to {registry}"
         return Check("registry", False, f"{url} unreachable ({exc.__class__.__name__})", fix)
     ok = r.status_code in (200, 401)
     return Check("registry", ok, f"{url} answered {r.status_code}", "" if ok else "is this an OCI registry?")

@@ -14,7 +14,7 @@ import hashlib
 import re
 
 from imagefarm.errors import InvalidReference
-from .reference import MAX_NAME, TAG_RE, Reference, parse
+from .reference import TAG_RE, Prefix, Reference, parse
 
 MAX_TAG = 128
 HASH_LEN = 12
@@ -53,15 +53,9 @@ def derived_tag(base: Reference, base_digest: str, recipe: str, recipe_digest: s
 
 
 def derived_reference(base: Reference | str, base_digest: str, recipe: str, recipe_digest: str,
-                      agent_version: str, to: str) -> Reference:
+                      agent_version: str, to: Prefix | str) -> Reference:
     """Where the derived image of ``base`` goes under the prefix ``to`` (registry[/path])."""
     base = parse(base) if isinstance(base, str) else base
-    prefix = to.strip().rstrip("/")
-    if "://" in prefix:
-        prefix = prefix.split("://", 1)[1]
-    name = f"{prefix}/{base.repository}"
-    if len(name) > MAX_NAME:
-        raise InvalidReference(
-            f"derived repository {name!r} is longer than {MAX_NAME} characters: use a shorter --to")
-    target = parse(f"{name}:x")
-    return target.with_tag(derived_tag(base, base_digest, recipe, recipe_digest, agent_version))
+    prefix = to if isinstance(to, Prefix) else Prefix.parse(to)
+    return prefix.repository(base.repository).tag(
+        derived_tag(base, base_digest, recipe, recipe_digest, agent_version))

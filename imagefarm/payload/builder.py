@@ -40,7 +40,7 @@ _COMPLETE = ".imagefarm-complete"
 _PASS_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 
 
-def _quiet(_msg: str) -> None:
+def quiet(_msg: str) -> None:
     pass
 
 
@@ -65,7 +65,7 @@ def rootfs_key(spec: BuilderSpec) -> str:
     return hashlib.sha256(canonical_json(data)).hexdigest()[:16]
 
 
-def builder_rootfs(cache_dir: Path, spec: BuilderSpec, log: Log = _quiet) -> Path:
+def builder_rootfs(cache_dir: Path, spec: BuilderSpec, log: Log = quiet) -> Path:
     """The cached builder rootfs for ``spec`` (debootstrapped on first use; made by
     ``mmdebstrap --mode=unshare`` when not root). No mirror in ``spec``: the machine's."""
     if not spec.mirror:
@@ -137,7 +137,7 @@ class Chroot:
     ``binds`` maps host directories to absolute paths inside the chroot.
     """
 
-    def __init__(self, root: Path, binds: Mapping[str, Path] | None = None, log: Log = _quiet) -> None:
+    def __init__(self, root: Path, binds: Mapping[str, Path] | None = None, log: Log = quiet) -> None:
         self.root = Path(root).resolve()
         self.binds = dict(binds or {})
         self.log = log

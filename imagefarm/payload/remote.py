@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from imagefarm import oci
-from imagefarm.derive.append import payload_home
+from imagefarm.derive.append import PAYLOAD_REPO
 from imagefarm.errors import NotFound, PayloadError, UnsupportedMedia
-from imagefarm.names.reference import Reference, parse
+from imagefarm.names.reference import Prefix, Reference
 from imagefarm.registry import RegistryClient
 from imagefarm.registry.manifests import Manifest
 
@@ -39,10 +39,10 @@ ANN_PYTHON = "dev.imagefarm.payload.python"
 ANN_UNPACKED = "dev.imagefarm.payload.unpacked-size"
 
 
-def artifact_ref(prefix: str, recipe_digest: str) -> Reference:
+def artifact_ref(prefix: Prefix | str, recipe_digest: str) -> Reference:
     """Where the payload of ``recipe_digest`` is published under registry ``prefix``."""
-    registry = parse(f"{prefix.rstrip('/')}/x:x").registry
-    return Reference(registry, payload_home(prefix), recipe_digest.replace(":", "-"))
+    prefix = prefix if isinstance(prefix, Prefix) else Prefix.parse(prefix)
+    return prefix.repository(PAYLOAD_REPO).tag(recipe_digest.replace(":", "-"))
 
 
 @dataclass(frozen=True, slots=True)

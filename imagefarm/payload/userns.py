@@ -102,7 +102,7 @@ def _main(argv: list[str]) -> int:
     """Inside the namespace: build the tree as its root, print lines, then the result."""
     from imagefarm.settings import Settings
 
-    from . import build_tree as tree_build
+    from .tree import build_tree as tree_build
     from .recipe import load_recipe
 
     cache_dir, source, mirror, force = argv

@@ -1,7 +1,8 @@
 """OCI registry access: a thread-safe client, auth, and manifests as values.
 
-``RegistryClient`` does the HTTP; ``manifests`` parses and validates what it reads;
-``auth`` finds credentials and answers challenges; ``stats`` counts the traffic.
+``RegistryClient`` speaks the API over ``transport`` (pooled client, the one retry
+policy) and ``streams``; ``manifests`` parses and validates what it reads; ``auth``
+finds credentials and answers challenges; ``stats`` counts the traffic.
 """
 
 from __future__ import annotations

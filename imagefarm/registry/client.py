@@ -8,22 +8,21 @@ built on ``requests`` without a per-request retry policy. This client is sync an
 safe to share between the threads of a pool: one ``httpx.Client`` (HTTP/1.1
 keep-alive, pooled connections), auth state behind locks, per-thread stats.
 
-Failure policy: 5xx and dropped connections are retried with exponential backoff and
-jitter, then raise ``TransientRegistryError`` / ``RegistryUnreachable``; a 429 or a
-spent pull budget waits at the process's rate-limit gate (``ratelimit``), shared by
-every caller, and raises ``RateLimited`` if the wait is longer than ``rate_wait``;
+Failure policy: 5xx and dropped connections are retried by the one policy of
+``transport.RetryPolicy``, then raise ``TransientRegistryError`` / ``RegistryUnreachable``;
+a 429 or a spent pull budget waits at the process's rate-limit gate (``ratelimit``),
+shared by every caller, uses up no retry, and raises ``RateLimited`` if the wait is
+longer than ``rate_wait``;
 401/403 raise ``AuthError`` saying how to log in; 404 raises ``NotFound`` quoting the
-registry. Plain HTTP is used for loopback registries and ``settings.insecure_registries``.
+registry. Plain HTTP follows the one rule of ``Registry.insecure`` (loopback, or
+``settings.insecure_registries``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
-import socket
 import threading
-import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,20 +30,19 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import httpx
 
-from imagefarm import __version__, oci
+from imagefarm import oci
 from imagefarm.errors import (AuthError, NotFound, RegistryError, RegistryUnreachable,
                       TransientRegistryError, UnsupportedMedia)
 from imagefarm.oci import Descriptor
-from imagefarm.names.reference import Reference
+from imagefarm.names.reference import Reference, Repository
 from imagefarm.settings import Settings
 from . import manifests as mf
 from . import ratelimit
 from .auth import Authenticator, Challenge, Credentials, load_credentials, rejected, scope
 from .cache import ManifestCache
 from .stats import StatsSink
-
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
-CHUNK = 1 << 20
+from .streams import CHUNK, Counted, OneShot, file_chunks, once, read_limited, rechunk
+from .transport import RETRY_STATUS, RetryableStatus, RetryPolicy, http_client, registry_codes, registry_message
 #: configs are small; refuse absurd ones instead of reading them into memory
 CONFIG_LIMIT = 16 * 1024 * 1024
 #: pages of one tag list (distribution pages 100 tags by default: a million tags)
@@ -67,19 +65,6 @@ class Resolved:
         return self.manifest.digest
 
 
-class _OneShot:
-    """Body factory for a single-use iterator: a retry that needs it again is refused."""
-
-    def __init__(self, it: Iterable[bytes]):
-        self._it, self._used = it, False
-
-    def __call__(self) -> Iterable[bytes]:
-        if self._used:
-            raise TransientRegistryError("upload from a one-shot stream failed part way and cannot be replayed")
-        self._used = True
-        return self._it
-
-
 class RegistryClient:
     """Talk to any number of registries; every method takes a ``Reference``."""
 
@@ -87,23 +72,12 @@ class RegistryClient:
                  max_backoff: float = 8.0, timeout: float = 60.0,
                  credentials: dict[str, Credentials] | None = None, rate_wait: float = 2.0) -> None:
         self.settings = settings or Settings.load()
-        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self.retry = RetryPolicy(retries, backoff, max_backoff)
         #: seconds a request may wait for a rate-limit pause before ``RateLimited`` is
         #: raised (a batch sets the base aside; a plan waits: ``math.inf``)
         self.rate_wait = rate_wait
-        n = self.settings.registry_concurrency
         # a streamed cross-registry copy holds two connections (GET and PUT)
-        limits = httpx.Limits(max_connections=2 * n, max_keepalive_connections=2 * n)
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=10.0, pool=600.0),
-            # TCP_NODELAY: headers and body go out in two writes; Nagle plus a delayed
-            # ACK can hold a small PUT body back for tens of milliseconds
-            transport=httpx.HTTPTransport(limits=limits, socket_options=[
-                (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]),
-            follow_redirects=False,
-            # registries log it: what imagefarm moved is told apart from podman's pulls
-            headers={"User-Agent": f"imagefarm/{__version__}"},
-        )
+        self._http = http_client(2 * self.settings.registry_concurrency, timeout)
         creds = credentials if credentials is not None else load_credentials(self.settings.auth_file)
         self._auth = Authenticator(creds, self._fetch_token)
         self._pinged: set[str] = set()
@@ -131,20 +105,11 @@ class RegistryClient:
         return creds.username if creds else "anonymous"
 
     # -- transport -------------------------------------------------------------
-    def base_url(self, ref: Reference) -> str:
-        plain = ref.is_loopback or ref.registry in self.settings.insecure_registries \
-            or ref.api_host in self.settings.insecure_registries
-        return f"{'http' if plain else 'https'}://{ref.api_host}"
+    def base_url(self, ref: Reference | Repository) -> str:
+        return ref.registry.base_url(self.settings)
 
     def _url(self, ref: Reference, tail: str) -> str:
         return f"{self.base_url(ref)}/v2/{ref.repository}/{tail}"
-
-    def _sleep(self, attempt: int, resp: httpx.Response | None) -> None:
-        delay = min(self.max_backoff, self.backoff * (2 ** attempt))
-        delay = delay / 2 + random.uniform(0, delay / 2)
-        if resp is not None and resp.headers.get("Retry-After", "").isdigit():
-            delay = min(self.max_backoff, float(resp.headers["Retry-After"]))
-        time.sleep(delay)
 
     def _send(self, method: str, url: str, headers: dict[str, str], body: Body | None,
               params: dict[str, str] | None, stream: bool, follow: bool) -> httpx.Response:
@@ -201,49 +166,59 @@ class RegistryClient:
         (or a 404 with ``missing_ok``); a streamed response must be closed by the caller."""
         if auth:
             self._ensure_auth(ref)
-        retries = self.retries if retries is None else retries
         host = ref.registry
         gate, counted, account = ratelimit.current(), ratelimit.counts(method, url), self.account(host)
-        attempt = 0
-        while True:
-            resp: httpx.Response | None = None
-            permit = gate.acquire(host, account, counted, self.rate_wait)
-            seen = None
-            try:
-                resp = self._send_authed(method, ref, url, scopes, what, headers, body, params,
-                                         stream, follow, auth)
-                seen = ratelimit.observe(resp.status_code, resp.headers)
-                if counted and seen is not None:  # a registry that counts said so
-                    self.stats.add(pulls=1)
-            except httpx.TransportError as exc:
-                if attempt >= retries:
-                    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-                        raise RegistryUnreachable(
-                            f"cannot reach registry {host} for {what} after {attempt + 1} tries "
-                            f"({type(exc).__name__}: {exc}): is it running and is the address right?"
-                            f"{'' if ref.is_loopback else ' (plain HTTP registries belong in insecure_registries)'}"
-                        ) from None
-                    raise TransientRegistryError(
-                        f"registry {host} dropped the connection during {what} {attempt + 1} times "
-                        f"({type(exc).__name__}: {exc})") from None
-            else:
-                if resp.status_code == 429:
-                    # a spent budget: wait at the gate with every other caller (it says
-                    # how long); this is no failure and uses up no retry
-                    if stream:
-                        resp.close()
-                    counted = True
-                    self.stats.add(rate_limited=1)
-                    continue
-                if resp.status_code not in RETRY_STATUS or attempt >= retries:
+        tries = 0
+
+        def once_more() -> httpx.Response:
+            nonlocal tries, counted
+            while True:
+                permit, seen = gate.acquire(host, account, counted, self.rate_wait), None
+                try:
+                    resp = self._send_authed(method, ref, url, scopes, what, headers, body, params,
+                                             stream, follow, auth)
+                    seen = ratelimit.observe(resp.status_code, resp.headers)
+                    if counted and seen is not None:  # a registry that counts said so
+                        self.stats.add(pulls=1)
+                except httpx.TransportError:
+                    tries += 1
+                    raise
+                finally:
+                    gate.release(permit, seen)
+                if resp.status_code != 429:
                     break
+                # a spent budget: wait at the gate with every other caller (it says how
+                # long); this is no failure and uses up no retry
                 if stream:
                     resp.close()
-            finally:
-                gate.release(permit, seen)
-            attempt += 1
+                counted = True
+                self.stats.add(rate_limited=1)
+            tries += 1
+            if resp.status_code in RETRY_STATUS:
+                raise RetryableStatus(resp)
+            return resp
+
+        def before_sleep(exc: BaseException) -> None:
             self.stats.add(retries=1)
-            self._sleep(attempt - 1, resp)
+            if stream and isinstance(exc, RetryableStatus):
+                exc.response.close()
+
+        try:
+            resp = self.retry.call(once_more, retries=retries, before_sleep=before_sleep,
+                                   retry_on=lambda e: isinstance(e, (httpx.TransportError, RetryableStatus)))
+        except RetryableStatus as exc:
+            resp = exc.response  # retries ran out: mapped below
+        except httpx.TransportError as exc:
+            if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                raise RegistryUnreachable(
+                    f"cannot reach registry {host} for {what} after {tries} tries "
+                    f"({type(exc).__name__}: {exc}): is it running and is the address right?"
+                    f"{'' if ref.registry.is_loopback else ' (plain HTTP registries belong in insecure_registries)'}",
+                    reference=ref) from None
+            raise TransientRegistryError(
+                f"registry {host} dropped the connection during {what} {tries} times "
+                f"({type(exc).__name__}: {exc})", reference=ref) from None
+        attempt = tries - 1
         code = resp.status_code
         if code in ok or (missing_ok and code == 404):
             return resp
@@ -251,14 +226,16 @@ class RegistryClient:
             resp.read()
             resp.close()
         msg = registry_message(resp)
+        data = dict(registry_status=code, codes=registry_codes(resp), reference=ref, request=resp.request)
         if code in RETRY_STATUS:
             raise TransientRegistryError(f"registry {host} failed {what} with {code} after "
-                                         f"{attempt + 1} tries: {msg}")
+                                         f"{attempt + 1} tries: {msg}", **data)
         if code in (401, 403):
-            raise AuthError(rejected(host, what, self._auth.credentials(host)) + f" (registry said: {msg})")
+            raise AuthError(rejected(host, what, self._auth.credentials(host)) + f" (registry said: {msg})",
+                            **data)
         if code == 404:
-            raise NotFound(f"{what}: not found in registry {host} (registry said: {msg})")
-        raise RegistryError(f"registry {host} refused {what} with HTTP {code}: {msg}")
+            raise NotFound(f"{what}: not found in registry {host} (registry said: {msg})", **data)
+        raise RegistryError(f"registry {host} refused {what} with HTTP {code}: {msg}", **data)
 
     def _send_authed(self, method, ref, url, scopes, what, headers, body, params, stream, follow, auth):
         hdrs = dict(headers or {})
@@ -280,19 +257,20 @@ class RegistryClient:
         params += [("scope", s) for s in scopes]
         headers = {"Authorization": creds.basic} if creds else {}
         host = urllib.parse.urlsplit(ch.realm).netloc or ch.realm
-        for attempt in range(self.retries + 1):
-            try:
-                self.stats.add(requests=1)
-                resp = self._http.get(ch.realm, params=params, headers=headers)
-            except httpx.TransportError as exc:
-                if attempt >= self.retries:
-                    raise RegistryUnreachable(f"cannot reach token server {ch.realm}: {exc}") from None
-                self._sleep(attempt, None)
-                continue
-            if resp.status_code in RETRY_STATUS and attempt < self.retries:
-                self._sleep(attempt, resp)
-                continue
-            break
+
+        def once_more() -> httpx.Response:
+            self.stats.add(requests=1)
+            resp = self._http.get(ch.realm, params=params, headers=headers)
+            if resp.status_code in RETRY_STATUS:
+                raise RetryableStatus(resp)
+            return resp
+
+        try:
+            resp = self.retry.call(once_more, retry_on=lambda e: isinstance(e, (httpx.TransportError, RetryableStatus)))
+        except RetryableStatus as exc:
+            resp = exc.response
+        except httpx.TransportError as exc:
+            raise RegistryUnreachable(f"cannot reach token server {ch.realm}: {exc}") from None
         if resp.status_code in (401, 403):
             raise AuthError(rejected(ch.service or host, f"a token for {' '.join(scopes) or 'login'}", creds))
         if resp.status_code != 200:
@@ -316,7 +294,7 @@ class RegistryClient:
             if size > mf.MANIFEST_LIMIT:
                 raise UnsupportedMedia(f"{what}: manifest is {size} bytes, over the "
                                        f"{mf.MANIFEST_LIMIT} byte limit")
-            raw = _read_limited(resp, mf.MANIFEST_LIMIT, what)
+            raw = read_limited(resp, mf.MANIFEST_LIMIT, what)
             self.stats.add(bytes_down=len(raw))
         finally:
             resp.close()
@@ -376,25 +354,27 @@ class RegistryClient:
                              headers={"Content-Type": media_type}, body=lambda: raw, ok=(201, 200))
         return resp.headers.get("Docker-Content-Digest") or oci.sha256_digest(raw)
 
-    def list_tags(self, ref: Reference, *, page_size: int | None = None) -> list[str]:
-        """Every tag of ``ref``'s repository, following ``Link: <...>; rel="next"`` pages.
+    def list_tags(self, repo: Repository | Reference, *, page_size: int | None = None) -> list[str]:
+        """Every tag of the repository (a ``Reference`` means its repository), following
+        ``Link: <...>; rel="next"`` pages.
 
         A ``Link`` seen before (a registry pointing a page at itself) or more than
         ``MAX_TAG_PAGES`` pages is a ``RegistryError``, never an endless loop."""
-        url: str | None = self._url(ref, "tags/list")
+        repo = repo.repo if isinstance(repo, Reference) else repo
+        url: str | None = f"{self.base_url(repo)}/v2/{repo.path}/tags/list"
         params = {"n": str(page_size)} if page_size else None
         tags: list[str] = []
         seen: set[str] = set()
         while url:
             if url in seen or len(seen) >= MAX_TAG_PAGES:
                 why = "links back to a page already read" if url in seen else f"has over {MAX_TAG_PAGES} pages"
-                raise RegistryError(f"tag list of {ref.name} on {ref.registry} {why} ({url}): "
+                raise RegistryError(f"tag list of {repo.name} on {repo.registry} {why} ({url}): "
                                     "the registry's pagination is broken")
             seen.add(url)
-            resp = self._request("GET", ref, url, scopes=(scope(ref.repository),),
-                                 what=f"tag list of {ref.name}", params=params)
+            resp = self._request("GET", repo, url, scopes=(scope(repo.path),),
+                                 what=f"tag list of {repo.name}", params=params)
             tags += resp.json().get("tags") or []
-            url, params = _next_link(resp, self.base_url(ref)), None
+            url, params = _next_link(resp, self.base_url(repo)), None
         return tags
 
     # -- blobs -----------------------------------------------------------------
@@ -471,7 +451,7 @@ class RegistryClient:
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
             size = path.stat().st_size if size is None else size
-            factory: Callable[[], Iterable[bytes]] = lambda: _file_chunks(path)
+            factory: Callable[[], Iterable[bytes]] = lambda: file_chunks(path)
         elif isinstance(source, (bytes, bytearray)):
             data = bytes(source)
             size = len(data)
@@ -479,35 +459,33 @@ class RegistryClient:
         elif callable(source):
             factory = source
         else:
-            factory = _OneShot(source)
-        attempt = 0
-        while True:
-            try:
-                loc = location or self.start_upload(ref, scopes=scopes)
-                location = None  # a restart needs a fresh session
-                counted = _Counted(factory())
-                if chunk_size:
-                    self._put_chunked(ref, digest, counted, loc, chunk_size, scopes)
-                else:
-                    headers = {"Content-Type": "application/octet-stream"}
-                    if size is not None:
-                        headers["Content-Length"] = str(size)
-                    self._request("PUT", ref, loc, scopes=scopes, what=f"upload of blob {digest[:19]} to {ref.name}",
-                                  headers=headers, body=_once(counted), params={"digest": digest},
-                                  ok=(201, 204), retries=0)
-                self.stats.add(blobs_uploaded=1, blob_bytes_uploaded=counted.n)
-                return
-            except (TransientRegistryError, RegistryUnreachable):
-                if attempt >= self.retries or isinstance(factory, _OneShot):
-                    raise
-            attempt += 1
-            self.stats.add(retries=1)
-            self._sleep(attempt - 1, None)
+            factory = OneShot(source)
+        session = [location]
+
+        def whole_upload() -> None:
+            loc = session.pop() or self.start_upload(ref, scopes=scopes)
+            session.append(None)  # a restart needs a fresh session
+            counted = Counted(factory())
+            if chunk_size:
+                self._put_chunked(ref, digest, counted, loc, chunk_size, scopes)
+            else:
+                headers = {"Content-Type": "application/octet-stream"}
+                if size is not None:
+                    headers["Content-Length"] = str(size)
+                self._request("PUT", ref, loc, scopes=scopes, what=f"upload of blob {digest[:19]} to {ref.name}",
+                              headers=headers, body=once(counted), params={"digest": digest},
+                              ok=(201, 204), retries=0)
+            self.stats.add(blobs_uploaded=1, blob_bytes_uploaded=counted.n)
+
+        # a transient failure restarts the whole upload, unless its source cannot be replayed
+        self.retry.call(whole_upload, before_sleep=lambda e: self.stats.add(retries=1),
+                        retry_on=lambda e: isinstance(e, (TransientRegistryError, RegistryUnreachable))
+                        and not isinstance(factory, OneShot))
 
     def _put_chunked(self, ref, digest, chunks, loc, chunk_size, scopes) -> None:
         offset = 0
         what = f"chunked upload of blob {digest[:19]} to {ref.name}"
-        for piece in _rechunk(chunks, chunk_size):
+        for piece in rechunk(chunks, chunk_size):
             headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(piece)),
                        "Content-Range": f"{offset}-{offset + len(piece) - 1}"}
             resp = self._request("PATCH", ref, loc, scopes=scopes, what=what, headers=headers,
@@ -537,64 +515,9 @@ class RegistryClient:
                 stack.pop().close()
 
 
-class _Counted:
-    """Counts the bytes an upload actually sent (for ``blob_bytes_uploaded``)."""
-
-    def __init__(self, it: Iterable[bytes]):
-        self._it, self.n = it, 0
-
-    def __iter__(self) -> Iterator[bytes]:
-        for c in self._it:
-            self.n += len(c)
-            yield c
-
-
-def _once(it: Iterable[bytes]) -> Body:
-    return _OneShot(it)
-
-
-def _file_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            yield chunk
-
-
-def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
-    buf = bytearray()
-    for c in chunks:
-        buf += c
-        while len(buf) >= size:
-            yield bytes(buf[:size])
-            del buf[:size]
-    if buf:
-        yield bytes(buf)
-
-
-def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
-    buf = bytearray()
-    for c in resp.iter_bytes(CHUNK):
-        buf += c
-        if len(buf) > limit:
-            raise UnsupportedMedia(f"{what}: manifest is over the {limit} byte limit")
-    return bytes(buf)
-
-
 def _next_link(resp: httpx.Response, base: str) -> str | None:
     link = resp.headers.get("Link", "")
     for part in link.split(","):
         if 'rel="next"' in part and "<" in part:
             return urllib.parse.urljoin(base + "/", part[part.index("<") + 1:part.index(">")])
     return None
-
-
-def registry_message(resp: httpx.Response) -> str:
-    """The registry's own words: ``CODE: message`` from its JSON errors, else the body."""
-    try:
-        errors = resp.json().get("errors") or []
-        if errors:
-            return "; ".join(f"{e.get('code', '?')}: {e.get('message', '')}".strip() for e in errors)
-    except (ValueError, AttributeError):
-        pass
-    text = (resp.text or "").strip()
-    return text[:300] or f"HTTP {resp.status_code} with no body"
-

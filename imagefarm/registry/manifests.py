@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from imagefarm import oci
 from imagefarm.errors import UnsupportedMedia
-from imagefarm.oci import Descriptor
+from imagefarm.oci import Descriptor, parse_platform
 
 #: refuse manifests bigger than this (distribution's own limit; protects memory)
 MANIFEST_LIMIT = 4 * 1024 * 1024
@@ -116,17 +116,6 @@ def parse(raw: bytes, content_type: str | None = None, *, digest: str | None = N
             raise UnsupportedMedia(f"{where}: layer {d.digest[:19]} has unsupported media type {d.media_type!r}")
     ann = doc.get("annotations") or {}
     return Manifest(raw, digest, media_type, config, layers, MappingProxyType(dict(ann)))
-
-
-def parse_platform(text: str) -> dict[str, str]:
-    """``linux/amd64`` or ``linux/arm64/v8`` -> OCI platform fields."""
-    parts = text.strip().split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise ValueError(f"platform {text!r} must look like os/arch[/variant], e.g. linux/amd64")
-    out = {"os": parts[0], "architecture": parts[1]}
-    if len(parts) == 3:
-        out["variant"] = parts[2]
-    return out
 
 
 def format_platform(p: Mapping[str, Any]) -> str:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import re
 import shlex
@@ -208,10 +209,9 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def runtime_job_script() -> Path:
-    """runtime/runtime_server.sbatch as installed (package data of imagefarm.runtime)."""
-    from imagefarm import runtime
-
-    return Path(runtime.__file__).resolve().parent / "runtime_server.sbatch"
+    """runtime/runtime_server.sbatch as installed (package data of imagefarm.runtime, found
+    by name: serving never imports the runtime server's code, the runtime imports serving)."""
+    return Path(str(importlib.resources.files("imagefarm.runtime") / "runtime_server.sbatch"))
 
 
 def render_train_job(run_dir: Path) -> Path:

@@ -31,7 +31,7 @@ from imagefarm.derive.surgery import names_base
 from imagefarm.farm.catalog import image_of
 from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, NotFound, UnsupportedMedia
 from imagefarm.farm.lockfile import Lockfile
-from imagefarm.names.reference import Reference, parse
+from imagefarm.names.reference import Reference, Repository, parse
 from imagefarm.registry import Manifest, RegistryClient
 from imagefarm.settings import Settings
 
@@ -51,7 +51,7 @@ class LookupHit:
     @property
     def pinned(self) -> str:
         """``repository@digest``: what a runtime should start."""
-        return f"{parse(self.image).name}@{self.digest}"
+        return parse(self.image).with_digest(self.digest).pinned
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "pinned": self.pinned}
@@ -99,10 +99,10 @@ class Lookup:
             lockfile = Lockfile.read(Path(lockfile))
         self.lockfile = lockfile
         self.ttl, self.miss_ttl, self.max_entries = ttl, miss_ttl, max_entries
-        self._prefix = parse(f"{self.to}/x:x").name[:-1]  # "registry/path/"
+        self._prefix = f"{settings.prefix}/"  # "registry/path/"
         self._lock = threading.Lock()
         self._hits: OrderedDict[str, tuple[float, LookupHit]] = OrderedDict()
-        self._tags: LRUCache[str, tuple[float, list[str]]] = LRUCache(max_entries)
+        self._tags: LRUCache[Repository, tuple[float, list[str]]] = LRUCache(max_entries)
         self._manifests: LRUCache[tuple[str, str], Manifest | None] = LRUCache(max_entries)
         self._verified: LRUCache[str, bool] = LRUCache(max_entries)
         self.stats = {"hits": 0, "misses": 0, "cache_hits": 0, "registry_lookups": 0}
@@ -173,8 +173,8 @@ class Lookup:
                 self._tags.pop(self._target_repo(ref), None)
 
     # -- resolution -----------------------------------------------------------------------
-    def _target_repo(self, base: Reference) -> str:
-        return parse(f"{self.to}/{base.repository}:x").name
+    def _target_repo(self, base: Reference) -> Repository:
+        return self.settings.prefix.repository(base.repository)
 
     def _resolve(self, base: Reference) -> LookupHit | None:
         own = self._own_image(base)
@@ -223,21 +223,21 @@ class Lookup:
                 f"or check it with `imagefarm verify {ref}`")
         return hit
 
-    def _list_tags(self, repo: str, refresh: bool) -> list[str] | None:
+    def _list_tags(self, repo: Repository, refresh: bool) -> list[str] | None:
         now = time.monotonic()
         with self._lock:
             cached = self._tags.get(repo)
         if cached and (cached[0] > now if not refresh else cached[0] - self.ttl + self.miss_ttl > now):
             return cached[1]
         try:
-            tags = self.client.list_tags(parse(f"{repo}:x"))
+            tags = self.client.list_tags(repo)
         except NotFound:
             tags = None
         with self._lock:
             self._tags[repo] = (now + self.ttl, tags or [])
         return tags
 
-    def _match(self, base: Reference, repo: str, tags: list[str] | None) -> LookupHit | None:
+    def _match(self, base: Reference, repo: Repository, tags: list[str] | None) -> LookupHit | None:
         if not tags:
             return None
         head = (base.tag or "sha256_")[:40]
@@ -245,7 +245,7 @@ class Lookup:
         for tag in sorted(tags):
             if not tag.startswith(head) or tag.endswith(".verified"):
                 continue
-            ref = parse(f"{repo}:{tag}")
+            ref = repo.tag(tag)
             manifest = self._manifest(ref)
             if manifest is None:
                 continue

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from imagefarm import __version__
 from .apikey import check_key_config, protect
 from imagefarm.farm.catalog import image_of
-from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference
+from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, http_status
 from .lookup import Lookup, build_command, normalise_query
 
 MAX_BATCH = 20_000
@@ -116,13 +116,13 @@ def create_app(lookup: Lookup, api_key: str | None = None, *, disable_auth: bool
                 hit = await run_in_threadpool(lookup.resolve, str(base))  # cold: registry I/O
             except InvalidReference as exc:
                 requests.labels("invalid").inc()
-                raise HTTPException(400, detail=str(exc)) from None
+                raise HTTPException(http_status(exc), detail=str(exc)) from None
             except ImageRefused as exc:
                 requests.labels("refused").inc()
-                raise HTTPException(409, detail=str(exc)) from None
+                raise HTTPException(http_status(exc), detail=str(exc)) from None
             except ImagefarmError as exc:
                 requests.labels("error").inc()
-                raise HTTPException(502, detail=f"target registry: {exc}") from None
+                raise HTTPException(http_status(exc), detail=f"target registry: {exc}") from None
             finally:
                 latency.observe(time.perf_counter() - t0)
             if hit is None:
@@ -157,7 +157,7 @@ def create_app(lookup: Lookup, api_key: str | None = None, *, disable_auth: bool
         try:
             lookup.invalidate(image)
         except InvalidReference as exc:
-            raise HTTPException(400, detail=str(exc)) from None
+            raise HTTPException(http_status(exc), detail=str(exc)) from None
         return {"invalidated": image or "all"}
 
     return app

@@ -13,20 +13,20 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import devstack
+from imagefarm.host import devstack
 from imagefarm.serve.lookup import Lookup
 from imagefarm.farm.prebuild import run_batch
 from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
-from .samples import FixtureFactory
-from .statedir import state_subdir
+from imagefarm.host.samples import FixtureFactory
+from imagefarm.host.statedir import state_subdir
 
 
 def run_demo(settings: Settings, n_bases: int = 5, verify: str = "1", console: Console | None = None) -> Path:
     console = console or Console(stderr=True)
     for ep in devstack.up(settings):
         console.print(f"[bold]{ep.name}[/] on {ep.host}:{ep.port}" + (" (already running)" if ep.pid == 0 else ""))
-    registry = parse(settings.to + ":x").registry
+    registry = settings.prefix.registry
     with FixtureFactory(settings, registry, log=console.print) as factory:
         console.print(f"[bold]bases[/]: making {n_bases} sample r2e-style bases, pushing them to {registry}")
         bases = [b.ref for b in factory.r2e_set(n_bases)]
