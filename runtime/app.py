@@ -32,8 +32,9 @@ from imagefarm.settings import Settings
 from .backend import PodmanBackend
 from .errors import BuildRefused, NoPrebuiltImage, RuntimeServerError
 from .manager import RuntimeManager, ServeConfig, pinned_image
-from .models import (ActionResult, ErrorBody, Health, ImageDetails, ImageExists, RegistryPrefix,
-                     RuntimeInfo, RuntimeList, RuntimeRef, StartRequest)
+from .metrics import add_metrics, node_rows
+from .models import (ActionResult, ErrorBody, Health, ImageDetails, ImageExists, PrefetchRequest,
+                     RegistryPrefix, RuntimeInfo, RuntimeList, RuntimeRef, StartRequest)
 from .resolver import Resolver
 
 log = logging.getLogger("imagefarm.runtime")
@@ -47,9 +48,13 @@ BUILD_REFUSAL = ("this runtime server starts prebuilt images only and never buil
                  "--to {to}`, then start them by their base or prebuilt reference")
 
 
-def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
-               config: ServeConfig) -> FastAPI:
-    manager = RuntimeManager(settings, backend, resolver, config)
+def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Resolver,
+               config: ServeConfig, *, manager=None) -> FastAPI:
+    """``manager``: a ``fleet.Fleet`` for a front; by default this server is its own only node.
+
+    ``app.state.after_startup`` / ``before_shutdown``: coroutines a node process or a
+    front adds (joining, reporting), run after the manager starts and before it stops."""
+    manager = manager or RuntimeManager(settings, backend, resolver, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -57,9 +62,13 @@ def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
             log.warning("!!! AUTHENTICATION DISABLED (--disable-auth): anyone who reaches this port "
                         "can start containers on this node !!!")
         await manager.startup()
+        for hook in app.state.after_startup:
+            await hook()
         try:
             yield
         finally:
+            for hook in app.state.before_shutdown:
+                await hook()
             await manager.shutdown()
 
     app = FastAPI(
@@ -70,6 +79,8 @@ def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
         lifespan=lifespan,
     )
     app.state.manager = manager
+    app.state.after_startup, app.state.before_shutdown = [], []
+    app.state.require_key = None  # set below: node and front routes use the same check
 
     def require_key(x_api_key: str | None = Header(None, alias="X-API-Key",
                                                   description="the server's API key")) -> None:
@@ -78,6 +89,8 @@ def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
         if not key_matches(x_api_key, config.api_key or ""):  # hmac.compare_digest
             raise HTTPException(401, f"missing or wrong API key: send it in the {HEADER} header",
                                 headers={"WWW-Authenticate": HEADER})
+
+    app.state.require_key = require_key
 
     @app.exception_handler(RuntimeServerError)
     async def _runtime_error(request: Request, exc: RuntimeServerError) -> JSONResponse:
@@ -191,5 +204,16 @@ def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
         """Refused: this server starts prebuilt images only (there are no builds)."""
         raise BuildRefused(BUILD_REFUSAL.format(to=manager.to))
 
+    @api.post("/prefetch", tags=["images"])
+    async def prefetch(req: PrefetchRequest) -> dict[str, Any]:
+        """Pull these images onto the node(s) ahead of the trainer, spread as starts would be."""
+        return {"images": await manager.prefetch(req.images)}
+
+    @api.get("/nodes", tags=["fleet"])
+    async def nodes() -> list[dict[str, Any]]:
+        """The nodes runtimes run on: capacity, free slots, runtimes by state, images, pulls."""
+        return node_rows(manager)
+
     app.include_router(api)
+    add_metrics(app, manager)
     return app

@@ -29,11 +29,9 @@ ignored with a log line: everything runs under podman with runc.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import secrets
-import shlex
 import socket
 import time
 from dataclasses import dataclass, field
@@ -48,13 +46,14 @@ from imagefarm.settings import Settings
 
 from .backend import LABEL, LABEL_ID, LABEL_SERVER, LABEL_SESSION, ContainerSpec, PodmanBackend
 from .errors import BackendError, CapacityFull, NoPrebuiltImage, RuntimeServerError, UnknownRuntime
+from .images import NodeImages
+from .ports import PortPool, agent_port, parse_command
 from .models import ContainerStatus, RuntimeInfo, StartRequest
 from .resolver import Resolver, describe_base, prefix_of
 from .state import Record, Store
 
 log = logging.getLogger("imagefarm.runtime")
 
-DEFAULT_AGENT_PORT = 60000
 LIVE = ("running", "paused")
 
 
@@ -77,6 +76,8 @@ class ServeConfig:
     monitor_interval: float = 1.0
     log_tail: int = 50
     state_dir: Path | None = None         #: default: settings.state_dir / "runtime"
+    image_cache_gib: float | None = None  #: disk budget for images; idle ones evicted LRU first
+    clean_start: bool = False             #: remove every container of this node at start-up (node processes)
 
     def __post_init__(self) -> None:
         lo, hi = self.port_range
@@ -87,6 +88,8 @@ class ServeConfig:
                                  "or run with --disable-auth explicitly")
         if self.max_runtimes < 1:
             raise ImagefarmError("--max-runtimes must be at least 1")
+        if self.image_cache_gib is not None and not self.image_cache_gib > 0:
+            raise ImagefarmError("--image-cache-gib must be a positive number of GiB")
 
     @property
     def url_host(self) -> str:
@@ -101,24 +104,6 @@ class ServeConfig:
         return "127.0.0.1" if self.publish_address in ("", "0.0.0.0", "::") else self.publish_address
 
 
-def parse_command(command: str | list[str]) -> list[str]:
-    return shlex.split(command) if isinstance(command, str) else list(command)
-
-
-def agent_port(argv: list[str]) -> int:
-    """``--port N`` / ``--port=N``; V0: the positional after ``-m <module>``; else 60000."""
-    for i, a in enumerate(argv):
-        if a == "--port" and i + 1 < len(argv) and argv[i + 1].isdigit():
-            return int(argv[i + 1])
-        if a.startswith("--port=") and a[7:].isdigit():
-            return int(a[7:])
-    if "-m" in argv:
-        i = argv.index("-m")
-        if i + 2 < len(argv) and argv[i + 2].isdigit():
-            return int(argv[i + 2])
-    return DEFAULT_AGENT_PORT
-
-
 @dataclass
 class _Live:
     """In-memory companions of a record (never persisted)."""
@@ -129,7 +114,41 @@ class _Live:
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class RuntimeManager:
+class Resolving:
+    """Resolution and image sizes, shared by a node's manager and a fleet's front
+    (needs ``resolver``, ``to``, ``settings``, ``_sizes`` and ``_registry``)."""
+
+    async def resolve(self, image: str):
+        """The resolver's hit for ``image``; ``NoPrebuiltImage`` without one."""
+        parse(image)  # InvalidReference (400) before any registry traffic
+        hit = await asyncio.to_thread(self.resolver.resolve, image)
+        if hit is None:
+            raise NoPrebuiltImage(image, describe_base(image), self.to)
+        return hit
+
+    async def image_size(self, hit: Any) -> int:
+        """Bytes of the prebuilt image (config + layers, compressed), from the hit or the registry."""
+        size = getattr(hit, "size", None)
+        if size:
+            return int(size)
+        pinned = pinned_image(hit)
+        if pinned not in self._sizes:
+            def fetch() -> int:
+                from imagefarm.registry import RegistryClient
+
+                if self._registry is None:
+                    self._registry = RegistryClient(self.settings)
+                m = self._registry.resolve(parse(pinned)).manifest
+                return m.config.size + sum(layer.size for layer in m.layers)
+            try:
+                self._sizes[pinned] = await asyncio.to_thread(fetch)
+            except (ImagefarmError, OSError) as exc:
+                log.info("size of %s unknown: %s", pinned, exc)
+                return 0
+        return self._sizes[pinned]
+
+
+class RuntimeManager(Resolving):
     def __init__(self, settings: Settings, backend: PodmanBackend, resolver: Resolver,
                  config: ServeConfig) -> None:
         self.settings = settings
@@ -142,16 +161,20 @@ class RuntimeManager:
         self.records: dict[str, Record] = {}
         self.by_session: dict[str, str] = {}
         self.live: dict[str, _Live] = {}
-        self._pulls: dict[str, asyncio.Future] = {}
-        self._image_users: dict[str, str] = {}
+        budget = int(config.image_cache_gib * 2**30) if config.image_cache_gib else None
+        self.images = NodeImages(settings, backend, self.store, budget_bytes=budget,
+                                 in_use=lambda: {r.prebuilt for r in self.records.values()})
+        self.ports = PortPool(config.port_range, config.publish_address)
         self._sizes: dict[str, int] = {}
         self._chores: set[asyncio.Task] = set()
-        self._present: set[str] = set()
         self._ticks = 0
         self._registry: Any = None
         self._bg: list[asyncio.Task] = []
         self._http: httpx.AsyncClient | None = None
-        self._port_cursor = config.port_range[0]
+        #: called with each record whose state changed (a node reports it to its front)
+        self.on_change: list = []
+        #: called with (record, seconds from /start to ready)
+        self.on_ready: list = []
 
     # -- lifecycle ------------------------------------------------------------------
     async def startup(self) -> None:
@@ -160,7 +183,10 @@ class RuntimeManager:
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=1.0), trust_env=False)
         for rec in self.store.all():
             self._index(rec)
+        if self.config.clean_start:
+            await self._clean_start()
         await self.reconcile()
+        await self.images.scan()
         self._bg = [asyncio.create_task(self._monitor_loop(), name="runtime-monitor"),
                     asyncio.create_task(self._reaper_loop(), name="runtime-reaper")]
         log.info("runtime server %s: %d runtime(s) found again, cap %d, ports %d-%d, idle timeout %s",
@@ -184,6 +210,17 @@ class RuntimeManager:
         if self._registry is not None:
             self._registry.close()
         self.store.close()
+
+    async def _clean_start(self) -> None:
+        """A node process starting again: what it left is no one's any more (its front
+        reported those runtimes failed when it stopped answering). Remove it all."""
+        mine = await self.backend.list({LABEL_SERVER: self.server_id})
+        if mine or self.records:
+            log.warning("node %s starting again: removing the %d container(s) and %d record(s) it left",
+                        self.server_id, len(mine), len(self.records))
+            await self.backend.remove(*[c.name for c in mine])
+        for rid in list(self.records):
+            self._forget(rid)
 
     async def reconcile(self) -> None:
         """Match records with containers: leftovers removed, lost records dropped."""
@@ -224,6 +261,8 @@ class RuntimeManager:
 
     def _save(self, rec: Record) -> None:
         self.store.put(rec)
+        for fn in self.on_change:
+            fn(rec)
 
     def _forget(self, rid: str) -> None:
         rec = self.records.pop(rid, None)
@@ -233,6 +272,9 @@ class RuntimeManager:
         if lv and lv.task and lv.task is not asyncio.current_task():
             lv.task.cancel()
         self.store.delete(rid)
+        if rec:
+            for fn in self.on_change:
+                fn(rec)
 
     def touch(self, rec: Record) -> None:
         rec.last_activity = time.time()
@@ -268,38 +310,10 @@ class RuntimeManager:
             run_as_user=rec.user if rec.user else "image", resource_factor=rec.resource_factor,
             created_at=rec.created_at, last_activity=rec.last_activity)
 
-    # -- resolution -----------------------------------------------------------------------
-    async def resolve(self, image: str):
-        """The resolver's hit for ``image``; ``NoPrebuiltImage`` without one."""
-        parse(image)  # InvalidReference (400) before any registry traffic
-        hit = await asyncio.to_thread(self.resolver.resolve, image)
-        if hit is None:
-            raise NoPrebuiltImage(image, describe_base(image), self.to)
-        return hit
-
-    async def image_size(self, hit: Any) -> int:
-        """Bytes of the prebuilt image (config + layers, compressed), from the hit or the registry."""
-        size = getattr(hit, "size", None)
-        if size:
-            return int(size)
-        pinned = pinned_image(hit)
-        if pinned not in self._sizes:
-            def fetch() -> int:
-                from imagefarm.registry import RegistryClient
-
-                if self._registry is None:
-                    self._registry = RegistryClient(self.settings)
-                m = self._registry.resolve(parse(pinned)).manifest
-                return m.config.size + sum(layer.size for layer in m.layers)
-            try:
-                self._sizes[pinned] = await asyncio.to_thread(fetch)
-            except (ImagefarmError, OSError) as exc:
-                log.info("size of %s unknown: %s", pinned, exc)
-                return 0
-        return self._sizes[pinned]
-
     # -- start ------------------------------------------------------------------------------
-    async def start(self, req: StartRequest) -> Record:
+    async def start(self, req: StartRequest, *, hit: Any = None, runtime_id: str | None = None) -> Record:
+        """A runtime for ``req``; ``hit`` and ``runtime_id`` when a front already resolved
+        the image and named the runtime (a node of a fleet)."""
         existing = self.by_session.get(req.session_id)
         if existing and self.records[existing].status in LIVE:
             rec = self.records[existing]
@@ -307,7 +321,7 @@ class RuntimeManager:
                      rec.runtime_id, rec.session_id)
             self.touch(rec)
             return rec
-        hit = await self.resolve(req.image)
+        hit = hit or await self.resolve(req.image)
         # from here to the record being indexed there is no await: check and reserve atomically
         existing = self.by_session.get(req.session_id)
         if existing:
@@ -326,7 +340,7 @@ class RuntimeManager:
         argv = parse_command(req.command)
         cport = agent_port(argv)
         hport = self._free_port()
-        rid = secrets.token_hex(8)
+        rid = runtime_id or secrets.token_hex(8)
         now = time.time()
         rec = Record(
             runtime_id=rid, session_id=req.session_id, container=f"imagefarm-rt-{rid}",
@@ -345,17 +359,7 @@ class RuntimeManager:
         return rec
 
     def _free_port(self) -> int:
-        lo, hi = self.config.port_range
-        used = {r.host_port for r in self.records.values()}
-        n = hi - lo + 1
-        for i in range(n):
-            port = lo + (self._port_cursor - lo + i) % n
-            if port in used:
-                continue
-            if _bindable(self.config.publish_address, port):
-                self._port_cursor = lo + (port - lo + 1) % n
-                return port
-        raise CapacityFull(f"no free port in the range {lo}-{hi} (--port-range): stop runtimes or widen it")
+        return self.ports.take(r.host_port for r in self.records.values())
 
     async def _remove_quietly(self, name: str) -> None:
         try:
@@ -364,38 +368,9 @@ class RuntimeManager:
             log.warning("could not remove %s: %s", name, exc)
 
     async def _ensure_image(self, rec: Record, req: StartRequest) -> None:
-        image = rec.prebuilt
-        if image in self._present:  # pinned by digest: once here, the same bytes
-            return
-        if await self.backend.image_exists(image):
-            self._present.add(image)
-            return
-        if req.image_pull_policy == "Never":
-            raise BackendError(f"{image} is not on this node and image_pull_policy is Never")
-        pull = self._pulls.get(image)
-        if pull is None:  # one pull per image, owned by no runtime: a /stop never cancels another's pull
-            pull = asyncio.create_task(self._pull(image), name=f"pull-{image[-12:]}")
-            self._pulls[image] = pull
-            pull.add_done_callback(lambda _t: self._pulls.pop(image, None))
-        await asyncio.shield(pull)
-
-    async def _pull(self, image: str) -> None:
-        t0 = time.monotonic()
-        await self.backend.pull(image, tls_verify=self._tls_verify(image))
-        log.info("pulled %s in %.1fs", image, time.monotonic() - t0)
-        self._present.add(image)
-
-    def _tls_verify(self, image: str) -> bool:
-        ref = parse(image)
-        if ref.is_loopback:
-            return False
-        return not (ref.registry in self.settings.insecure_registries)
-
-    async def _image_user(self, image: str) -> str:
-        if image not in self._image_users:
-            data = await self.backend.image_inspect(image) or {}
-            self._image_users[image] = ((data.get("Config") or {}).get("User") or "").strip()
-        return self._image_users[image]
+        size = int(rec.extra.get("size") or 0)
+        if await self.images.ensure(rec.prebuilt, size=size, policy=req.image_pull_policy):
+            rec.extra["pulled"] = True
 
     async def _launch(self, rec: Record, req: StartRequest, argv: list[str]) -> None:
         t0 = time.monotonic()
@@ -437,8 +412,8 @@ class RuntimeManager:
                                  "working directory is used", rec.runtime_id, spec.working_dir)
                         spec.working_dir = None
                         continue
-                    if spec.image in self._present and "image not known" in str(exc) and attempt < 2:
-                        self._present.discard(spec.image)  # removed behind our back: pull again
+                    if spec.image in self.images.present and "image not known" in str(exc) and attempt < 2:
+                        self.images.present.discard(spec.image)  # removed behind our back: pull again
                         await self.backend.remove(rec.container)
                         await self._ensure_image(rec, req)
                         continue
@@ -468,7 +443,7 @@ class RuntimeManager:
                 lv.task = None
 
     async def _user_decision(self, rec: Record, req: StartRequest, env: dict[str, str]) -> tuple[str | None, list[str]]:
-        image_user = await self._image_user(rec.prebuilt)
+        image_user = await self.images.image_user(rec.prebuilt)
         wanted = req.run_as_user
         if self.config.user_policy == "requested" and wanted is not None:
             gid = req.run_as_group if req.run_as_group is not None else (req.fs_group if req.fs_group is not None else wanted)
@@ -538,6 +513,8 @@ class RuntimeManager:
             lv.ready_event.set()
         if t0 is not None:
             log.info("runtime %s: ready in %.2fs after /start", rec.runtime_id, time.monotonic() - t0)
+            for fn in self.on_ready:
+                fn(rec, time.monotonic() - t0)
 
     async def _mark_exited(self, rec: Record, c=None) -> None:
         c = c or await self.backend.inspect(rec.container)
@@ -594,6 +571,27 @@ class RuntimeManager:
         """On a status poll: an immediate probe if running but not yet ready."""
         if rec.status == "running" and rec.pod_status == "running" and await self._probe(rec):
             self._set_ready(rec, None)
+
+    # -- prefetch ---------------------------------------------------------------------------
+    async def prefetch(self, images: list[str]) -> list[dict[str, Any]]:
+        """Pull images onto this node in the background (``POST /prefetch``)."""
+        out = []
+        for image in images:
+            hit = await self.resolve(image)
+            pinned, size = pinned_image(hit), await self.image_size(hit)
+            pull = pinned not in self.images.present
+            if pull:
+                task = asyncio.create_task(self._prefetch_one(pinned, size), name=f"prefetch-{pinned[-12:]}")
+                self._chores.add(task)
+                task.add_done_callback(self._chores.discard)
+            out.append({"image": image, "prebuilt_image": pinned, "node": self.server_id, "pull": pull})
+        return out
+
+    async def _prefetch_one(self, image: str, size: int) -> None:
+        try:
+            await self.images.ensure(image, size=size)
+        except BackendError as exc:
+            log.warning("prefetch of %s failed: %s", image, exc)
 
     # -- pause / resume / stop --------------------------------------------------------------
     async def pause(self, rid: str) -> Record:
@@ -748,15 +746,3 @@ def pinned_image(hit: Any) -> str:
     if "@" in image:
         return image
     return f"{parse(image).name}@{hit.digest}"
-
-
-def _bindable(address: str, port: int) -> bool:
-    host = "0.0.0.0" if address in ("", "::") else address
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
-    return True

@@ -65,8 +65,9 @@ class Record:
 
 
 class Store:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, record: type = Record) -> None:
         self.root = Path(root)
+        self.record = record
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self._lock_fh = None
@@ -115,8 +116,16 @@ class Store:
         self.db.execute("INSERT INTO meta (key, value) VALUES ('server_id', ?)", (sid,))
         return sid
 
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
     # -- records ------------------------------------------------------------------
-    def put(self, rec: Record) -> None:
+    def put(self, rec: Any) -> None:
         self.db.execute(
             "INSERT INTO runtimes (runtime_id, session_id, data) VALUES (?, ?, ?) "
             "ON CONFLICT(runtime_id) DO UPDATE SET session_id=excluded.session_id, data=excluded.data",
@@ -126,4 +135,4 @@ class Store:
         self.db.execute("DELETE FROM runtimes WHERE runtime_id=?", (runtime_id,))
 
     def all(self) -> list[Record]:
-        return [Record.from_json(r[0]) for r in self.db.execute("SELECT data FROM runtimes")]
+        return [self.record.from_json(r[0]) for r in self.db.execute("SELECT data FROM runtimes")]

@@ -82,12 +82,22 @@ class Registry(_Service):
     """
 
     users: dict[str, str] | None = None
+    access_log: bool = False
 
     @classmethod
-    def create(cls, workdir: Path | None = None, users: dict[str, str] | None = None) -> "Registry":
+    def create(cls, workdir: Path | None = None, users: dict[str, str] | None = None,
+               access_log: bool = False) -> "Registry":
         own = workdir is None
         wd = Path(workdir or tempfile.mkdtemp(prefix="imagefarm-registry-"))
-        return cls(workdir=wd, users=users, _own_dir=own)
+        return cls(workdir=wd, users=users, access_log=access_log, _own_dir=own)
+
+    def blob_gets(self) -> list[str]:
+        """The blob digests served so far (``GET /v2/<repo>/blobs/<digest>`` answered 200 or 307),
+        read from the access log (``access_log=True``): what pulls really fetched."""
+        import re
+
+        text = (self.workdir / "registry.log").read_text(errors="replace")
+        return re.findall(r'"GET /v2/[^ ]+/blobs/(sha256:[0-9a-f]{64}) HTTP/[0-9.]+" (?:200|307) ', text)
 
     @property
     def host(self) -> str:
@@ -105,7 +115,7 @@ class Registry(_Service):
             "log:",
             "  level: error",
             "  accesslog:",
-            "    disabled: true",
+            f"    disabled: {'false' if self.access_log else 'true'}",
             "storage:",
             "  filesystem:",
             f"    rootdirectory: {data}",
