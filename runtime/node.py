@@ -149,7 +149,8 @@ class NodeAgent:
             "slots": self.config.slots, "ready": self.ready,
             "images": sorted(m.images.present | m.images.pulling()),
             "runtimes": [m.info(r).model_dump(mode="json") for r in m.records.values()],
-            "stats": {"pulls": st.pulls, "pull_bytes": st.bytes, "evictions": st.evictions,
+            "stats": {"pulls": st.pulls, "pull_bytes": st.bytes, "pulling": len(m.images.pulling()),
+                      "evictions": st.evictions,
                       "evicted_bytes": st.evicted_bytes, "cache_bytes": st.cache_bytes,
                       "cache_budget_bytes": m.images.budget},
         }

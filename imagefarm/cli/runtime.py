@@ -159,6 +159,7 @@ def node_cmd(
     if not heartbeat > 0:
         raise ConfigError("--heartbeat must be a positive number of seconds")
     key = _fleet_key(fleet_key_file)
+    os.environ.pop("IMAGEFARM_RUNTIME_API_KEY", None)  # the clients' key is the front's, not for podman
     settings = Settings.load(to=to)
     n = slots or local_slots(cpus_per_factor, memory_per_factor)
     if n < 1:
