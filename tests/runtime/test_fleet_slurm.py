@@ -39,13 +39,13 @@ def _sid() -> str:
     return f"agent-server-{uuid.uuid4()}"
 
 
-def _poll(cond, what: str, timeout: float = 120, interval: float = 0.1):
+def _poll(cond, what: str, timeout: float = 120, interval: float = 0.1, fail=lambda: ""):
     deadline = time.monotonic() + timeout
     while True:
         got = cond()
         if got:
             return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{fail()}"
         time.sleep(interval)
 
 
@@ -122,7 +122,7 @@ def fleet(rt_settings, prebuilt, tmp_path_factory):
         job = cluster.sbatch(SCRIPT, "--nodes", "2", *SMALL, f"--output={work}/job-%j.log", env={**env_all, **env})
         log = work / f"job-{job}.log"
         _poll(lambda: url_file.exists() and url_file.read_text().strip(),
-              f"the front's URL file ({cluster.state(job)}; {log.read_text() if log.exists() else ''})", 120)
+              "the front's URL file", 120, fail=lambda: cluster.logs() + (log.read_text() if log.exists() else ""))
         url = url_file.read_text().strip()
         key = Path(f"{url_file}.key").read_text().strip()
         f = Fleet(cluster, job, url, key, Path(f"{url_file}.fleet-key"), state, rt_settings)
