@@ -3,7 +3,8 @@
 Image-aware (the default): among nodes with room (free slots >= the request's), one
 that already holds the image or is pulling it (so the samples of one instance follow
 the first onto its node while it has room), the least loaded of those; otherwise the
-least loaded node with room (fewest images on a tie: the smallest disk). ``random``:
+least loaded node with room. Least loaded = the most free slots (fewest images on a
+tie: the smallest disk, then the node id, so a burst is placed deterministically). ``random``:
 any node with room, for comparison (bench/fleet.py).
 """
 
@@ -51,4 +52,4 @@ def place(nodes: Iterable[NodeView], image: str, need: float, *, policy: Policy 
         return (rng or random).choice(fits)
     holding = [n for n in fits if image in n.images]
     pool = holding or fits
-    return max(pool, key=lambda n: (n.free / max(n.slots, 1), -len(n.images), n.node_id))
+    return max(pool, key=lambda n: (n.free, -len(n.images), n.node_id))

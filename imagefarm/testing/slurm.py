@@ -156,8 +156,10 @@ class SlurmCluster:
             out.append(f"== {f.name}\n" + "\n".join(tail))
         return "\n".join(out)
 
-    def sbatch(self, script: Path, *args: str, env: dict[str, str] | None = None) -> str:
-        proc = subprocess.run(["sbatch", "--parsable", *args, str(script)], capture_output=True, text=True,
+    def sbatch(self, script: Path, *args: str, env: dict[str, str] | None = None,
+               script_args: tuple[str, ...] = ()) -> str:
+        """``sbatch [args] script [script_args]``; the job id."""
+        proc = subprocess.run(["sbatch", "--parsable", *args, str(script), *script_args], capture_output=True, text=True,
                               env={**self.env, **(env or {})})
         if proc.returncode != 0:
             raise ToolError(f"sbatch {script.name} failed: {proc.stderr.strip()}")

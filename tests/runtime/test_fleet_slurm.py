@@ -193,7 +193,7 @@ def test_second_start_lands_where_the_image_is_and_pulls_nothing(fleet, standins
 def _images(settings) -> set[str]:
     from imagefarm.containers import run
 
-    out = run(settings, ["podman", "images", "--format", "{{.Repository}}"]).stdout
+    out = run(settings, ["podman", "images", "--format", "{{.Digest}}"]).stdout
     return set(out.split())
 
 
@@ -208,7 +208,7 @@ def test_small_cache_budget_evicts_idle_images_keeps_running_ones(fleet, standin
     wait_pod_status(fleet.http, f"{fleet.url}/sessions/{w['session_id']}", timeout=120)
     fleet.http.post(f"{fleet.url}/stop", json={"runtime_id": w["runtime_id"]})  # W: idle now
     st = fleet.node_settings(node)
-    repo = lambda d: d.image.rsplit(":", 1)[0].rsplit("@", 1)[0]  # noqa: E731
+    repo = lambda d: d.digest  # noqa: E731 - the same repository, distinct images
     assert repo(d_w) in _images(st)
     y = fleet.start(b_y)
     wait_pod_status(fleet.http, f"{fleet.url}/sessions/{y['session_id']}", timeout=120)
@@ -231,22 +231,22 @@ def test_second_job_joins_the_running_fleet_and_leaves_it(fleet, standins, rt_se
     env.update(IMAGEFARM_FLEET_KEY_FILE=str(fleet.fleet_key_file), IMAGEFARM_STATE_DIR=str(fleet.state),
                IMAGEFARM_CACHE_DIR=str(rt_settings.cache_dir), IMAGEFARM_TO=rt_settings.to,
                RUNTIME_BIND="advertise", RUNTIME_SLOTS="4", IMAGEFARM=IMAGEFARM)
-    job2 = fleet.cluster.sbatch(SCRIPT, "--nodes", "1", *SMALL, f"--output={fleet.state}/job2-%j.log", "--join", fleet.url,
-                                env=env)
+    job2 = fleet.cluster.sbatch(SCRIPT, "--nodes", "1", *SMALL, f"--output={fleet.state}/job2-%j.log",
+                                env=env, script_args=("--join", fleet.url))
     before = {n["node_id"] for n in fleet.nodes()}
     new = _poll(lambda: [n for n in fleet.nodes() if n["node_id"] not in before and n["ready"]], "the third node", 120)
     assert new[0]["slots"] == 4
     # an idle, empty node with 4 slots is the least loaded: a new image goes there
     rt = fleet.start(standins[3][0])
-    assert fleet.node_of(rt)["node_id"] == new[0]["node_id"]
     wait_pod_status(fleet.http, f"{fleet.url}/sessions/{rt['session_id']}", timeout=120)
+    st = fleet.node_settings(new[0], job2)  # its node shares an address with the first job's: look in its storage
+    assert f"imagefarm-rt-{rt['runtime_id']}" in our_containers(st)
     fleet.cluster.cancel(job2)
     left = _poll(lambda: [n for n in fleet.nodes() if n["node_id"] == new[0]["node_id"] and n["state"] == "left"],
                  "the third node to leave", 60)
     assert left
     gone = fleet.http.get(f"{fleet.url}/sessions/{rt['session_id']}").json()
     assert gone["pod_status"] == "failed" and "left the fleet" in gone["restart_reasons"][0]
-    st = fleet.node_settings(new[0], job2)
     _poll(lambda: our_containers(st) == [], "the leaving node to remove its runtime", 60)
     fleet.stop_all()
 
