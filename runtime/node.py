@@ -174,7 +174,7 @@ class NodeAgent:
                     log.warning("the front at %s did not take this node's report: %s (retrying)",
                                 self.config.join, exc)
                 self._joined = False
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, 2.0)  # a restarted front gives nodes its node timeout
             try:
                 await asyncio.wait_for(self._changed.wait(), backoff)
                 await asyncio.sleep(0.01)  # gather a burst of changes into one report

@@ -170,13 +170,25 @@ def fleet_factory(rt_settings, lookup, tmp_path):
     from imagefarm.runtime.resolver import RegistryResolver
     from imagefarm.runtime.serve import ServerThread
 
+    class Running:
+        def __init__(self, front, nodes, front_cfg, opts):
+            self.front, self.nodes, self._cfg, self._opts = front, nodes, front_cfg, opts
+
+        def restart_front(self):
+            """Stop the front (its runtimes keep running on the nodes) and start it again
+            on the same port and state."""
+            port = int(self.front.url.rsplit(":", 1)[1])
+            self.front.__exit__(None, None, None)
+            self.front = ServerThread(rt_settings, self._cfg, resolver=lookup, port=port, front=self._opts)
+            self.front.__enter__()
+            return self.front
+
     @contextlib.contextmanager
     def make(nodes=2, slots=2, node_timeout=3.0, cache_gib=None, placement="image", prefetch=()):
         front_cfg = ServeConfig(api_key=API_KEY, state_dir=tmp_path / "front", monitor_interval=0.5)
+        opts = FrontOptions(fleet_key=FLEET_KEY, node_timeout=node_timeout, placement=placement)
         with contextlib.ExitStack() as stack:
-            front = stack.enter_context(ServerThread(
-                rt_settings, front_cfg, resolver=lookup,
-                front=FrontOptions(fleet_key=FLEET_KEY, node_timeout=node_timeout, placement=placement)))
+            front = ServerThread(rt_settings, front_cfg, resolver=lookup, front=opts).__enter__()
             made = []
             for i in range(1, nodes + 1):
                 addr = f"127.0.1.{i}"
@@ -190,15 +202,17 @@ def fleet_factory(rt_settings, lookup, tmp_path):
                                   heartbeat=0.5, prefetch=list(prefetch))
                 made.append(stack.enter_context(ServerThread(st, cfg, resolver=RegistryResolver(st),
                                                              host=addr, node=node)))
+            running = Running(front, made, front_cfg, opts)
             deadline = time.monotonic() + 60
             while len([n for n in front.manager.nodes.values() if n.ready]) < nodes:
                 assert time.monotonic() < deadline, "nodes did not join the front"
                 time.sleep(0.05)
             try:
-                yield front, made
+                yield running
             finally:
-                for rid in list(front.manager.records):
-                    httpx.post(f"{front.url}/stop", json={"runtime_id": rid}, headers={"X-API-Key": API_KEY},
-                               timeout=60)
+                for rid in list(running.front.manager.records):
+                    httpx.post(f"{running.front.url}/stop", json={"runtime_id": rid},
+                               headers={"X-API-Key": API_KEY}, timeout=60)
+                running.front.__exit__(None, None, None)
 
     return make

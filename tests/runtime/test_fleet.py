@@ -24,7 +24,8 @@ def _node_settings(node):
 
 
 def test_front_places_by_image_forwards_and_answers_from_reports(fleet_factory, client, prebuilt):
-    with fleet_factory(nodes=2, slots=2) as (front, nodes):
+    with fleet_factory(nodes=2, slots=2) as running:
+        front, nodes = running.front, running.nodes
         by_id = {n.manager.server_id: n for n in nodes}
         a1, a2, b1 = _sid(), _sid(), _sid()
         ra1 = client.post(f"{front.url}/start", json=sdk_start_body(prebuilt["busybox_base"], a1)).json()
@@ -60,3 +61,43 @@ def test_front_places_by_image_forwards_and_answers_from_reports(fleet_factory, 
         assert httpx.post(f"{nodes[0].url}/node/start", json={}, headers={"X-API-Key": API_KEY}).status_code == 401
         assert httpx.post(f"{front.url}/fleet/report", json={}, headers={"X-API-Key": API_KEY}).status_code == 401
         assert httpx.post(f"{front.url}/fleet/report", json={}, headers={"X-API-Key": FLEET_KEY}).status_code == 422
+
+
+def test_restarted_front_finds_its_nodes_and_runtimes_again(fleet_factory, client, prebuilt):
+    with fleet_factory(nodes=2, slots=2) as running:
+        sid = _sid()
+        started = client.post(f"{running.front.url}/start", json=sdk_start_body(prebuilt["busybox_base"], sid)).json()
+        wait_pod_status(client, f"{running.front.url}/sessions/{sid}")
+        front = running.restart_front()  # a new process's worth of state: sqlite only
+        assert front.manager is not None and sid in front.manager.by_session
+        deadline = time.monotonic() + 30
+        while not all(n.state == "up" and n.last_seen for n in front.manager.nodes.values()) or \
+                len(front.manager.nodes) != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        again = wait_pod_status(client, f"{front.url}/sessions/{sid}")
+        assert again["runtime_id"] == started["runtime_id"] and again["url"] == started["url"]
+        assert again["session_api_key"] == started["session_api_key"]
+        assert httpx.get(f"{started['url']}/alive", timeout=5).status_code == 200
+        # and it still places: the next sample of that image follows it
+        nxt = client.post(f"{front.url}/start", json=sdk_start_body(prebuilt["busybox_base"], _sid())).json()
+        assert front.manager.records[nxt["runtime_id"]].node_id == front.manager.records[started["runtime_id"]].node_id
+
+
+def test_node_cli_bad_input_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).parent / "imagefarm")
+    env = dict(os.environ, IMAGEFARM_STATE_DIR=str(tmp_path / "st"))
+    env.pop("IMAGEFARM_FLEET_KEY", None)
+    for args, want in ((["node", "--join", "http://127.0.0.1:9"], "fleet key"),
+                       (["node", "--join", "ftp://x"], "--join"),
+                       (["node", "--join", "http://127.0.0.1:9", "--slots", "0"], "--slots"),
+                       (["serve", "--fleet", "--api-key", "k" * 20], "fleet key"),
+                       (["serve", "--placement", "best", "--api-key", "k" * 20], "--placement")):
+        r = subprocess.run([exe, "runtime", *args], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and want in r.stdout + r.stderr, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stdout + r.stderr
