@@ -9,7 +9,8 @@ Sections (``--only``): ``derive`` (fast path vs naive buildah, same bases, same
 registry), ``scale`` (fast path on many small bases, 1/4/8 threads), ``farm`` (Celery
 with 1/2/4 worker processes, plus the embedded local pool), ``copy`` (cross-registry
 derive: bytes moved vs unique bytes), ``runtime`` (``/start`` to ready), ``lookup``
-(in-process and HTTP, warm and cold).
+(in-process and HTTP, warm and cold), ``fleet`` (placement at 512 concurrent sandboxes,
+image-aware vs random: a model fed with the runtime section's measured costs).
 """
 
-SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup")
+SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "fleet")

@@ -23,18 +23,16 @@ Outputs per policy: bytes pulled from the registry, start-to-ready p50/p99, the
 largest node's disk (compressed bytes of the layers it holds; with no cache budget
 that is after the last step).
 
-    .venv/bin/python -m bench.fleet            # writes docs/bench/fleet.json, prints the table
+    .venv/bin/python -m bench --only fleet     # into docs/BENCHMARKS.md, with the other sections
+    .venv/bin/python -m bench.fleet --nodes 64 # other sizes: prints the table
 """
 
 from __future__ import annotations
 
 import argparse
-import heapq
-import json
 import random
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from imagefarm.runtime.placement import NodeView, place, slots_needed
 
@@ -125,24 +123,31 @@ def simulate(policy: str, *, nodes: int, slots: int, instances: int, samples: in
             "mean_node_disk_bytes": statistics.mean(n.peak_disk for n in fleet)}
 
 
+DEFAULTS = dict(nodes=32, slots=16, instances=64, samples=8, steps=4, dataset=4578, seed=0)
+
+
+def run_fleet(bench=None) -> dict:
+    """The ``fleet`` section of ``python -m bench``: both policies at the default sizes."""
+    return {"args": DEFAULTS, "costs": {"payload_bytes": PAYLOAD_BYTES, "payload_seconds": PAYLOAD_SECONDS,
+                                        "base_bytes_per_s": BASE_RATE, "boot_seconds": BOOT_SECONDS},
+            "results": [simulate(policy, **DEFAULTS) for policy in ("image", "random")]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nodes", type=int, default=32)
-    p.add_argument("--slots", type=int, default=16, help="slots per node (128 CPUs / 8 per agent)")
-    p.add_argument("--instances", type=int, default=64)
-    p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--dataset", type=int, default=4578)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "bench" / "fleet.json")
+    p.add_argument("--nodes", type=int, default=DEFAULTS["nodes"])
+    p.add_argument("--slots", type=int, default=DEFAULTS["slots"], help="slots per node (128 CPUs / 8 per agent)")
+    p.add_argument("--instances", type=int, default=DEFAULTS["instances"])
+    p.add_argument("--samples", type=int, default=DEFAULTS["samples"])
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--dataset", type=int, default=DEFAULTS["dataset"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     a = p.parse_args(argv)
     if min(a.nodes, a.slots, a.instances, a.samples, a.steps, a.dataset) < 1 or a.instances > a.dataset:
         p.error("every size must be at least 1, and --instances at most --dataset")
     args = dict(nodes=a.nodes, slots=a.slots, instances=a.instances, samples=a.samples, steps=a.steps,
                 dataset=a.dataset, seed=a.seed)
     rows = [simulate(policy, **args) for policy in ("image", "random")]
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"args": args, "results": rows}, indent=2) + "\n")
     print(f"{a.nodes} nodes x {a.slots} slots, {a.steps} steps of {a.instances} instances x {a.samples} samples "
           f"({a.instances * a.samples} concurrent sandboxes), {a.dataset} distinct images, seed {a.seed}\n")
     print("| placement | sandboxes | bytes pulled | start→ready p50 | p99 | largest node disk | mean node disk |")

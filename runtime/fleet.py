@@ -29,7 +29,6 @@ import random
 import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import httpx

@@ -1,20 +1,18 @@
-"""Runtimes: resolve, start, watch, pause, stop, reap; persisted and reconciled.
+"""Runtimes on this node: resolve, start, pause, stop; persisted and reconciled.
 
 One runtime is one podman container running a prebuilt agent-server image, labelled
-``imagefarm.runtime=1``, ``imagefarm.runtime.server=<server id>``,
-``imagefarm.runtime.id=<runtime id>`` and ``imagefarm.runtime.session=<session id>``,
-published on ``<publish address>:<host port from the range>`` to the agent server's
-port (``--port N`` in the command, else 60000).
+``imagefarm.runtime=1``, ``imagefarm.runtime.server=<server id>`` (a node process's
+node id), ``imagefarm.runtime.id=<runtime id>`` and ``imagefarm.runtime.session=<session
+id>``, published on ``<publish address>:<host port from the range>`` to the agent
+server's port (``--port N`` in the command, else 60000).
 
-``/start`` answers at once (record written, port reserved); a background task pulls
-the image if the node lacks it (``pod_status`` pending), creates the container
-(running) and probes ``{url}/alive`` then ``{url}/health`` every 20 ms until both
-answer (ready), or reports the exit with the container's last log lines (failed; an
-OOM kill is reported as crashloopbackoff, which both clients explain as "possibly
-OOM, try again"). A monitor notices containers that exit later; a reaper removes
-runtimes idle longer than ``idle_timeout`` (idle = no API call for the runtime and,
-where the agent server tells, no agent activity per ``GET {url}/server_info``
-``idle_time``; else no CPU time used) and failed ones after ``failed_ttl``.
+``RuntimeManager`` is split along its seams: ``ports.py`` (host ports), ``images.py``
+(pull once, cache budget, LRU eviction), ``launch.py`` (launch and readiness),
+``upkeep.py`` (monitor and reaping); this module keeps the records, their
+reconciliation after a restart, and the verbs. ``/start`` answers at once (record
+written, port reserved) and launches in a background task. A fleet's front
+(``fleet.py``) places runtimes on node processes (``node.py``), each running one of
+these managers.
 
 User policy (``user_policy="image"``, the default): APIRemoteWorkspace always asks for
 ``run_as_user`` 10001 (and ``runtime_class`` sysbox-runc), but r2e images are
@@ -30,11 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,17 +41,18 @@ from imagefarm.errors import ImagefarmError
 from imagefarm.reference import parse
 from imagefarm.settings import Settings
 
-from .backend import LABEL, LABEL_ID, LABEL_SERVER, LABEL_SESSION, ContainerSpec, PodmanBackend
+from .backend import LABEL, LABEL_ID, LABEL_SERVER, PodmanBackend
 from .errors import BackendError, CapacityFull, NoPrebuiltImage, RuntimeServerError, UnknownRuntime
 from .images import NodeImages
-from .ports import PortPool, agent_port, parse_command
+from .launch import Launching, _Live
 from .models import ContainerStatus, RuntimeInfo, StartRequest
+from .ports import PortPool, agent_port, parse_command
 from .resolver import Resolver, describe_base, prefix_of
 from .state import Record, Store
+from .upkeep import LIVE, Upkeep
 
 log = logging.getLogger("imagefarm.runtime")
 
-LIVE = ("running", "paused")
 
 
 @dataclass
@@ -104,16 +102,6 @@ class ServeConfig:
         return "127.0.0.1" if self.publish_address in ("", "0.0.0.0", "::") else self.publish_address
 
 
-@dataclass
-class _Live:
-    """In-memory companions of a record (never persisted)."""
-
-    task: asyncio.Task | None = None
-    cpu: float | None = None
-    user_note: str = ""
-    ready_event: asyncio.Event = field(default_factory=asyncio.Event)
-
-
 class Resolving:
     """Resolution and image sizes, shared by a node's manager and a fleet's front
     (needs ``resolver``, ``to``, ``settings``, ``_sizes`` and ``_registry``)."""
@@ -148,7 +136,7 @@ class Resolving:
         return self._sizes[pinned]
 
 
-class RuntimeManager(Resolving):
+class RuntimeManager(Launching, Upkeep, Resolving):
     def __init__(self, settings: Settings, backend: PodmanBackend, resolver: Resolver,
                  config: ServeConfig) -> None:
         self.settings = settings
@@ -372,206 +360,6 @@ class RuntimeManager(Resolving):
         if await self.images.ensure(rec.prebuilt, size=size, policy=req.image_pull_policy):
             rec.extra["pulled"] = True
 
-    async def _launch(self, rec: Record, req: StartRequest, argv: list[str]) -> None:
-        t0 = time.monotonic()
-        lv = self.live[rec.runtime_id]
-        try:
-            await self._ensure_image(rec, req)
-            env = dict(req.environment)
-            multiline = sorted(k for k, v in env.items() if "\n" in v or "\r" in v)
-            if multiline:
-                log.warning("runtime %s: newlines in %s became spaces (podman env files hold one line "
-                            "per variable)", rec.runtime_id, ", ".join(multiline))
-            if "SESSION_API_KEY" in env:
-                log.warning("runtime %s: the request's SESSION_API_KEY is replaced by the server's own",
-                            rec.runtime_id)
-            env["SESSION_API_KEY"] = rec.session_api_key
-            env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-            user, extra = await self._user_decision(rec, req, env)
-            if req.runtime_class and req.runtime_class not in ("runc", "default"):
-                log.info("runtime %s: runtime_class %r ignored: this server runs podman with runc",
-                         rec.runtime_id, req.runtime_class)
-            factor = rec.resource_factor
-            spec = ContainerSpec(
-                name=rec.container, image=rec.prebuilt, argv=argv, env=env,
-                labels={LABEL: "1", LABEL_SERVER: self.server_id, LABEL_ID: rec.runtime_id,
-                        LABEL_SESSION: rec.session_id},
-                publish=[(self.config.publish_address, rec.host_port, rec.container_port)],
-                working_dir=req.working_dir or None, user=user,
-                cpus=min(self.config.cpus_per_factor * factor, float(os.cpu_count() or 1)),
-                memory=f"{int(self.config.memory_mib_per_factor * factor)}m",
-                pids_limit=self.config.pids_limit, extra=extra)
-            for attempt in range(3):
-                try:
-                    await self.backend.run(spec)
-                    break
-                except BackendError as exc:
-                    if "workdir" in str(exc) and "does not exist" in str(exc) and spec.working_dir and attempt < 2:
-                        await self.backend.remove(rec.container)
-                        log.info("runtime %s: working_dir %s does not exist in the image: the image's own "
-                                 "working directory is used", rec.runtime_id, spec.working_dir)
-                        spec.working_dir = None
-                        continue
-                    if spec.image in self.images.present and "image not known" in str(exc) and attempt < 2:
-                        self.images.present.discard(spec.image)  # removed behind our back: pull again
-                        await self.backend.remove(rec.container)
-                        await self._ensure_image(rec, req)
-                        continue
-                    if "address already in use" in str(exc).lower() and attempt < 2:
-                        await self.backend.remove(rec.container)
-                        rec.host_port = self._free_port()
-                        rec.url = f"http://{self.config.url_host}:{rec.host_port}"
-                        spec.publish = [(self.config.publish_address, rec.host_port, rec.container_port)]
-                        log.info("runtime %s: port taken, retrying on %d", rec.runtime_id, rec.host_port)
-                        continue
-                    raise
-            rec.pod_status = "running"
-            self._save(rec)
-            log.info("runtime %s: container created in %.2fs", rec.runtime_id, time.monotonic() - t0)
-            await self._wait_ready(rec, t0)
-        except asyncio.CancelledError:
-            raise
-        except RuntimeServerError as exc:
-            await self._fail(rec, str(exc))
-        except ImagefarmError as exc:
-            await self._fail(rec, str(exc))
-        except Exception as exc:  # noqa: BLE001 - a launch must never die silently
-            log.exception("runtime %s: launch failed", rec.runtime_id)
-            await self._fail(rec, f"internal error: {exc}")
-        finally:
-            if lv.task is asyncio.current_task():
-                lv.task = None
-
-    async def _user_decision(self, rec: Record, req: StartRequest, env: dict[str, str]) -> tuple[str | None, list[str]]:
-        image_user = await self.images.image_user(rec.prebuilt)
-        wanted = req.run_as_user
-        if self.config.user_policy == "requested" and wanted is not None:
-            gid = req.run_as_group if req.run_as_group is not None else (req.fs_group if req.fs_group is not None else wanted)
-            env.setdefault("HOME", "/tmp")
-            rec.user = f"{wanted}:{gid}"
-            extra = ["--group-add", str(req.fs_group)] if req.fs_group is not None and req.fs_group != gid else []
-            log.info("runtime %s: runs as %s as requested (policy requested, HOME=%s)",
-                     rec.runtime_id, rec.user, env["HOME"])
-            return rec.user, extra
-        rec.user = None
-        if wanted is not None and str(wanted) != (image_user or "0") and not (wanted == 0 and not image_user):
-            log.info("runtime %s: requested run_as_user %s not applied: runs as the image's own user %s "
-                     "(policy image: r2e images are root-owned with no user %s; only the image user can "
-                     "write the working tree, e.g. /testbed)",
-                     rec.runtime_id, wanted, image_user or "root", wanted)
-        return None, []
-
-    async def _probe(self, rec: Record) -> bool:
-        base = f"http://{self.config.probe_host}:{rec.host_port}"
-        try:
-            for path in ("/alive", "/health"):
-                r = await self._http.get(base + path, timeout=2.0)
-                if not 200 <= r.status_code < 300:
-                    return False
-            return True
-        except httpx.HTTPError:
-            return False
-
-    async def _wait_ready(self, rec: Record, t0: float) -> None:
-        """Probe until the agent server answers. A refused connect on the node costs
-        microseconds, so the first minute probes every 20 ms; whether the container
-        died is asked of podman (100+ ms) in a task beside the probes, never in their way."""
-        deadline = time.monotonic() + self.config.ready_timeout
-        last_check, inspecting = time.monotonic(), None
-        try:
-            while rec.runtime_id in self.records and rec.status == "running":
-                if await self._probe(rec):
-                    self._set_ready(rec, t0)
-                    return
-                now = time.monotonic()
-                if inspecting is not None and inspecting.done():
-                    c = inspecting.result()
-                    inspecting = None
-                    if c is None or c.state not in ("running", "paused", "created", "configured", "initialized"):
-                        await self._mark_exited(rec, c)
-                        return
-                if inspecting is None and now - last_check > 1.0:
-                    last_check = now
-                    inspecting = asyncio.create_task(self.backend.inspect(rec.container))
-                if now > deadline:
-                    await self._fail(rec, f"the agent server did not answer {rec.url}/alive within "
-                                          f"{self.config.ready_timeout:g}s", logs=True)
-                    return
-                await asyncio.sleep(0.02 if now - t0 < 60 else 0.5)
-        finally:
-            if inspecting is not None and not inspecting.done():
-                inspecting.cancel()
-
-    def _set_ready(self, rec: Record, t0: float | None) -> None:
-        if rec.pod_status == "ready":
-            return
-        rec.pod_status = "ready"
-        rec.ready_at = time.time()
-        self._save(rec)
-        lv = self.live.get(rec.runtime_id)
-        if lv:
-            lv.ready_event.set()
-        if t0 is not None:
-            log.info("runtime %s: ready in %.2fs after /start", rec.runtime_id, time.monotonic() - t0)
-            for fn in self.on_ready:
-                fn(rec, time.monotonic() - t0)
-
-    async def _mark_exited(self, rec: Record, c=None) -> None:
-        c = c or await self.backend.inspect(rec.container)
-        if c is None:
-            await self._fail(rec, "the container disappeared (removed outside this server?)", logs=False)
-            return
-        why = f"the container exited with code {c.exit_code}" + (f": {c.error}" if c.error else "")
-        await self._fail(rec, why, exit_code=c.exit_code, oom=c.oom_killed)
-
-    async def _fail(self, rec: Record, reason: str, *, exit_code: int | None = None, oom: bool = False,
-                    logs: bool = True) -> None:
-        if rec.runtime_id not in self.records:
-            return
-        tail = ""
-        if logs:
-            try:
-                tail = await self.backend.logs(rec.container, self.config.log_tail)
-            except BackendError:
-                tail = ""
-        hint = ""
-        low = (reason + tail).lower()
-        if "executable file not found" in low or "no such file or directory" in low and "/openhands/" in low:
-            hint = (" (the command does not exist in this image: agent-server images serve SDK clients "
-                    "(APIRemoteWorkspace, command /usr/local/bin/openhands-agent-server); a V0 "
-                    "RemoteRuntime's action execution server is not in them)")
-        rec.status = "error"
-        rec.pod_status = "crashloopbackoff" if oom else "failed"
-        rec.reason = ("OOMKilled: " if oom else "") + reason + hint
-        rec.exit_code = exit_code
-        rec.pod_logs = (tail or reason).strip()[-8000:]
-        rec.last_activity = time.time()
-        self._save(rec)
-        lines = [ln for ln in tail.strip().splitlines() if ln][-5:]
-        log.warning("runtime %s failed: %s%s", rec.runtime_id, rec.reason,
-                    ("; last log lines:\n    " + "\n    ".join(lines)) if lines else "")
-
-    def _watch(self, rec: Record) -> None:
-        """(Re)start readiness watching for a running, not yet ready runtime."""
-        lv = self.live.setdefault(rec.runtime_id, _Live())
-        if lv.task is None or lv.task.done():
-            rec.pod_status = "running"
-            self._save(rec)
-
-            async def watch() -> None:
-                try:
-                    await self._wait_ready(rec, None)
-                finally:
-                    if lv.task is asyncio.current_task():
-                        lv.task = None
-
-            lv.task = asyncio.create_task(watch(), name=f"watch-{rec.runtime_id}")
-
-    async def refresh(self, rec: Record) -> None:
-        """On a status poll: an immediate probe if running but not yet ready."""
-        if rec.status == "running" and rec.pod_status == "running" and await self._probe(rec):
-            self._set_ready(rec, None)
-
     # -- prefetch ---------------------------------------------------------------------------
     async def prefetch(self, images: list[str]) -> list[dict[str, Any]]:
         """Pull images onto this node in the background (``POST /prefetch``)."""
@@ -634,112 +422,6 @@ class RuntimeManager(Resolving):
         log.info("runtime %s (session %s) %s", rid, rec.session_id, why)
 
     # -- background -------------------------------------------------------------------------
-    async def _monitor_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.monitor_interval)
-            try:
-                await self._monitor_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001
-                log.exception("runtime monitor tick failed")
-
-    async def _sweep_orphans(self) -> None:
-        """Remove containers of this server that no record owns (e.g. a start cancelled mid-way)."""
-        known = {r.container for r in self.records.values()}
-        orphans = [c.name for c in await self.backend.list({LABEL_SERVER: self.server_id})
-                   if c.name not in known and c.labels.get(LABEL_ID) not in self.records]
-        if orphans:
-            log.warning("removing %d container(s) of this server without a runtime record: %s",
-                        len(orphans), ", ".join(orphans))
-            await self.backend.remove(*orphans)
-
-    async def _monitor_once(self) -> None:
-        self._ticks += 1
-        if self._ticks % 60 == 0:
-            await self._sweep_orphans()
-        watched = [r for r in self.records.values()
-                   if r.status in LIVE and r.pod_status != "pending"
-                   and not (self.live.get(r.runtime_id) and self.live[r.runtime_id].task)]
-        if not watched:
-            return
-        containers = {c.labels.get(LABEL_ID, ""): c for c in await self.backend.list({LABEL_SERVER: self.server_id})}
-        for rec in watched:
-            if rec.runtime_id not in self.records:
-                continue
-            c = containers.get(rec.runtime_id)
-            if c is None or c.state in ("exited", "stopped", "dead", "removing"):
-                await self._mark_exited(rec, await self.backend.inspect(rec.container) if c else None)
-            elif c.state == "paused" and rec.status != "paused":
-                rec.status = "paused"
-                self._save(rec)
-            elif c.state == "running" and rec.status == "paused":
-                rec.status = "running"
-                self._watch(rec)
-
-    async def _reaper_loop(self) -> None:
-        idle = self.config.idle_timeout
-        interval = max(0.5, min(30.0, (idle / 4) if idle else 30.0, self.config.failed_ttl / 4))
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._reap_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001
-                log.exception("runtime reaper tick failed")
-
-    async def _agent_activity(self, rec: Record) -> float | None:
-        """When the agent server last did something, per its /server_info (None if unknown)."""
-        try:
-            r = await self._http.get(f"http://{self.config.probe_host}:{rec.host_port}/server_info", timeout=2.0)
-            if r.status_code == 200:
-                idle = r.json().get("idle_time")
-                if isinstance(idle, (int, float)):
-                    return time.time() - float(idle)
-        except (httpx.HTTPError, ValueError):
-            pass
-        return None
-
-    async def _reap_once(self) -> None:
-        now = time.time()
-        for rec in [r for r in self.records.values() if r.status == "error"]:
-            if now - rec.last_activity > self.config.failed_ttl:
-                await self.stop(rec.runtime_id, "removed (failed and untouched)")
-        idle = self.config.idle_timeout
-        if not idle:
-            return
-        candidates = [r for r in self.records.values() if r.status in LIVE and now - r.last_activity > idle]
-        if not candidates:
-            return
-        need_cpu = []
-        for rec in candidates:
-            if rec.status == "running" and rec.pod_status == "ready":
-                seen = await self._agent_activity(rec)
-                if seen is not None:
-                    rec.last_activity = max(rec.last_activity, seen)
-                    continue
-            if rec.status == "running":
-                need_cpu.append(rec)
-        first_sample = set()
-        if need_cpu:
-            times = await self.backend.cpu_times([r.container for r in need_cpu])
-            for rec in need_cpu:
-                lv = self.live.setdefault(rec.runtime_id, _Live())
-                cpu = times.get(rec.container)
-                if lv.cpu is None:
-                    first_sample.add(rec.runtime_id)  # two samples are needed to see activity
-                elif cpu is not None and cpu - lv.cpu > 0.05:
-                    rec.last_activity = now
-                lv.cpu = cpu if cpu is not None else lv.cpu
-        for rec in candidates:
-            if rec.runtime_id in first_sample:
-                continue
-            if rec.runtime_id in self.records and now - rec.last_activity > idle:
-                await self.stop(rec.runtime_id, f"reaped after {now - rec.last_activity:.0f}s idle "
-                                                f"(--idle-timeout {idle:g}s)")
-
-
 def pinned_image(hit: Any) -> str:
     """``repo@sha256:...`` from a resolver hit (``.pinned`` if it has one, else ``.image``)."""
     image = getattr(hit, "pinned", None) or hit.image

@@ -2,7 +2,7 @@
 
 Runs under a Python >= 3.12 that has ``openhands-workspace`` installed (not the
 project's venv): ``python sdk_client.py URL KEY IMAGE [--exec]`` prints one JSON line
-per step. With ``--exec`` (a real agent-server image) it also runs a command in
+per step (``--wait S``: seconds to wait for ready, default 120). With ``--exec`` (a real agent-server image) it also runs a command in
 /testbed through the agent server; the stand-in image only answers /alive and /health.
 """
 
@@ -23,9 +23,10 @@ def step(**kw):
 
 def main() -> None:
     url, key, image = sys.argv[1:4]
+    wait = int(sys.argv[sys.argv.index("--wait") + 1]) if "--wait" in sys.argv else 120
     t0 = time.monotonic()
     ws = APIRemoteWorkspace(runtime_api_url=url, runtime_api_key=key, server_image=image,
-                            working_dir="/testbed", startup_wait_timeout=120, init_timeout=60)
+                            working_dir="/testbed", startup_wait_timeout=wait, init_timeout=60)
     step(step="ready", seconds=round(time.monotonic() - t0, 2), runtime_id=ws._runtime_id, host=ws.host,
          alive=ws.alive)
     if "--exec" in sys.argv:

@@ -156,7 +156,8 @@ def test_real_sdk_workspaces_on_both_nodes_run_in_testbed(fleet, agent_images, s
     _poll(lambda: all(n["stats"].get("pulling") == 0 and n["stats"].get("pulls", 0) >= 1 for n in fleet.nodes()),
           "the prefetches", 600, 1)
     gets = len(registry.blob_gets())
-    procs = [subprocess.Popen(sdk_python.argv(HERE / "sdk_client.py", fleet.url, fleet.key, img, "--exec"),
+    procs = [subprocess.Popen(sdk_python.argv(HERE / "sdk_client.py", fleet.url, fleet.key, img, "--exec",
+                                                 "--wait", "480"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for img in agent_images]
     outs = [p.communicate(timeout=600) for p in procs]
     steps = []
