@@ -27,15 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from imagefarm import oci
-from imagefarm.containers import run
+from imagefarm.host.containers import run
 from imagefarm.derive import AppendPayload
 from imagefarm.derive.append import payload_home
 from imagefarm.derive.blobs import BlobPlacer
-from imagefarm.reference import Reference, parse
+from imagefarm.names.reference import Reference, parse
 from imagefarm.registry import RegistryClient
 from imagefarm.settings import Settings
-from imagefarm.testing.images import R2E_ENV, R2E_REPOS, FixtureFactory, FixtureImage, commit_for
-from imagefarm.testing.services import Redis, Registry, free_port
+from imagefarm.host.samples import R2E_ENV, R2E_REPOS, FixtureFactory, FixtureImage, commit_for
+from imagefarm.host.services import Redis, Registry, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 Log = Callable[[str], None]
@@ -284,7 +284,7 @@ class Bench:
     def payload(self) -> AppendPayload:
         if self._payload is None:
             from imagefarm.payload import build_payload
-            from imagefarm.recipe import recipe_for
+            from imagefarm.payload.recipe import recipe_for
 
             s = self.settings()
             recipe = recipe_for(s)
@@ -303,7 +303,7 @@ class Bench:
         """Fail clearly if a fresh process now computes another recipe digest than this
         run's payload has (the recipe or its code was edited while the bench ran): the
         services started from here on would look for images nobody derived."""
-        code = ("from imagefarm.settings import Settings; from imagefarm.recipe import recipe_for; "
+        code = ("from imagefarm.settings import Settings; from imagefarm.payload.recipe import recipe_for; "
                 "print(recipe_for(Settings.load()).digest)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                              timeout=120, check=False)

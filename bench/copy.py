@@ -17,7 +17,7 @@ from typing import Any
 
 from imagefarm import oci
 from imagefarm.derive import Appender, AppendPayload
-from imagefarm.reference import parse
+from imagefarm.names.reference import parse
 
 from .context import Bench
 from .machine import loadavg

@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Any
 
-from imagefarm.prebuild import run_batch
+from imagefarm.farm.prebuild import run_batch
 
 from .context import Bench, python
 from .machine import loadavg

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from imagefarm.lookup import Lookup
+from imagefarm.serve.lookup import Lookup
 
 from .context import Bench, free_port, python
 from .derive import fast_run

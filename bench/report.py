@@ -415,7 +415,7 @@ def render(results: dict[str, Any], out: Path) -> None:
     if "farm" in S:
         L.extend(_section_head(S["farm"], m["when"]))
     if fa:
-        w(f"`imagefarm.prebuild.run_batch` over the same {fa['bases']} bases (`verify=\"none\"`), timed from the "
+        w(f"`imagefarm.farm.prebuild.run_batch` over the same {fa['bases']} bases (`verify=\"none\"`), timed from the "
           "call to its return (driver, task submission, result polling included), each run into a fresh prefix. "
           "Celery: real `redis-server`, real worker processes (`celery -A imagefarm.worker.app worker -Q derive "
           "--concurrency N`, prefork); worker start-up not included.")

@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
-from imagefarm.apikey import HEADER, key_matches
+from imagefarm.serve.apikey import HEADER, key_matches
 from imagefarm.errors import ImagefarmError, InvalidReference, RegistryError
 from imagefarm.settings import Settings
 

@@ -7,7 +7,7 @@ Why the CLI and not the ``docker`` SDK against podman's Docker-compatible socket
   supervise, restart and clean up when a job ends);
 * the same configuration path as the rest of imagefarm: every call gets the project's
   own ``containers.conf`` (runc, ulimits, cgroupfs), ``registries.conf`` and the
-  storage under ``settings.state_dir`` through ``imagefarm.containers.container_env``,
+  storage under ``settings.state_dir`` through ``imagefarm.host.containers.container_env``,
   so the images the farm pulled and verified are the ones the server starts;
 * asyncio subprocesses never block the event loop, and each call is one small,
   logged, reproducible command line (copy it into a shell to debug);
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from imagefarm.containers import container_env, which
+from imagefarm.host.containers import container_env, which
 from imagefarm.settings import Settings
 
 from .errors import BackendError

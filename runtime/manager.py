@@ -38,7 +38,7 @@ from typing import Any, Literal
 import httpx
 
 from imagefarm.errors import ImagefarmError
-from imagefarm.reference import parse
+from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
 
 from .backend import LABEL, LABEL_ID, LABEL_SERVER, PodmanBackend

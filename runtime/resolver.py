@@ -1,7 +1,7 @@
 """Which prebuilt image serves a requested image: the resolver the server is given.
 
 The server never builds: every ``/start`` asks a ``Resolver`` for a prebuilt,
-digest-pinned agent-server image. ``imagefarm.lookup.Lookup`` (lockfile and registry
+digest-pinned agent-server image. ``imagefarm.serve.lookup.Lookup`` (lockfile and registry
 backed) is the production resolver; ``RegistryResolver`` here is a small one that reads
 only the registry (tags under ``--to`` and their OCI annotations), used when the
 lookup is not available and in the tests. Both are synchronous; the server calls them
@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from imagefarm import oci
 from imagefarm.errors import NotFound, RegistryError
-from imagefarm.reference import Reference, parse
+from imagefarm.names.reference import Reference, parse
 from imagefarm.settings import Settings
 
 
@@ -112,7 +112,7 @@ class RegistryResolver:
         size = sum(layer.size for layer in m.layers) + m.config.size
         verified = False
         try:  # attestation tags are the payload helper's; optional
-            from imagefarm.attest import is_verified
+            from imagefarm.farm.attest import is_verified
 
             verified = bool(is_verified(self.client, ref, resolved.digest))
         except Exception:  # noqa: BLE001 - no attestation means "not verified"

@@ -30,15 +30,15 @@ log = logging.getLogger("imagefarm.runtime")
 
 
 def default_resolver(settings: Settings, kind: str = "auto") -> Resolver:
-    """``lookup`` (imagefarm.lookup.Lookup), ``registry`` (RegistryResolver), or ``auto``."""
+    """``lookup`` (imagefarm.serve.lookup.Lookup), ``registry`` (RegistryResolver), or ``auto``."""
     if kind in ("auto", "lookup"):
         try:
-            from imagefarm.lookup import Lookup  # type: ignore[import-not-found]
+            from imagefarm.serve.lookup import Lookup  # type: ignore[import-not-found]
         except ImportError:
             if kind == "lookup":
                 raise
         else:
-            log.info("resolving images with imagefarm.lookup.Lookup")
+            log.info("resolving images with imagefarm.serve.lookup.Lookup")
             return Lookup(settings)
     log.info("resolving images from the registry under %s (RegistryResolver)", settings.to)
     return RegistryResolver(settings)

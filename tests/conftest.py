@@ -16,10 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from imagefarm.containers import run
+from imagefarm.host.containers import run
 from imagefarm.settings import Settings
-from imagefarm.testing.images import FixtureFactory
-from imagefarm.testing.services import Redis, Registry
+from imagefarm.host.samples import FixtureFactory
+from imagefarm.host.services import Redis, Registry
+
+# recipes/ plus the test-only recipes (broken.toml must not ship in the wheel)
+HERE = Path(__file__).resolve().parent
+TEST_RECIPES = HERE / "recipes"
 
 REQUIRED = {
     "docker-registry": "apt-get install -y docker-registry",
@@ -45,6 +49,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The suites by kind are folders; mark them too, so ``-m "not e2e"`` works anywhere."""
+    for item in items:
+        kind = item.path.relative_to(HERE).parts[0]
+        if kind in ("e2e", "reliability"):
+            item.add_marker(kind)
+
+
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     """The user's cache (debootstrap rootfs, payload): shared across runs on purpose."""
@@ -55,12 +67,12 @@ def cache_dir() -> Path:
 def settings(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Settings:
     """Settings with a private state dir (so podman/buildah storage is isolated)."""
     state = tmp_path_factory.mktemp("state")
-    s = Settings(state_dir=state, cache_dir=cache_dir)
+    s = Settings(state_dir=state, cache_dir=cache_dir, recipes_dir=TEST_RECIPES)
     yield s
     # leave no container or mount behind
     run(s, ["podman", "rm", "--all", "--force", "--time", "0"], check=False, timeout=120)
     run(s, ["buildah", "rm", "--all"], check=False, timeout=120)
-    run(s, ["podman", "system", "reset", "--force"], check=False, timeout=120)
+    run(s, ["podman", "system", "reset", "--force"], check=False, timeout=600)
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +126,7 @@ def cli_env(settings: Settings, registry: Registry, redis_server: Redis) -> dict
         "IMAGEFARM_CACHE_DIR": str(settings.cache_dir),
         "IMAGEFARM_TO": f"{registry.host}/prebuilt",
         "IMAGEFARM_BROKER_URL": redis_server.url,
+        "IMAGEFARM_RECIPES_DIR": str(TEST_RECIPES),
     })
     return env
 
@@ -149,6 +162,6 @@ def payload(settings):
     import sys
 
     from imagefarm.payload import build_payload
-    from imagefarm.recipe import recipe_for
+    from imagefarm.payload.recipe import recipe_for
 
     return build_payload(settings, recipe_for(settings), log=lambda m: print(m, file=sys.stderr))

@@ -16,7 +16,7 @@ import os
 
 from celery import Celery
 
-from ..settings import Settings
+from imagefarm.settings import Settings
 
 DERIVE_QUEUE = "derive"
 VERIFY_QUEUE = "verify"

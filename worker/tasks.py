@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers over ``imagefarm.jobs`` with retry policy.
+"""Celery tasks: thin wrappers over ``imagefarm.farm.jobs`` with retry policy.
 
 Transient errors (registry 429/5xx, dropped connections, Redis blips) retry with
 exponential backoff; permanent ones (base not found, malformed reference) come back
@@ -11,9 +11,9 @@ from typing import Any
 
 import redis
 
-from .. import jobs
-from ..errors import ImagefarmError
-from ..settings import Settings
+from imagefarm.farm import jobs
+from imagefarm.errors import ImagefarmError
+from imagefarm.settings import Settings
 from .app import app
 from .semaphore import RedisSemaphore
 

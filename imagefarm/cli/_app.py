@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import ImagefarmError
+from imagefarm.errors import ImagefarmError
 
 app = typer.Typer(
     name="imagefarm",

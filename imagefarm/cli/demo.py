@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from ..demo import run_demo
-from ..settings import Settings
+from imagefarm.host.demo import run_demo
+from imagefarm.settings import Settings
 from ._app import app, friendly
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ..settings import Settings
+from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
 
@@ -26,10 +26,10 @@ def derive_cmd(
     (no base layer is pulled); recipes of kind "buildah" are built with buildah. A
     derive that already exists is reported as skipped and costs two requests.
     """
-    from ..derive import AppendPayload, derive
-    from ..derive.build import build
-    from ..recipe import recipe_for
-    from ..reference import parse
+    from imagefarm.derive import AppendPayload, derive
+    from imagefarm.derive.build import build
+    from imagefarm.payload.recipe import recipe_for
+    from imagefarm.names.reference import parse
 
     parse(base_ref)  # bad input fails at once, not after a payload build
     settings = Settings.load(to=to, recipe=recipe, platform=platform)
@@ -38,10 +38,10 @@ def derive_cmd(
         result = build(base_ref, rec, settings)
     else:
         if payload_layer:
-            from ..derive.values import payload_from_file
+            from imagefarm.derive.values import payload_from_file
             payload = payload_from_file(payload_layer, rec)
         else:
-            from ..payload import build_payload, load_payload
+            from imagefarm.payload import build_payload, load_payload
             found = load_payload(settings, rec)
             if found is None:
                 console.print(f"building the agent-server payload for recipe {rec.name} "

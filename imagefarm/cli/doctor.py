@@ -7,9 +7,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .. import devstack
-from ..doctor import run_checks
-from ..settings import Settings
+from imagefarm.host import devstack
+from imagefarm.host.doctor import run_checks
+from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
 

@@ -11,8 +11,8 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..prebuild import BatchState, load_state, run_batch
-from ..settings import Settings
+from imagefarm.farm.prebuild import BatchState, load_state, run_batch
+from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
 

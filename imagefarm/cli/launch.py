@@ -8,10 +8,10 @@ from typing import Optional
 
 import typer
 
-from .. import launch as L
-from ..catalog import load
-from ..lockfile import Lockfile
-from ..settings import Settings
+from imagefarm.serve import launch as L
+from imagefarm.farm.catalog import load
+from imagefarm.farm.lockfile import Lockfile
+from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
 launch_app = typer.Typer(help="Launch training with prebuilt images (SkyRL + verl, SLURM, MIG).",
@@ -31,14 +31,14 @@ def preflight_cmd(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Every training and validation instance has a verified prebuilt image; exit 1 if not."""
-    from ..recipe import recipe_for
+    from imagefarm.payload.recipe import recipe_for
 
     settings = Settings.load(to=to, recipe=recipe)
     cat, lock = load(dataset), Lockfile.read(lockfile)
     exists = None
     client = None
     if check_registry:
-        from ..registry import RegistryClient
+        from imagefarm.registry import RegistryClient
 
         client = RegistryClient(settings)
         exists = L.registry_exists(client)
@@ -110,7 +110,7 @@ def sbatch_cmd(
     import shlex
     import subprocess
 
-    from ..recipe import recipe_for
+    from imagefarm.payload.recipe import recipe_for
 
     settings = Settings.load(to=to)
     train_cmd = list(ctx.args) or ["bash", "-c", "echo 'no training command given after --' >&2; exit 2"]

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from ..lookup import Lookup, build_command, normalise_query
-from ..settings import Settings
+from imagefarm.serve.lookup import Lookup, build_command, normalise_query
+from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
 
@@ -65,7 +65,7 @@ def serve_lookup(
     """Serve lookups over HTTP: /v1/lookup, /healthz, /metrics, /docs."""
     import uvicorn
 
-    from ..lookup_api import create_app
+    from imagefarm.serve.lookup_api import create_app
 
     settings = Settings.load(to=to, recipe=recipe)
     lk = Lookup(settings, lockfile=lockfile, ttl=ttl)

@@ -6,7 +6,7 @@ import time
 
 import typer
 
-from ..settings import Settings
+from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
 payload_app = typer.Typer(help="The agent-server payload: one layer that runs on any x86_64 base.",
@@ -47,8 +47,8 @@ def build_cmd(
     Minutes the first time (debootstrap of the builder, the server's install); a
     cache hit afterwards, until the recipe changes.
     """
-    from ..payload import build_payload, load_payload
-    from ..recipe import recipe_for
+    from imagefarm.payload import build_payload, load_payload
+    from imagefarm.payload.recipe import recipe_for
 
     settings = Settings.load(recipe=recipe)
     rec = recipe_for(settings)
@@ -73,8 +73,8 @@ def show_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Show the cached payload of a recipe (version, size, digest); exit 1 if not built."""
-    from ..payload import load_payload
-    from ..recipe import recipe_for
+    from imagefarm.payload import load_payload
+    from imagefarm.payload.recipe import recipe_for
 
     settings = Settings.load(recipe=recipe)
     rec = recipe_for(settings)

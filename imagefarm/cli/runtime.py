@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from ..errors import ConfigError
-from ..settings import Settings
+from imagefarm.errors import ConfigError
+from imagefarm.settings import Settings
 from ._app import app, console, friendly
 
 runtime_app = typer.Typer(help="The runtime server: OpenHands remote runtime API over podman, "

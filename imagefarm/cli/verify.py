@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ..settings import Settings
+from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
 
@@ -22,7 +22,7 @@ def verify_cmd(
 
     Exit 2 with the reason (timeout, crash with log lines, wrong python) on failure.
     """
-    from ..verify import verify
+    from imagefarm.farm.verify import verify
 
     settings = Settings.load()
     console.print(f"verifying {image} ...", highlight=False)

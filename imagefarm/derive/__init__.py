@@ -2,7 +2,7 @@
 
 ``append`` is the fast path (manifest surgery: mount base blobs, append the payload
 layer, put a new manifest); ``build`` is the buildah path for recipes with RUN steps.
-Both name the result with ``imagefarm.tags`` and return a ``DeriveResult``.
+Both name the result with ``imagefarm.names.tags`` and return a ``DeriveResult``.
 """
 
 from __future__ import annotations

@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from .. import oci
-from ..errors import DeriveError, NotFound, RegistryError
-from ..reference import Reference, parse
-from ..registry import RegistryClient, Resolved, scope
-from ..registry.manifests import Manifest
-from ..settings import Settings
-from ..tags import derived_reference
+from imagefarm import oci
+from imagefarm.errors import DeriveError, NotFound, RegistryError
+from imagefarm.names.reference import Reference, parse
+from imagefarm.registry import RegistryClient, Resolved, scope
+from imagefarm.registry.manifests import Manifest
+from imagefarm.settings import Settings
+from imagefarm.names.tags import derived_reference
 from . import surgery
 from .blobs import BlobPlacer
 from .values import AppendPayload, DeriveResult, PayloadLike

@@ -17,10 +17,10 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import NotFound
-from ..oci import Descriptor
-from ..reference import Reference
-from ..registry import RegistryClient
+from imagefarm.errors import NotFound
+from imagefarm.oci import Descriptor
+from imagefarm.names.reference import Reference
+from imagefarm.registry import RegistryClient
 
 
 class BlobPlacer:

@@ -13,20 +13,20 @@ import tempfile
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from .. import oci
-from ..containers import run
-from ..errors import DeriveError
-from ..reference import Reference, parse
-from ..registry import RegistryClient
-from ..settings import Settings
-from ..tags import derived_reference
+from imagefarm import oci
+from imagefarm.host.containers import run
+from imagefarm.errors import DeriveError
+from imagefarm.names.reference import Reference, parse
+from imagefarm.registry import RegistryClient
+from imagefarm.settings import Settings
+from imagefarm.names.tags import derived_reference
 from . import surgery
 from .append import existing_derive
 from .values import DeriveResult
 
 
 class BuildRecipe(Protocol):
-    """What the buildah path needs from a recipe (``imagefarm.recipe.Recipe`` has it)."""
+    """What the buildah path needs from a recipe (``imagefarm.payload.recipe.Recipe`` has it)."""
 
     @property
     def name(self) -> str: ...

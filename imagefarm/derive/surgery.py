@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
-from .. import oci
-from ..errors import DeriveError
-from ..reference import Reference
-from ..registry.manifests import TO_OCI_LAYER, Manifest, parse_platform
+from imagefarm import oci
+from imagefarm.errors import DeriveError
+from imagefarm.names.reference import Reference
+from imagefarm.registry.manifests import TO_OCI_LAYER, Manifest, parse_platform
 from .values import PayloadLike
 
 #: overlayfs stacks at most this many layers in containers/storage (a derived image

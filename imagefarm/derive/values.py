@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from .. import oci
-from ..errors import PayloadError
+from imagefarm import oci
+from imagefarm.errors import PayloadError
 
 
 @runtime_checkable

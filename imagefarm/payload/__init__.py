@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import oci
-from ..errors import PayloadError
-from ..recipe import Recipe
-from ..settings import Settings
+from imagefarm import oci
+from imagefarm.errors import PayloadError
+from .recipe import Recipe
+from imagefarm.settings import Settings
 from . import bundle
 from .builder import Chroot, builder_rootfs, file_lock, find_uv
 
@@ -164,7 +164,7 @@ def build_payload(settings: Settings, recipe: Recipe, *, log: Log = _quiet, forc
         log(f"writing the layer (gzip) for recipe {recipe.name} ...")
         layer = oci.write_layer(layer_entries(tree, recipe), pdir / "blobs")
         payload = Payload(recipe.name, recipe.digest, recipe.agent_server_version, layer,
-                          _tree_size(tree), python_version, time.monotonic() - t0)
+                          _tree_size(tree), python_version, round(time.monotonic() - t0, 1))
         rec = _record(settings, recipe)
         tmp = rec.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload.to_json(), indent=2, sort_keys=True) + "\n")

@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from ..containers import which
-from ..errors import PayloadError, ToolMissing
-from ..oci import canonical_json
-from ..recipe import BuilderSpec
+from imagefarm.host.containers import which
+from imagefarm.errors import PayloadError, ToolMissing
+from imagefarm.oci import canonical_json
+from .recipe import BuilderSpec
 
 Log = Callable[[str], None]
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import PayloadError
+from imagefarm.errors import PayloadError
 from .builder import Chroot
 
 Log = Callable[[str], None]

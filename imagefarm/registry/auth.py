@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import AuthError, ConfigError
+from imagefarm.errors import AuthError, ConfigError
 
 #: seconds a token is considered valid when the server does not say (spec default 60)
 DEFAULT_TOKEN_TTL = 60

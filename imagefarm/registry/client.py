@@ -29,12 +29,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import httpx
 
-from .. import oci
-from ..errors import (AuthError, NotFound, RegistryError, RegistryUnreachable,
+from imagefarm import oci
+from imagefarm.errors import (AuthError, NotFound, RegistryError, RegistryUnreachable,
                       TransientRegistryError, UnsupportedMedia)
-from ..oci import Descriptor
-from ..reference import Reference
-from ..settings import Settings
+from imagefarm.oci import Descriptor
+from imagefarm.names.reference import Reference
+from imagefarm.settings import Settings
 from . import manifests as mf
 from .auth import Authenticator, Challenge, Credentials, load_credentials, rejected, scope
 from .stats import StatsSink

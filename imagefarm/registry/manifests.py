@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .. import oci
-from ..errors import UnsupportedMedia
-from ..oci import Descriptor
+from imagefarm import oci
+from imagefarm.errors import UnsupportedMedia
+from imagefarm.oci import Descriptor
 
 #: refuse manifests bigger than this (distribution's own limit; protects memory)
 MANIFEST_LIMIT = 4 * 1024 * 1024

@@ -1,6 +1,5 @@
-"""Real services and fixture images for tests, the demo and the benchmarks.
+"""Test-only helpers: real OpenHands client venvs (``clients``) and a real single-node SLURM cluster (``slurm``).
 
-Not mocks: ``services`` starts Debian's docker-registry and redis-server on free
-loopback ports; ``images`` makes R2E-Gym-shaped base images from a debootstrapped
-rootfs (cached) and pushes them under r2e names.
+Product code never imports this package; the services and sample images the demo also uses live in
+``imagefarm.host``.
 """

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..payload.builder import Chroot, builder_rootfs, file_lock, find_uv
-from ..recipe import recipe_for
-from ..settings import Settings
+from imagefarm.payload.builder import Chroot, builder_rootfs, file_lock, find_uv
+from imagefarm.payload.recipe import recipe_for
+from imagefarm.settings import Settings
 
 INSIDE = "/opt/imagefarm-clients"
 

@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..containers import which
-from ..errors import ToolError
-from .services import free_port
+from imagefarm.host.containers import which
+from imagefarm.errors import ToolError
+from imagefarm.host.services import free_port
 
 NODE = "ifnode1"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from imagefarm.containers import run
+from imagefarm.host.containers import run
 from imagefarm.derive import Appender
 from imagefarm.registry import RegistryClient
 from imagefarm.settings import Settings
-from imagefarm.testing.services import Registry
+from imagefarm.host.services import Registry
 from derivekit import busybox_layer, synthetic_payload
 
 

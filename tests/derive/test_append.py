@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from imagefarm import oci
-from imagefarm.containers import run
+from imagefarm.host.containers import run
 from imagefarm.derive import Appender
 from imagefarm.errors import DeriveError, InvalidReference, NotFound, UnsupportedMedia
-from imagefarm.reference import parse
+from imagefarm.names.reference import parse
 from imagefarm.registry import RegistryClient
 from derivekit import BASE_ENV, RECIPE_DIGEST, file_layer, push_base, skopeo_json, synthetic_payload
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from imagefarm import oci
-from imagefarm.containers import run
+from imagefarm.host.containers import run
 from imagefarm.derive.build import build, render
-from imagefarm.reference import parse
+from imagefarm.names.reference import parse
 from derivekit import file_layer, push_base, skopeo_json
 
 

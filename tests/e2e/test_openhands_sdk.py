@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from imagefarm.derive import Appender, AppendPayload
-from imagefarm.lookup import Lookup
-from imagefarm.recipe import recipe_for
+from imagefarm.serve.lookup import Lookup
+from imagefarm.payload.recipe import recipe_for
 from imagefarm.runtime import ServeConfig
 from imagefarm.runtime.serve import ServerThread
-from imagefarm.testing.images import R2E_REPOS
+from imagefarm.host.samples import R2E_REPOS
 
 SDK_CLIENT = Path(__file__).resolve().parents[1] / "runtime" / "sdk_client.py"
 KEY = "e2e-runtime-key"

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imagefarm.containers import run
-from imagefarm.lockfile import Lockfile
-from imagefarm.prebuild import run_batch
+from imagefarm.host.containers import run
+from imagefarm.farm.lockfile import Lockfile
+from imagefarm.farm.prebuild import run_batch
 from imagefarm.testing.slurm import SlurmCluster
 from tests.conftest import imagefarm_cli
 

@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from imagefarm.lockfile import Lockfile
-from imagefarm.reference import parse
+from imagefarm.farm.lockfile import Lockfile
+from imagefarm.names.reference import parse
 from tests.conftest import IMAGEFARM, imagefarm_cli
 
 
@@ -101,7 +101,7 @@ def test_failures_are_reported_not_fatal(cli_env, fixtures, registry, payload, t
 def test_worker_killed_mid_task(cli_env, fixtures, registry, workers, payload, tmp_path):
     """SIGKILL a worker's pool process while it derives: the task is redelivered and
     every image ends up built exactly once, with no half-written tag."""
-    from imagefarm.testing.services import Registry
+    from imagefarm.host.services import Registry
 
     with Registry.create() as target:
         to = f"{target.host}/farm-kill"  # another registry: each derive copies base blobs (slow enough to hit)
@@ -139,7 +139,7 @@ def test_worker_killed_mid_task(cli_env, fixtures, registry, workers, payload, t
 
 @pytest.mark.slow
 def test_image_that_does_not_boot_is_never_published(cli_env, fixtures, registry, tmp_path):
-    """recipes/broken.toml's server dies at import: verify fails with the reason, the
+    """tests/recipes/broken.toml's server dies at import: verify fails with the reason, the
     image is pushed by digest only (no tag), so neither lookup nor a runtime serves it."""
     base = fixtures.r2e_base("namanjain12/pillow_final", "b" * 40).ref
     ds = tmp_path / "one.txt"

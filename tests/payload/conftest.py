@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from imagefarm.payload import Payload, build_payload
-from imagefarm.recipe import Recipe, load_recipe
+from imagefarm.payload.recipe import Recipe, load_recipe
 from imagefarm.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imaging import agent_image  # noqa: E402
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # recipes/ + test-only broken.toml
 
 
 def _log(msg: str) -> None:

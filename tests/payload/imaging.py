@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from imagefarm import oci
 from imagefarm.payload import Payload
-from imagefarm.recipe import Recipe
-from imagefarm.testing.images import BUSYBOX_ENV, R2E_ENV, FixtureFactory
+from imagefarm.payload.recipe import Recipe
+from imagefarm.host.samples import BUSYBOX_ENV, R2E_ENV, FixtureFactory
 
 
 def _merge_env(base: list[str], extra: tuple[str, ...]) -> list[str]:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from imagefarm.containers import run
+from imagefarm.host.containers import run
 from imagefarm.errors import VerifyError
-from imagefarm.verify import pull, verify
+from imagefarm.farm.verify import pull, verify
 
 pytestmark = pytest.mark.slow
 IMAGEFARM = str(Path(sys.executable).parent / "imagefarm")

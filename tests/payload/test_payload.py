@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from imagefarm.payload import build_payload, launcher_script, load_payload
-from imagefarm.recipe import load_recipe
+from imagefarm.payload.recipe import load_recipe
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # recipes/ + test-only broken.toml
 IMAGEFARM = str(Path(sys.executable).parent / "imagefarm")
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from imagefarm.registry import RegistryClient
 from imagefarm.settings import Settings
-from imagefarm.testing.services import Registry
+from imagefarm.host.services import Registry
 from regkit import FaultProxy
 
 

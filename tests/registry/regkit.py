@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from imagefarm import oci
-from imagefarm.reference import Reference, parse
+from imagefarm.names.reference import Reference, parse
 from imagefarm.registry import RegistryClient
 
 

@@ -11,10 +11,10 @@ import pytest
 from imagefarm import oci
 from imagefarm.errors import (AuthError, NotFound, RegistryError, RegistryUnreachable, TransientRegistryError,
                               UnsupportedMedia)
-from imagefarm.reference import parse
+from imagefarm.names.reference import parse
 from imagefarm.registry import Index, Manifest, RegistryClient
 from imagefarm.settings import Settings
-from imagefarm.testing.services import Registry, free_port
+from imagefarm.host.services import Registry, free_port
 
 from regkit import push_image, tiny_layers
 

@@ -18,10 +18,10 @@ import uvicorn
 
 from imagefarm import oci
 from imagefarm.derive import Appender, AppendPayload
-from imagefarm.lockfile import Lockfile
-from imagefarm.reference import parse
-from imagefarm.recipe import recipe_for
-from imagefarm.testing.services import Redis, Registry, free_port
+from imagefarm.farm.lockfile import Lockfile
+from imagefarm.names.reference import parse
+from imagefarm.payload.recipe import recipe_for
+from imagefarm.host.services import Redis, Registry, free_port
 from tests.farm.conftest import Workers
 
 T = TypeVar("T")
@@ -169,8 +169,8 @@ class ApiServer:
 def lookup_api(settings, registry):
     """lookup_api(to, api_key=None) -> ApiServer: the real app on uvicorn in a thread, with
     access logs on and every log record (uvicorn, fastapi, imagefarm) captured at DEBUG."""
-    from imagefarm.lookup import Lookup
-    from imagefarm.lookup_api import create_app
+    from imagefarm.serve.lookup import Lookup
+    from imagefarm.serve.lookup_api import create_app
 
     started: list[tuple[uvicorn.Server, threading.Thread, object, LogCapture, list]] = []
 

@@ -15,7 +15,7 @@ import pytest
 
 from imagefarm import oci
 from imagefarm.registry import RegistryClient
-from imagefarm.testing.services import free_port
+from imagefarm.host.services import free_port
 from tests.conftest import imagefarm_cli
 from tests.registry.regkit import FaultProxy
 
@@ -132,7 +132,7 @@ def test_unknown_registries_api(lookup_api, registry):
 
 def push_artifact(settings, ref: str) -> str:
     """An OCI artifact (an SBOM: its own config media type), pushed with the project's client."""
-    from imagefarm.reference import parse
+    from imagefarm.names.reference import parse
 
     r = parse(ref)
     cfg = b"{}"
@@ -157,7 +157,7 @@ def test_artifact_is_not_an_image(cli_env, settings, registry, fixtures, derive_
     to = f"{registry.host}/rel-art"
     base = fixtures.r2e_base("namanjain12/scrapy_final", "7" * 40).ref
     result = derive_to(base, to)
-    from imagefarm.reference import parse
+    from imagefarm.names.reference import parse
 
     derived = parse(result.image)
     push_artifact(settings, f"{derived.name}:{derived.tag}-sbom")

@@ -127,7 +127,7 @@ def tiny_cache(tmp_path, settings, payload):
     the real, already-built one: building the payload then means writing its ~220 MB
     layer onto a disk that cannot hold it."""
     from imagefarm.payload import payload_dir
-    from imagefarm.recipe import recipe_for
+    from imagefarm.payload.recipe import recipe_for
 
     mnt = tmp_path / "tiny"
     mnt.mkdir()
@@ -163,6 +163,6 @@ def test_disk_full_during_payload_build(tiny_cache, settings, cli_env):
     assert st.f_bfree * st.f_frsize > 40 * 1024 * 1024  # the space was given back
     # the cache does not claim a payload: the next build starts clean, nothing to fix by hand
     from imagefarm.payload import load_payload
-    from imagefarm.recipe import recipe_for
+    from imagefarm.payload.recipe import recipe_for
 
     assert load_payload(settings.model_copy(update={"cache_dir": tiny_cache}), recipe_for(settings)) is None

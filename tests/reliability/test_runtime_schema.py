@@ -1,6 +1,6 @@
 """Property-based requests generated from the runtime server's own OpenAPI document
 (schemathesis): no server error, and nothing left running afterwards. The lookup API's
-document gets the same treatment in tests/lookup/test_lookup.py.
+document gets the same treatment in tests/serve/test_lookup.py.
 
 ``/build`` and ``/build_status`` answer 501 on purpose (a prebuilt-only server refuses
 to build, with the command that would build): they are checked for exactly that and

@@ -10,7 +10,7 @@ import secrets
 import httpx
 import pytest
 
-from imagefarm import apikey
+from imagefarm.serve import apikey
 from imagefarm.errors import ConfigError
 
 PROTECTED = [("GET", "/v1/lookup", {"params": {"image": "namanjain12/pandas_final:1"}}),

@@ -4,7 +4,7 @@ The "prebuilt" images here carry a STAND-IN agent server, not the real one: a
 ``#!/bin/sh`` script at ``/usr/local/bin/openhands-agent-server`` that serves
 ``/alive`` and ``/health`` with busybox httpd. It is appended to fixture bases with
 the project's own derive (``imagefarm.derive.Appender``) under the default recipe's
-name and digest, so ``imagefarm.lookup.Lookup`` finds them exactly as it finds real
+name and digest, so ``imagefarm.serve.lookup.Lookup`` finds them exactly as it finds real
 prebuilt images. Like the real server, it binds 0.0.0.0 only when
 ``SESSION_API_KEY`` is set (else loopback, unreachable through the published port).
 ``STANDIN_CRASH`` in the environment makes it print lines and exit 3.
@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from imagefarm import oci
-from imagefarm.testing.images import R2E_REPOS
-from imagefarm.testing.rootfs import busybox_binary
+from imagefarm.host.samples import R2E_REPOS
+from imagefarm.host.rootfs import busybox_binary
 
 from rtkit import API_KEY, STANDIN_AGENT_SERVER, CliServer
 
@@ -85,7 +85,7 @@ def rt_settings(settings, rt_to):
 def prebuilt(rt_settings, fixtures, standin_layer, rt_to):
     """Derive the stand-in onto a busybox base and an r2e base: {"busybox": r, "r2e": r}."""
     from imagefarm.derive import Appender, AppendPayload
-    from imagefarm.recipe import recipe_for
+    from imagefarm.payload.recipe import recipe_for
 
     recipe = recipe_for(rt_settings)
     payload = AppendPayload(standin_layer, recipe.name, recipe.digest, recipe.agent_server_version, ())
@@ -100,7 +100,7 @@ def prebuilt(rt_settings, fixtures, standin_layer, rt_to):
 
 @pytest.fixture(scope="session")
 def lookup(rt_settings):
-    from imagefarm.lookup import Lookup
+    from imagefarm.serve.lookup import Lookup
 
     lk = Lookup(rt_settings)
     yield lk

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from imagefarm.containers import run
-from imagefarm.testing.services import free_port
+from imagefarm.host.containers import run
+from imagefarm.host.services import free_port
 
 API_KEY = "runtime-test-key-7b1f0c"
 

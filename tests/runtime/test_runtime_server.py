@@ -12,7 +12,7 @@ import uuid
 import httpx
 import pytest
 
-from imagefarm.containers import run
+from imagefarm.host.containers import run
 
 from rtkit import API_KEY, our_containers, sdk_start_body, wait_pod_status
 

@@ -1,0 +1,373 @@
+"""The batch: every base of a dataset -> a derived, verified agent-server image.
+
+One driver, two executors with the same units of work (``imagefarm.farm.jobs``): a local
+thread pool (the embedded default, no Redis) and Celery on Redis (CPU-node workers).
+Derives are submitted first; each finished derive that is chosen for verification
+queues a verify on its own queue. Progress is shown live and saved under the state
+directory, so ``imagefarm status`` can report a running or finished batch. Re-running
+redoes nothing finished: a tag that holds the same derive is "done", a recorded
+verification is "verified".
+
+Publishing: an image chosen for verification is pushed by digest only; its tag (what
+lookups and runtimes find) is put when it has booted and answered. Images left out of
+the sample (``--verify N`` / ``none``) are tagged at once: that is the caller's choice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+from . import jobs
+from .catalog import Catalog, load
+from imagefarm.errors import ConfigError
+from .lockfile import Entry, Lockfile
+from imagefarm.host.proc import pid_alive
+from imagefarm.settings import Settings
+
+
+@dataclass
+class Outcome:
+    base: str
+    ok: bool = False
+    skipped: bool = False
+    image: str = ""
+    digest: str = ""
+    base_digest: str = ""
+    verified: bool | None = None   #: None: not checked in this batch
+    verify_skipped: bool = False
+    error: str = ""
+    stage: str = "derive"
+
+
+@dataclass
+class BatchState:
+    batch_id: str
+    dataset: str
+    to: str
+    recipe: str
+    executor: str
+    total: int
+    pid: int = field(default_factory=os.getpid)
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    status: str = "running"        #: running, finished, interrupted, failed
+    derived: int = 0
+    skipped: int = 0
+    failed: int = 0
+    verified: int = 0
+    verify_failed: int = 0
+    bad_rows: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+    lockfile: str = ""
+
+    @property
+    def done(self) -> int:
+        return self.derived + self.skipped + self.failed
+
+
+def batches_dir(settings: Settings) -> Path:
+    return Path(settings.state_dir) / "batches"
+
+
+def save_state(settings: Settings, state: BatchState) -> None:
+    d = batches_dir(settings)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{state.batch_id}.tmp"
+    tmp.write_text(json.dumps(asdict(state), indent=1))
+    tmp.replace(d / f"{state.batch_id}.json")
+    (d / "latest").write_text(state.batch_id)
+
+
+def load_state(settings: Settings, batch_id: str | None = None) -> BatchState | None:
+    d = batches_dir(settings)
+    try:
+        batch_id = batch_id or (d / "latest").read_text().strip()
+        state = BatchState(**json.loads((d / f"{batch_id}.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    if state.status == "running" and not pid_alive(state.pid):
+        state.status = "interrupted"
+    return state
+
+
+# -- executors -------------------------------------------------------------------------
+class Executor(Protocol):
+    name: str
+
+    def derive(self, base: str, publish: bool) -> Any: ...
+    def verify(self, image: str, digest: str) -> Any: ...
+    def wait(self, handles: set[Any], timeout: float) -> Iterator[tuple[Any, dict[str, Any]]]: ...
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """Threads on this machine: derive is network-bound, verify starts containers."""
+
+    name = "local"
+
+    def __init__(self, settings: Settings, layer: dict[str, Any] | None, workers: int = 8,
+                 verify_workers: int = 2, verify_timeout: float = 120.0) -> None:
+        self.settings, self.layer, self.verify_timeout = settings, layer, verify_timeout
+        self._derive_pool = ThreadPoolExecutor(workers, thread_name_prefix="derive")
+        self._verify_pool = ThreadPoolExecutor(verify_workers, thread_name_prefix="verify")
+
+    def derive(self, base: str, publish: bool) -> Future:
+        return self._derive_pool.submit(_retrying, lambda: jobs.derive_base(
+            self.settings, base, self.settings.recipe, self.layer, publish), base)
+
+    def verify(self, image: str, digest: str) -> Future:
+        return self._verify_pool.submit(_retrying, lambda: jobs.verify_image(
+            self.settings, image, digest, self.verify_timeout), image)
+
+    def wait(self, handles: set[Future], timeout: float) -> Iterator[tuple[Future, dict[str, Any]]]:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        done, _ = wait(handles, timeout=timeout, return_when=FIRST_COMPLETED)
+        for f in done:
+            yield f, f.result()
+
+    def close(self) -> None:
+        self._derive_pool.shutdown(wait=False, cancel_futures=True)
+        self._verify_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _retrying(fn: Callable[[], dict[str, Any]], what: str, attempts: int = 6) -> dict[str, Any]:
+    """The local pool's retry policy for transient errors (Celery has its own)."""
+    from imagefarm.errors import ImagefarmError
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except ImagefarmError as exc:
+            if not exc.transient or attempt == attempts - 1:
+                return {"ok": False, "base": what, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a worker thread must report, not die
+            return {"ok": False, "base": what, "error": f"{type(exc).__name__}: {exc}"}
+        time.sleep(min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random()))
+    return {"ok": False, "base": what, "error": "retries exhausted"}
+
+
+class CeleryExecutor:
+    """Tasks on the Redis broker; workers on CPU nodes run them."""
+
+    name = "celery"
+
+    def __init__(self, settings: Settings, layer: dict[str, Any] | None, verify_timeout: float = 120.0) -> None:
+        from imagefarm.worker.app import app
+
+        app.conf.broker_url = app.conf.result_backend = settings.broker_url
+        self.settings, self.layer, self.verify_timeout, self.app = settings, layer, verify_timeout, app
+
+    def derive(self, base: str, publish: bool):
+        from imagefarm.worker import tasks
+
+        return tasks.derive.apply_async(args=[base, self.settings.to, self.settings.recipe, self.layer, publish])
+
+    def verify(self, image: str, digest: str):
+        from imagefarm.worker import tasks
+
+        return tasks.verify.apply_async(args=[image, digest, self.settings.to, self.settings.recipe,
+                                              self.verify_timeout])
+
+    def wait(self, handles: set[Any], timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = [h for h in handles if h.ready()]
+            if ready or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        for h in ready:
+            if h.successful():
+                yield h, h.result
+            else:
+                yield h, {"ok": False, "error": f"task failed: {h.result!r}"}
+            h.forget()
+
+    def close(self) -> None:
+        pass
+
+
+# -- the driver ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchResult:
+    state: BatchState
+    outcomes: dict[str, Outcome]
+    catalog: Catalog
+    lockfile: Lockfile | None
+
+
+def choose_verify(bases: list[str], verify: str) -> set[str]:
+    """``all``, ``none`` or a number N: a deterministic sample of N bases."""
+    if verify == "all":
+        return set(bases)
+    if verify == "none":
+        return set()
+    try:
+        n = int(verify)
+    except ValueError:
+        raise ConfigError(f"--verify must be all, none or a number, not {verify!r}") from None
+    return set(sorted(bases, key=lambda b: hash_of(b))[:max(0, n)])
+
+
+def hash_of(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limit: int | None = None,
+              verify: str = "all", lockfile: Path | None = None, workers: int = 8,
+              verify_timeout: float = 120.0, on_progress: Callable[[BatchState], None] | None = None,
+              log: Callable[[str], None] = lambda m: None) -> BatchResult:
+    from imagefarm.payload import build_payload
+    from imagefarm.payload.recipe import recipe_for
+
+    cat = load(dataset).limited(limit)
+    for bad in cat.bad_rows[:20]:
+        log(f"skipped {bad}")
+    if len(cat.bad_rows) > 20:
+        log(f"... and {len(cat.bad_rows) - 20} more bad rows")
+    if not cat.bases:  # fail before the (possibly minutes-long) payload build
+        from imagefarm.errors import DatasetError
+
+        first = f"; first: {cat.bad_rows[0]}" if cat.bad_rows else ""
+        raise DatasetError(f"dataset {dataset} names no usable image ({len(cat.bad_rows)} bad rows{first})")
+    recipe = recipe_for(settings)
+    payload = build_payload(settings, recipe, log=log)
+    layer = payload.layer.to_json()
+    bases = [str(b) for b in cat.bases]
+    state = BatchState(uuid.uuid4().hex[:12], dataset, settings.to, recipe.name, executor, len(bases),
+                       bad_rows=len(cat.bad_rows), lockfile=str(lockfile or ""))
+    save_state(settings, state)
+    ex: Executor = (LocalExecutor(settings, layer, workers, verify_timeout=verify_timeout) if executor == "local"
+                    else CeleryExecutor(settings, layer, verify_timeout))
+    to_verify = choose_verify(bases, verify)
+    outcomes = {b: Outcome(b) for b in bases}
+    pending: dict[Any, tuple[str, str]] = {}
+    interrupted = False
+    old_handler = signal.getsignal(signal.SIGTERM)
+
+    def _term(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading_main():
+        signal.signal(signal.SIGTERM, _term)
+    def submit(stage: str, base: str) -> None:
+        o = outcomes[base]
+        handle = (ex.derive(base, base not in to_verify) if stage == "derive"  # verify first, then tag
+                  else ex.verify(o.image, o.digest))
+        pending[handle] = (stage, base)
+
+    # A result can be lost between a worker and the driver (the broker restarted just as
+    # the worker acknowledged and stored it: the task stays unacknowledged until the
+    # visibility timeout). Tasks are idempotent, so when nothing at all has finished for
+    # ``stall`` seconds the driver asks again for what it still waits on.
+    stall = max(120.0, 2 * verify_timeout) if executor == "celery" else None
+    try:
+        for b in bases:
+            submit("derive", b)
+        last_save, last_result = 0.0, time.monotonic()
+        while pending:
+            for handle, res in ex.wait(set(pending), timeout=0.5):
+                stage, base = pending.pop(handle)
+                last_result = time.monotonic()
+                _apply(state, outcomes[base], stage, res)
+                o = outcomes[base]
+                if stage == "derive" and o.ok and base in to_verify:
+                    submit("verify", base)
+            now = time.monotonic()
+            if stall and pending and now - last_result > stall:
+                log(f"no result for {stall:.0f}s: asking again for {len(pending)} task(s) (idempotent)")
+                stale = list(pending.values())
+                pending.clear()  # a late answer to an old handle is simply not waited for
+                for stage, base in stale:
+                    submit(stage, base)
+                last_result = now
+            if on_progress:
+                on_progress(state)
+            if now - last_save > 1.0:
+                save_state(settings, state)
+                last_save = now
+        state.status = "finished"
+    except KeyboardInterrupt:
+        interrupted = True
+        state.status = "interrupted"
+    finally:
+        if threading_main():
+            signal.signal(signal.SIGTERM, old_handler)
+        ex.close()
+        state.finished = time.time()
+        lock = _write_lockfile(settings, cat, outcomes, recipe, lockfile, dataset) if lockfile else None
+        save_state(settings, state)
+    if interrupted:
+        raise KeyboardInterrupt
+    return BatchResult(state, outcomes, cat, lock)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _apply(state: BatchState, o: Outcome, stage: str, res: dict[str, Any]) -> None:
+    if stage == "derive":
+        if res.get("ok"):
+            o.ok, o.skipped = True, bool(res.get("skipped"))
+            o.image, o.digest, o.base_digest = res["image"], res["digest"], res["base_digest"]
+            if o.skipped:
+                state.skipped += 1
+            else:
+                state.derived += 1
+        else:
+            o.ok, o.error, o.stage = False, res.get("error", "unknown error"), "derive"
+            state.failed += 1
+            state.failures.append({"base": o.base, "stage": "derive", "reason": o.error})
+    else:
+        o.verified = bool(res.get("verified"))
+        o.verify_skipped = bool(res.get("skipped"))
+        if o.verified:
+            state.verified += 1
+        else:
+            o.error, o.stage = res.get("error", "verify failed"), "verify"
+            state.verify_failed += 1
+            state.failures.append({"base": o.base, "stage": "verify", "reason": o.error})
+
+
+def _write_lockfile(settings: Settings, cat: Catalog, outcomes: dict[str, Outcome], recipe: Any,
+                    path: Path, dataset: str) -> Lockfile:
+    from . import attest
+    from imagefarm.names.reference import parse
+
+    old = None
+    if Path(path).exists():
+        try:
+            old = Lockfile.read(path)
+        except ConfigError:
+            old = None
+    client = jobs.appender(settings).client
+    entries = []
+    checked: dict[str, bool] = {}
+    for inst in cat.instances:
+        o = outcomes.get(str(inst.base))
+        if o is None or not o.ok:
+            continue
+        verified = o.verified
+        if verified is None:  # not checked in this batch: does the registry hold a record?
+            if o.digest not in checked:
+                checked[o.digest] = attest.is_verified(client, parse(o.image), o.digest)
+            verified = checked[o.digest]
+        entries.append(Entry(inst.instance_id, inst.split, o.base, o.base_digest, o.image, o.digest,
+                             recipe.name, recipe.digest, recipe.agent_server_version, bool(verified)))
+    lock = Lockfile.merge(old, entries, dataset=dataset, to=settings.to)
+    lock.write(path)
+    return lock

@@ -1,0 +1,217 @@
+"""Boot an agent-server image and prove it serves: ``verify(settings, image_ref)``.
+
+The image runs under podman exactly as a runtime would start it
+(``/usr/local/bin/openhands-agent-server --port 60000`` with ``SESSION_API_KEY`` set,
+so the server binds 0.0.0.0), published on a free loopback port. It passes when
+
+1. ``GET /alive`` and ``GET /health`` answer 2xx before the timeout;
+2. a real command sent through the server's own API
+   (``POST /api/bash/execute_bash_command``, cwd ``/testbed`` when it exists) runs
+   in the *base's* environment: ``python`` there is the base's venv (the image
+   config's ``VIRTUAL_ENV``), never the payload's own interpreter.
+
+Otherwise ``VerifyError`` says why: timeout, crash (with the container's last log
+lines), wrong python. The container is always removed.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+from imagefarm.host.containers import run
+from imagefarm.errors import ToolError, VerifyError
+from imagefarm.settings import Settings
+
+PORT = 60000
+COMMAND = ["/usr/local/bin/openhands-agent-server", "--port", str(PORT)]
+LABEL = "imagefarm"
+PAYLOAD_PREFIX = "/agent-server"
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    image: str
+    ok: bool
+    alive_seconds: float           #: from `podman run` to the first 2xx of /alive
+    total_seconds: float
+    cwd: str
+    command: str
+    output: str
+    expected_prefix: str | None    #: the base's VIRTUAL_ENV, when it has one
+    checks: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _registry_host(ref: str) -> str:
+    first = ref.split("/", 1)[0]
+    return first if ("." in first or ":" in first or first == "localhost") and "/" in ref else ""
+
+
+def _insecure(settings: Settings, ref: str) -> bool:
+    host = _registry_host(ref)
+    name = host.rsplit(":", 1)[0] if host and not host.endswith("]") else host
+    return name in ("127.0.0.1", "localhost", "::1", "[::1]") or host in settings.insecure_registries \
+        or name in settings.insecure_registries
+
+
+def _env_of(config: dict[str, Any]) -> dict[str, str]:
+    env = {}
+    for item in (config.get("Config") or config.get("config") or {}).get("Env") or []:
+        k, _, v = item.partition("=")
+        env[k] = v
+    return env
+
+
+def pull(settings: Settings, image_ref: str, timeout: float = 900) -> dict[str, Any]:
+    """Pull (if needed) and return ``podman image inspect`` of ``image_ref``."""
+    tls = ["--tls-verify=false"] if _insecure(settings, image_ref) else []
+    try:
+        run(settings, ["podman", "pull", "--quiet", *tls, image_ref], timeout=timeout)
+        out = run(settings, ["podman", "image", "inspect", image_ref], timeout=60).stdout
+    except ToolError as exc:
+        raise VerifyError(f"cannot pull {image_ref}: {exc}") from None
+    data = json.loads(out)
+    return data[0] if isinstance(data, list) else data
+
+
+def _logs(settings: Settings, name: str, lines: int = 20) -> str:
+    proc = run(settings, ["podman", "logs", "--tail", str(lines), name], check=False, timeout=30)
+    return (proc.stdout + proc.stderr).strip() or "(no output)"
+
+
+def _state(settings: Settings, name: str) -> tuple[str, int]:
+    proc = run(settings, ["podman", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", name],
+               check=False, timeout=30)
+    parts = proc.stdout.split()
+    if proc.returncode != 0 or len(parts) < 2:
+        return "gone", -1
+    return parts[0], int(parts[1])
+
+
+def verify(
+    settings: Settings,
+    image_ref: str,
+    *,
+    timeout: float = 120.0,
+    user: str | None = None,
+    workdir: str | None = None,
+    pull_timeout: float = 900,
+) -> VerifyResult:
+    """Boot ``image_ref`` and check the agent server answers and runs commands in the base.
+
+    ``user``/``workdir`` start it the way APIRemoteWorkspace may (``user="10001"``,
+    ``workdir="/"``). Raises ``VerifyError`` with the reason on any failure.
+    """
+    info = pull(settings, image_ref, pull_timeout)
+    env = _env_of(info)
+    venv = env.get("VIRTUAL_ENV") or None
+    key = secrets.token_urlsafe(24)
+    port = _free_port()
+    name = f"imagefarm-verify-{secrets.token_hex(6)}"
+    argv = ["podman", "run", "-d", "--name", name, "--label", f"{LABEL}=verify",
+            "-p", f"127.0.0.1:{port}:{PORT}",
+            "-e", f"SESSION_API_KEY={key}", "-e", "LITELLM_LOCAL_MODEL_COST_MAP=True",
+            "--entrypoint", COMMAND[0],
+            *(["--user", user] if user else []), *(["--workdir", workdir] if workdir else []),
+            image_ref, *COMMAND[1:]]
+    t0 = time.monotonic()
+    checks: list[str] = []
+    try:
+        try:
+            run(settings, argv, timeout=120)
+        except ToolError as exc:
+            raise VerifyError(f"{image_ref}: the container did not start: {exc}") from None
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(timeout=10) as http:
+            alive = _wait(settings, http, name, image_ref, f"{base}/alive", t0, timeout)
+            checks.append(f"/alive after {alive:.1f}s")
+            _wait(settings, http, name, image_ref, f"{base}/health", t0, timeout)
+            checks.append("/health 2xx")
+            headers = {"X-Session-API-Key": key}
+
+            def sh(command: str, cwd: str | None) -> tuple[int, str, str]:
+                body: dict[str, Any] = {"command": command, "timeout": 60}
+                if cwd:
+                    body["cwd"] = cwd
+                try:
+                    r = http.post(f"{base}/api/bash/execute_bash_command", json=body, headers=headers,
+                                  timeout=90)
+                except httpx.HTTPError as exc:
+                    raise VerifyError(f"{image_ref}: execute_bash_command failed: {exc}; "
+                                      f"container log:\n{_logs(settings, name)}") from None
+                if r.status_code // 100 != 2:
+                    raise VerifyError(f"{image_ref}: execute_bash_command `{command}` answered "
+                                      f"{r.status_code}: {r.text[:500]}; container log:\n{_logs(settings, name)}")
+                d = r.json()
+                return int(d.get("exit_code", -1)), (d.get("stdout") or ""), (d.get("stderr") or "")
+
+            code, out, err = sh("if [ -d /testbed ]; then echo yes; else echo no; fi", None)
+            if code != 0:
+                raise VerifyError(f"{image_ref}: a shell command through the agent server failed "
+                                  f"(exit {code}): {err.strip()[:500]}")
+            cwd = "/testbed" if out.strip() == "yes" else ""
+            if venv:
+                command = "python -c 'import sys; print(sys.prefix)'"
+            else:
+                command = ("if command -v python3 >/dev/null 2>&1; then python3 -c 'import sys; print(sys.prefix)'; "
+                           "else echo ok; pwd; fi")
+            code, out, err = sh(command, cwd or None)
+            checks.append(f"`{command}` exit {code}")
+            got = out.strip().splitlines()
+            if code != 0:
+                raise VerifyError(f"{image_ref}: `{command}` failed through the agent server (exit {code}): "
+                                  f"{(err or out).strip()[:500]}")
+            if venv and (not got or got[0] != venv):
+                raise VerifyError(f"{image_ref}: wrong python in the agent's shell: sys.prefix is "
+                                  f"{got[0] if got else '(nothing)'!r}, expected the base's venv {venv!r}")
+            if any(line.startswith(PAYLOAD_PREFIX) for line in got):
+                raise VerifyError(f"{image_ref}: wrong python in the agent's shell: the payload's own "
+                                  f"interpreter ({got[0]}) leaks into the base's environment")
+            if not got:
+                raise VerifyError(f"{image_ref}: `{command}` printed nothing")
+            checks.append(f"agent shell sees {got[0]}")
+            return VerifyResult(image_ref, True, round(alive, 2), round(time.monotonic() - t0, 2),
+                                cwd or "(server default)", command, out.strip(), venv, checks)
+    finally:
+        run(settings, ["podman", "rm", "-f", "-t", "0", name], check=False, timeout=60)
+
+
+def _wait(settings: Settings, http: httpx.Client, name: str, image_ref: str, url: str,
+          t0: float, timeout: float) -> float:
+    """Seconds from t0 until ``url`` answers 2xx; VerifyError on crash or timeout."""
+    last = ""
+    next_state = 0.0
+    while True:
+        now = time.monotonic()
+        if now - t0 > timeout:
+            raise VerifyError(f"{image_ref}: timeout: {url.rsplit('/', 1)[-1]} did not answer within "
+                              f"{timeout:.0f}s ({last or 'no answer'}); container log:\n{_logs(settings, name)}")
+        if now >= next_state:
+            status, code = _state(settings, name)
+            if status not in ("running", "created", "configured", "initialized"):
+                raise VerifyError(f"{image_ref}: crash: the agent server exited (status {status}, code {code}) "
+                                  f"before answering; last log lines:\n{_logs(settings, name)}")
+            next_state = now + 1.0
+        try:
+            r = http.get(url, timeout=2)
+            if r.status_code // 100 == 2:
+                return time.monotonic() - t0
+            last = f"HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            last = type(exc).__name__
+        time.sleep(0.1)

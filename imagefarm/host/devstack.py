@@ -1,0 +1,113 @@
+"""The embedded default: a local registry and Redis for one machine.
+
+``imagefarm dev up`` starts Debian's docker-registry and redis-server as background
+processes under the state directory (pid files, logs, data kept across restarts), on
+the ports the default settings point at; ``imagefarm dev down`` stops them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from imagefarm.errors import ConfigError
+from imagefarm.names.reference import parse
+from .proc import pid_alive
+from imagefarm.settings import Settings
+from .services import Redis, Registry
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    host: str
+    port: int
+    pid: int | None  #: 0 when an already running service (not started by us) is used
+
+
+def _pidfile(settings: Settings, name: str) -> Path:
+    return settings.state_dir / "dev" / f"{name}.pid"
+
+
+def _read_pid(settings: Settings, name: str) -> int | None:
+    p = _pidfile(settings, name)
+    try:
+        pid = int(p.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def registry_port(settings: Settings) -> tuple[str, int]:
+    ref = parse(f"{settings.to}/x:y") if "/" not in settings.to else parse(f"{settings.to}:probe")
+    if not ref.is_loopback:
+        raise ConfigError(f"IMAGEFARM_TO={settings.to!r} is not a local registry; `dev up` only starts local ones")
+    host, _, port = ref.registry.rpartition(":")
+    return host, int(port or 80)
+
+
+def up(settings: Settings) -> list[Endpoint]:
+    """Start whatever is not already running; idempotent."""
+    out = []
+    base = settings.state_dir / "dev"
+    base.mkdir(parents=True, exist_ok=True)
+    host, port = registry_port(settings)
+    pid = _read_pid(settings, "registry")
+    if pid is None and _answers(port, b"GET /v2/ HTTP/1.0\r\n\r\n", b"HTTP/"):
+        pid = 0  # something already serves a registry there: use it
+    if pid is None:
+        reg = Registry(workdir=base / "registry", port=port)
+        reg.start()
+        pid = reg.proc.pid
+        _pidfile(settings, "registry").write_text(str(pid))
+    out.append(Endpoint("registry", host, port, pid))
+
+    url = urlparse(settings.broker_url)
+    if url.hostname not in ("127.0.0.1", "localhost"):
+        raise ConfigError(f"IMAGEFARM_BROKER_URL={settings.broker_url!r} is not local; `dev up` only starts local Redis")
+    rport = url.port or 6379
+    pid = _read_pid(settings, "redis")
+    if pid is None and _answers(rport, b"PING\r\n", b"+PONG"):
+        pid = 0
+    if pid is None:
+        redis = Redis(workdir=base / "redis", port=rport)
+        redis.start()
+        pid = redis.proc.pid
+        _pidfile(settings, "redis").write_text(str(pid))
+    out.append(Endpoint("redis", "127.0.0.1", rport, pid))
+    return out
+
+
+def _answers(port: int, probe: bytes, expect: bytes) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(probe)
+            return s.recv(64).startswith(expect)
+    except OSError:
+        return False
+
+
+def down(settings: Settings) -> list[str]:
+    stopped = []
+    for name in ("registry", "redis"):
+        pid = _read_pid(settings, name)
+        if pid is not None:
+            os.killpg(pid, signal.SIGTERM) if _is_group_leader(pid) else os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            stopped.append(name)
+        _pidfile(settings, name).unlink(missing_ok=True)
+    return stopped
+
+
+def _is_group_leader(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except OSError:
+        return False

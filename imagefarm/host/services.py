@@ -1,0 +1,203 @@
+"""Start real services on free loopback ports, and stop them, leaving nothing behind."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from .containers import which
+from imagefarm.errors import ToolError
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None, what: str = "service") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ToolError(f"{what} exited at start (code {proc.returncode})")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise ToolError(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+@dataclass
+class _Service:
+    workdir: Path
+    port: int = 0
+    proc: subprocess.Popen | None = None
+    _own_dir: bool = field(default=False, repr=False)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port and data (fault tests)."""
+        self.stop()
+        self.start()
+
+    def start(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class Registry(_Service):
+    """Debian's docker-registry (CNCF distribution) on 127.0.0.1:<free port>.
+
+    With ``users`` it requires htpasswd basic auth.
+    """
+
+    users: dict[str, str] | None = None
+    access_log: bool = False
+
+    @classmethod
+    def create(cls, workdir: Path | None = None, users: dict[str, str] | None = None,
+               access_log: bool = False) -> "Registry":
+        own = workdir is None
+        wd = Path(workdir or tempfile.mkdtemp(prefix="imagefarm-registry-"))
+        return cls(workdir=wd, users=users, access_log=access_log, _own_dir=own)
+
+    def blob_gets(self) -> list[str]:
+        """The blob digests served so far (``GET /v2/<repo>/blobs/<digest>`` answered 200 or 307),
+        read from the access log (``access_log=True``): what pulls really fetched."""
+        import re
+
+        text = (self.workdir / "registry.log").read_text(errors="replace")
+        return re.findall(r'"GET /v2/[^ ]+/blobs/(sha256:[0-9a-f]{64}) HTTP/[0-9.]+" (?:200|307) ', text)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def _config(self) -> Path:
+        data = self.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        lines = [
+            "version: 0.1",
+            "log:",
+            "  level: error",
+            "  accesslog:",
+            f"    disabled: {'false' if self.access_log else 'true'}",
+            "storage:",
+            "  filesystem:",
+            f"    rootdirectory: {data}",
+            "  delete:",
+            "    enabled: true",
+            "  maintenance:",
+            "    uploadpurging:",
+            "      enabled: false",
+            "http:",
+            f"  addr: 127.0.0.1:{self.port}",
+            "  secret: imagefarm-test-secret",
+        ]
+        if self.users:
+            htpasswd = self.workdir / "htpasswd"
+            htpasswd.unlink(missing_ok=True)
+            for user, password in self.users.items():
+                subprocess.run(
+                    [which("htpasswd"), "-Bb", *(["-c"] if not htpasswd.exists() else []),
+                     str(htpasswd), user, password],
+                    check=True, capture_output=True,
+                )
+            lines += ["auth:", "  htpasswd:", "    realm: imagefarm", f"    path: {htpasswd}"]
+        cfg = self.workdir / "config.yml"
+        cfg.write_text("\n".join(lines) + "\n")
+        return cfg
+
+    def start(self) -> None:
+        if not self.port:
+            self.port = free_port()
+        cfg = self._config()
+        log = open(self.workdir / "registry.log", "ab")
+        self.proc = subprocess.Popen(
+            [which("docker-registry"), "serve", str(cfg)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_port(self.port, proc=self.proc, what="docker-registry")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"{self.url}/v2/", timeout=1)
+                if r.status_code in (200, 401):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise ToolError("docker-registry did not answer /v2/")
+
+
+@dataclass
+class Redis(_Service):
+    """redis-server on 127.0.0.1:<free port>, data in a private directory."""
+
+    @classmethod
+    def create(cls, workdir: Path | None = None) -> "Redis":
+        own = workdir is None
+        wd = Path(workdir or tempfile.mkdtemp(prefix="imagefarm-redis-"))
+        return cls(workdir=wd, _own_dir=own)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        if not self.port:
+            self.port = free_port()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            [which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.workdir), "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--protected-mode", "yes"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_port(self.port, proc=self.proc, what="redis-server")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise ToolError("redis-server did not answer PING")

@@ -1,0 +1,152 @@
+"""The lookup service: base image -> prebuilt image over HTTP (FastAPI).
+
+``GET /v1/lookup?image=`` answers one base (200 with the prebuilt reference, 404
+naming the base and the command that builds it, 400 for a malformed reference);
+``POST /v1/lookup`` answers thousands at once; ``POST /v1/invalidate`` drops cached
+answers (a publisher calls it); ``/healthz``; Prometheus ``/metrics``; OpenAPI at
+``/openapi.json``. An optional API key (``X-API-Key``) guards all but health/metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from imagefarm import __version__
+from .apikey import require_key
+from imagefarm.farm.catalog import image_of
+from imagefarm.errors import ImagefarmError, InvalidReference
+from .lookup import Lookup, build_command, normalise_query
+
+MAX_BATCH = 20_000
+
+
+class Prebuilt(BaseModel):
+    base: str = Field(description="normalised base reference the image was derived from")
+    base_digest: str
+    image: str = Field(description="prebuilt reference with its tag")
+    digest: str
+    pinned: str = Field(description="repository@digest: what a runtime should start")
+    recipe: str
+    recipe_digest: str
+    agent_server_version: str
+    verified: bool
+    source: str
+
+
+class Missing(BaseModel):
+    base: str
+    message: str
+    build: str = Field(description="the command that would build it")
+
+
+class BatchRequest(BaseModel):
+    images: list[str | dict[str, Any]] = Field(max_length=MAX_BATCH,
+                                                description="base references or dataset rows")
+
+
+class BatchAnswer(BaseModel):
+    found: dict[str, Prebuilt]
+    missing: dict[str, Missing]
+    invalid: dict[str, str]
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    to: str
+    recipe: str
+
+
+def _key(q: Any, i: int) -> str:
+    """How a batch answer names a query: the string itself, or a row's image."""
+    if isinstance(q, str):
+        return q
+    try:
+        image, _, _ = image_of(q)
+    except ImagefarmError:
+        image = None
+    return image or f"row {i}"
+
+
+def create_app(lookup: Lookup, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="imagefarm lookup", version=__version__,
+                  description="Which prebuilt agent-server image serves this base image?")
+    auth = Depends(require_key(api_key))
+    metrics = CollectorRegistry()
+    requests = Counter("imagefarm_lookup_requests_total", "lookups answered", ["result"], registry=metrics)
+    latency = Histogram("imagefarm_lookup_seconds", "lookup latency", registry=metrics,
+                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+
+    def missing(base: str) -> Missing:
+        return Missing(base=base, message=f"no prebuilt image for {base} under {lookup.to}",
+                       build=build_command(base, lookup.to))
+
+    @app.get("/healthz", response_model=Health)
+    def healthz() -> Health:
+        return Health(status="ok", version=__version__, to=lookup.to, recipe=lookup.recipe.name)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/lookup", response_model=Prebuilt, dependencies=[auth],
+             responses={404: {"model": Missing}, 400: {"description": "malformed reference"}})
+    async def lookup_one(image: str = Query(..., max_length=4096,
+                                            description="base reference, e.g. namanjain12/pandas_final:<commit>")) -> Any:
+        t0 = time.perf_counter()
+        hit = lookup.peek(image)  # warm: a dict hit on the event loop, no thread hop
+        if hit is None:
+            try:
+                base = normalise_query(image)
+                hit = await run_in_threadpool(lookup.resolve, str(base))  # cold: registry I/O
+            except InvalidReference as exc:
+                requests.labels("invalid").inc()
+                raise HTTPException(400, detail=str(exc)) from None
+            except ImagefarmError as exc:
+                requests.labels("error").inc()
+                raise HTTPException(502, detail=f"target registry: {exc}") from None
+            finally:
+                latency.observe(time.perf_counter() - t0)
+            if hit is None:
+                requests.labels("miss").inc()
+                return JSONResponse(status_code=404, content=missing(str(base)).model_dump())
+        else:
+            latency.observe(time.perf_counter() - t0)
+        requests.labels("hit").inc()
+        return Response(hit.json_bytes, media_type="application/json")
+
+    @app.post("/v1/lookup", response_model=BatchAnswer, dependencies=[auth])
+    def lookup_batch(body: BatchRequest) -> BatchAnswer:
+        t0 = time.perf_counter()
+        answers = lookup.resolve_many(body.images)
+        found, miss, invalid = {}, {}, {}
+        for i, (q, a) in enumerate(zip(body.images, answers)):
+            key = _key(q, i)
+            if isinstance(a, InvalidReference):
+                invalid[key] = str(a)
+            elif isinstance(a, ImagefarmError):
+                invalid[key] = f"target registry: {a}"
+            elif a is None:
+                miss[key] = missing(str(normalise_query(q)))
+            else:
+                found[key] = Prebuilt(**a.to_json())
+        requests.labels("batch").inc()
+        latency.observe(time.perf_counter() - t0)
+        return BatchAnswer(found=found, missing=miss, invalid=invalid)
+
+    @app.post("/v1/invalidate", dependencies=[auth])
+    def invalidate(image: str | None = Query(None, max_length=4096)) -> dict[str, str]:
+        try:
+            lookup.invalidate(image)
+        except InvalidReference as exc:
+            raise HTTPException(400, detail=str(exc)) from None
+        return {"invalidated": image or "all"}
+
+    return app
