@@ -35,7 +35,7 @@ import httpx
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
-from imagefarm.apikey import HEADER
+from imagefarm.serve.apikey import HEADER
 from imagefarm.settings import Settings
 
 from .errors import BackendError, CapacityFull, RuntimeServerError, UnknownRuntime

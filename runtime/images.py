@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from imagefarm.reference import parse
+from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
 
 from .backend import ImageInfo, PodmanBackend

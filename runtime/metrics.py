@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from imagefarm.apikey import HEADER, key_matches
+from imagefarm.serve.apikey import HEADER, key_matches
 
 from .placement import node_slots, slots_needed
 

@@ -30,7 +30,7 @@ import httpx
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field, ValidationError
 
-from imagefarm.apikey import HEADER, key_matches
+from imagefarm.serve.apikey import HEADER, key_matches
 
 from .errors import BackendError
 from .manager import RuntimeManager

@@ -192,7 +192,7 @@ def prefetch_cmd(
     """Pull images onto the fleet's nodes ahead of the trainer, spread as its starts would be."""
     import httpx
 
-    from imagefarm import catalog
+    from imagefarm.farm import catalog
 
     if first is not None and first < 1:
         raise ConfigError("--first must be at least 1")

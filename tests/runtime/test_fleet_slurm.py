@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from imagefarm.testing.images import R2E_REPOS, commit_for
+from imagefarm.host.samples import R2E_REPOS, commit_for
 from imagefarm.testing.slurm import SlurmCluster
 
 from rtkit import our_containers, sdk_start_body, wait_pod_status
@@ -85,7 +85,7 @@ class Fleet:
 def standins(rt_settings, fixtures, standin_layer, rt_to):
     """Four small prebuilt images (the stand-in agent server on distinct r2e bases)."""
     from imagefarm.derive import Appender, AppendPayload
-    from imagefarm.recipe import recipe_for
+    from imagefarm.payload.recipe import recipe_for
 
     recipe = recipe_for(rt_settings)
     payload = AppendPayload(standin_layer, recipe.name, recipe.digest, recipe.agent_server_version, ())
@@ -98,7 +98,7 @@ def standins(rt_settings, fixtures, standin_layer, rt_to):
 def agent_images(rt_settings, fixtures, payload, rt_to):
     """Two r2e bases with the REAL agent-server payload appended (what a trainer starts)."""
     from imagefarm.derive import Appender, AppendPayload
-    from imagefarm.recipe import recipe_for
+    from imagefarm.payload.recipe import recipe_for
 
     bases = [fixtures.r2e_base(R2E_REPOS[4], c * 40) for c in ("5", "6")]
     with Appender(rt_settings) as appender:
@@ -192,7 +192,7 @@ def test_second_start_lands_where_the_image_is_and_pulls_nothing(fleet, standins
 
 
 def _images(settings) -> set[str]:
-    from imagefarm.containers import run
+    from imagefarm.host.containers import run
 
     out = run(settings, ["podman", "images", "--format", "{{.Digest}}"]).stdout
     return set(out.split())
