@@ -188,8 +188,12 @@ def prefetch_cmd(
     dataset: str = typer.Option(None, "--dataset", help="dataset whose instances' images to pull"),
     first: int = typer.Option(None, "--first", help="only the first N distinct images of the dataset"),
     image: list[str] = typer.Option([], "--image", help="an image to pull (repeat)"),
+    wait: float = typer.Option(0, "--wait", help="seconds to keep asking while the server is not up "
+                                                 "or no node has joined yet"),
 ) -> None:
     """Pull images onto the fleet's nodes ahead of the trainer, spread as its starts would be."""
+    import time
+
     import httpx
 
     from imagefarm.farm import catalog
@@ -201,11 +205,22 @@ def prefetch_cmd(
         images += [str(b) for b in catalog.load(dataset).limited(first).bases]
     if not images:
         raise ConfigError("nothing to prefetch: give --dataset or --image")
-    try:
-        r = httpx.post(f"{url.rstrip('/')}/prefetch", json={"images": images}, headers={"X-API-Key": api_key or ""},
-                       timeout=600, trust_env=False)
-    except httpx.HTTPError as exc:
-        raise ConfigError(f"the runtime server at {url} did not answer: {exc}") from None
+    if wait < 0:
+        raise ConfigError("--wait must be a number of seconds, 0 or more")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            r = httpx.post(f"{url.rstrip('/')}/prefetch", json={"images": images},
+                           headers={"X-API-Key": api_key or ""}, timeout=600, trust_env=False)
+        except httpx.HTTPError as exc:
+            if time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise ConfigError(f"the runtime server at {url} did not answer: {exc}") from None
+        if r.status_code in (429, 503) and time.monotonic() < deadline:
+            time.sleep(2)
+            continue
+        break
     if r.status_code != 200:
         raise ConfigError(f"the runtime server refused the prefetch ({r.status_code}): {r.text[:500]}")
     rows = r.json()["images"]
