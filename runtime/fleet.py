@@ -299,6 +299,8 @@ class Fleet(Resolving):
         except httpx.HTTPError as exc:
             raise BackendError(f"node {node.node_id} ({node.url}) did not answer /{verb}: {exc}") from None
         if r.status_code != 200:
+            log.warning("node %s answered /%s of %s with %d: %s", node.node_id, verb, rec.runtime_id,
+                        r.status_code, _detail(r))
             err = RuntimeServerError(f"node {node.node_id}: {_detail(r)}")
             err.status_code = r.status_code if 400 <= r.status_code < 500 else 502
             raise err

@@ -388,7 +388,13 @@ class RuntimeManager(Launching, Upkeep, Resolving):
             return rec
         if rec.status != "running" or rec.pod_status == "pending":
             raise RuntimeServerError(f"runtime {rid} cannot be paused while {rec.status}/{rec.pod_status}")
-        await self.backend.pause(rec.container)
+        try:
+            await self.backend.pause(rec.container)
+        except BackendError as exc:
+            # the cgroup freezer can give up on a busy container (runc: "unable to freeze"): once more
+            log.warning("runtime %s: pause failed, trying once more: %s", rid, exc)
+            await asyncio.sleep(0.5)
+            await self.backend.pause(rec.container)
         rec.status = "paused"
         self.touch(rec)
         log.info("runtime %s paused", rid)
