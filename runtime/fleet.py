@@ -133,6 +133,7 @@ class Fleet(Resolving):
         self._sizes: dict[str, int] = {}
         self._registry: Any = None
         self._rng = random.Random(0)
+        self._chores: set[asyncio.Task] = set()
         self.on_ready: list = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -166,6 +167,12 @@ class Fleet(Resolving):
             self._registry.close()
         self._save_nodes()
         self.store.close()
+
+    def _chore(self, coro) -> None:
+        """A background task kept referenced until done (a bare create_task may be collected)."""
+        task = asyncio.create_task(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     def _save(self, rec: FrontRecord) -> None:
         self.store.put(rec)
@@ -251,7 +258,7 @@ class Fleet(Resolving):
                     return self.records[existing]
                 old = self.records[existing]
                 self._forget(existing)
-                asyncio.create_task(self._forward_stop(old))
+                self._chore(self._forward_stop(old))
             node = self._place(prebuilt, need, tried)
             if node is None:
                 free = {v.node_id: v.free for v in self.views()}
@@ -451,7 +458,7 @@ class Fleet(Resolving):
             ttl = self.config.failed_ttl
             for rec in [r for r in self.records.values() if r.status == "error" and time.time() - r.last_activity > ttl]:
                 self._forget(rec.runtime_id)
-                asyncio.create_task(self._forward_stop(rec))
+                self._chore(self._forward_stop(rec))
 
     # -- what GET /nodes and the metrics show ----------------------------------------------------
     def node_rows(self) -> list[dict[str, Any]]:
