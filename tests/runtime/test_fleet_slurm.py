@@ -83,13 +83,13 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def standins(rt_settings, fixtures, standin_layer, rt_to):
-    """Four small prebuilt images (the stand-in agent server on distinct r2e bases)."""
+    """Five small prebuilt images (the stand-in agent server on distinct r2e bases)."""
     from imagefarm.derive import Appender, AppendPayload
     from imagefarm.payload.recipe import recipe_for
 
     recipe = recipe_for(rt_settings)
     payload = AppendPayload(standin_layer, recipe.name, recipe.digest, recipe.agent_server_version, ())
-    bases = [fixtures.r2e_base(R2E_REPOS[1], commit_for(f"fleet-{i}")) for i in range(4)]
+    bases = [fixtures.r2e_base(R2E_REPOS[1], commit_for(f"fleet-{i}")) for i in range(5)]
     with Appender(rt_settings) as appender:
         return [(b.ref, appender.derive(b.ref, payload, to=rt_to)) for b in bases]
 
@@ -135,6 +135,13 @@ def fleet(rt_settings, prebuilt, tmp_path_factory):
         assert key not in out and f.fleet_key_file.read_text().strip() not in out
         for d in state.glob("node-*"):  # the job's end removed every runtime of every node
             assert our_containers(rt_settings.model_copy(update={"state_dir": d})) == []
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_running(fleet):
+    """Each test starts on an empty fleet, whatever the one before it left."""
+    yield
+    fleet.stop_all()
 
 
 def test_nodes_joined_with_their_own_addresses_and_state(fleet):
@@ -200,7 +207,7 @@ def _images(settings) -> set[str]:
 
 def test_small_cache_budget_evicts_idle_images_keeps_running_ones(fleet, standins):
     """Budget 1 MiB per node: every pull evicts what no runtime uses, nothing running."""
-    (b_fill, _), (b_w, d_w), (b_y, d_y), (b_z, d_z) = standins
+    (b_fill, _), (b_w, d_w), (b_y, d_y), (b_z, d_z) = standins[:4]
     fill = [fleet.start(b_fill) for _ in range(2)]  # fills one node: the rest go to the other
     full = fleet.node_of(fill[0])
     w = fleet.start(b_w)
@@ -237,12 +244,14 @@ def test_second_job_joins_the_running_fleet_and_leaves_it(fleet, standins, rt_se
     before = {n["node_id"] for n in fleet.nodes()}
     new = _poll(lambda: [n for n in fleet.nodes() if n["node_id"] not in before and n["ready"]], "the third node", 120)
     assert new[0]["slots"] == 4
-    # an idle, empty node with 4 slots is the least loaded: a new image goes there
-    rt = fleet.start(standins[3][0])
-    wait_pod_status(fleet.http, f"{fleet.url}/sessions/{rt['session_id']}", timeout=120)
-    st = fleet.node_settings(new[0], job2)  # its node shares an address with the first job's: look in its storage
-    assert f"imagefarm-rt-{rt['runtime_id']}" in our_containers(st)
-    fleet.cluster.cancel(job2)
+    try:
+        # an idle, empty node with 4 slots is the least loaded: an image no node holds goes there
+        rt = fleet.start(standins[4][0])
+        wait_pod_status(fleet.http, f"{fleet.url}/sessions/{rt['session_id']}", timeout=120)
+        st = fleet.node_settings(new[0], job2)  # its node shares an address with the first job's: its storage says
+        assert f"imagefarm-rt-{rt['runtime_id']}" in our_containers(st)
+    finally:
+        fleet.cluster.cancel(job2)
     left = _poll(lambda: [n for n in fleet.nodes() if n["node_id"] == new[0]["node_id"] and n["state"] == "left"],
                  "the third node to leave", 60)
     assert left
@@ -268,7 +277,8 @@ def test_killed_node_process_turns_its_runtimes_failed_and_a_restart_cleans_up(f
     assert node["node_id"] in failed["restart_reasons"][0]
     assert next(n for n in fleet.nodes() if n["node_id"] == node["node_id"])["state"] == "lost"
     st = fleet.node_settings(node)
-    assert f"imagefarm-rt-{rt['runtime_id']}" in our_containers(st)  # the crash left its container
+    left = our_containers(st)
+    assert f"imagefarm-rt-{rt['runtime_id']}" in left  # the crash left its container
     # the node process started again on the same state: it removes what it left, and rejoins
     env = {k: v for k, v in os.environ.items() if k != "IMAGEFARM_RUNTIME_API_KEY"}
     env.update(IMAGEFARM_STATE_DIR=str(state), IMAGEFARM_CACHE_DIR=str(fleet.settings.cache_dir),
@@ -282,7 +292,7 @@ def test_killed_node_process_turns_its_runtimes_failed_and_a_restart_cleans_up(f
         _poll(lambda: any(n["node_id"] == node["node_id"] and n["state"] == "up" for n in fleet.nodes()),
               "the restarted node to rejoin", 60)
         assert our_containers(st) == []
-        assert "removing the 1 container(s)" in (state / "restarted.log").read_text()
+        assert f"removing the {len(left)} container(s)" in (state / "restarted.log").read_text()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
