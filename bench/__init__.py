@@ -9,8 +9,10 @@ Sections (``--only``): ``derive`` (fast path vs naive buildah, same bases, same
 registry), ``scale`` (fast path on many small bases, 1/4/8 threads), ``farm`` (Celery
 with 1/2/4 worker processes, plus the embedded local pool), ``copy`` (cross-registry
 derive: bytes moved vs unique bytes), ``runtime`` (``/start`` to ready), ``lookup``
-(in-process and HTTP, warm and cold), ``fleet`` (placement at 512 concurrent sandboxes,
-image-aware vs random: a model fed with the runtime section's measured costs).
+(in-process and HTTP, warm and cold), ``ratelimit`` (a batch from a rate-limited
+registry: ``--plan`` vs what the run moves, and the run's pauses), ``fleet`` (placement
+at 512 concurrent sandboxes, image-aware vs random: a model fed with the runtime
+section's measured costs).
 """
 
-SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "fleet")
+SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "ratelimit", "fleet")

@@ -42,6 +42,9 @@ def _runner(name: str) -> Callable[[Bench], dict[str, Any]]:
     if name == "lookup":
         from .lookup import run_lookup
         return run_lookup
+    if name == "ratelimit":
+        from .ratelimit import run_ratelimit
+        return run_ratelimit
     if name == "fleet":
         from .fleet import run_fleet
         return run_fleet

@@ -4,6 +4,7 @@ Catch ``ImagefarmError`` for everything; the tree says what else to catch::
 
     ImagefarmError
     ├── InvalidReference        malformed image reference (bad input, never retried)
+    ├── ImageRefused            a derived image no lookup may serve (stale recipe, boot check)
     ├── ConfigError              bad settings, recipe or dataset
     │   └── DatasetError         a dataset that cannot be read at all
     ├── ToolError                an external tool (podman, buildah, skopeo, ...) failed
@@ -33,6 +34,11 @@ class ImagefarmError(Exception):
 
 class InvalidReference(ImagefarmError, ValueError):
     """A malformed image reference."""
+
+
+class ImageRefused(ImagefarmError):
+    """A derived image named by the caller that must not be served: built with another
+    recipe, or (by digest) without a passed boot check. Servers answer 409."""
 
 
 class ConfigError(ImagefarmError):

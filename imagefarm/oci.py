@@ -41,6 +41,8 @@ ACCEPT = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
 # -- annotations -----------------------------------------------------------------
 ANN_BASE_NAME = "org.opencontainers.image.base.name"
 ANN_BASE_DIGEST = "org.opencontainers.image.base.digest"
+#: where the base's bytes were read (a mirror), when that is not the name above
+ANN_BASE_SOURCE = "dev.imagefarm.base.source"
 ANN_RECIPE = "dev.imagefarm.recipe"
 ANN_RECIPE_DIGEST = "dev.imagefarm.recipe.digest"
 ANN_AGENT_VERSION = "dev.imagefarm.agent-server.version"

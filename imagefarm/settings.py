@@ -48,11 +48,33 @@ class Settings(BaseSettings):
         default_factory=lambda: _repo_recipes(), description="where recipe files live"
     )
     registry_concurrency: int = Field(16, ge=1, description="cap on parallel registry calls")
+    copies_per_source: int = Field(
+        4, ge=1, description="cap on blobs copied at once from one source registry (per process)")
+    mirrors: dict[str, str] = Field(
+        default_factory=dict,
+        description='registry -> the mirror its images are read through, as JSON ({"docker.io": '
+                    '"127.0.0.1:5001"}, e.g. `imagefarm dev up --mirror docker.io`); images keep the '
+                    "registry's name",
+    )
 
     @classmethod
     def load(cls, **overrides: Any) -> "Settings":
-        """Settings from the environment with flags (non-None values) on top."""
-        return cls(**{k: v for k, v in overrides.items() if v is not None})
+        """Settings from the environment with flags (non-None values) on top; a bad
+        value is one ``ConfigError`` naming the variable (the CLI prints one line)."""
+        from pydantic import ValidationError
+        from pydantic_settings import SettingsError
+
+        from imagefarm.errors import ConfigError
+
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except SettingsError as exc:  # a JSON-valued variable that is not JSON
+            field = str(exc).split('"')[1] if '"' in str(exc) else "?"
+            raise ConfigError(f"IMAGEFARM_{field.upper()} is not valid JSON") from None
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            where = ".".join(str(p) for p in e["loc"])
+            raise ConfigError(f"IMAGEFARM_{str(e['loc'][0]).upper()} (or its flag): {where}: {e['msg']}") from None
 
 
 

@@ -8,7 +8,7 @@ puts it on a SLURM CPU node).
 * ``app.create_app(settings, backend, resolver, config)`` - the FastAPI app
 * ``manager`` - runtimes: start, watch, pause, stop, reap, reconcile after restart
 * ``backend.PodmanBackend`` - the podman CLI through asyncio subprocesses
-* ``resolver`` - the ``Resolver`` protocol and a registry-only ``RegistryResolver``
+* ``resolver`` - the ``Resolver`` protocol (``imagefarm.serve.lookup.Lookup`` is the one resolver)
 * ``state`` - sqlite records under ``state_dir/runtime/``
 """
 

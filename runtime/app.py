@@ -5,7 +5,9 @@
 
 Status codes, chosen after what the clients do with them:
 
-* 401 missing or wrong ``X-API-Key`` (compared with ``hmac.compare_digest``);
+* 401 missing or wrong ``X-API-Key`` (compared with ``hmac.compare_digest``), answered
+  from the headers before any body byte is read (``imagefarm.serve.apikey.protect``);
+* 413 a body over ``ServeConfig.max_body`` (1 MiB: a /start body is a few KB);
 * 404 ``/start`` of an image with no prebuilt image (``detail`` names the base and
   the ``imagefarm derive`` / ``imagefarm prebuild`` command); neither client retries
   a 404 on ``/start`` and both surface ``detail`` (V0 appends it to its error);
@@ -13,7 +15,8 @@ Status codes, chosen after what the clients do with them:
   runtime id;
 * 429 when ``--max-runtimes`` run (V0's request helper retries 429 with backoff);
 * 501 ``/build`` and ``/build_status``: this server never builds;
-* 422 a body of the wrong shape (FastAPI's validation), never a 500.
+* 409 a derived image the lookup refuses (stale recipe, no boot check passed);
+* 422 a body of the wrong shape (FastAPI's validation; values are never echoed), never a 500.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
-from imagefarm.serve.apikey import HEADER, key_matches
-from imagefarm.errors import ImagefarmError, InvalidReference, RegistryError
+from imagefarm.serve.apikey import protect
+from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, RegistryError
 from imagefarm.settings import Settings
 
 from .backend import PodmanBackend
@@ -49,8 +52,10 @@ BUILD_REFUSAL = ("this runtime server starts prebuilt images only and never buil
 
 
 def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Resolver,
-               config: ServeConfig, *, manager=None) -> FastAPI:
+               config: ServeConfig, *, manager=None, open_paths: tuple[str, ...] = ()) -> FastAPI:
     """``manager``: a ``fleet.Fleet`` for a front; by default this server is its own only node.
+    ``open_paths``: paths the guard leaves to their own key check (a front's ``/fleet/*``,
+    which nodes call with the fleet key, never the clients' key).
 
     ``app.state.after_startup`` / ``before_shutdown``: coroutines a node process or a
     front adds (joining, reporting), run after the manager starts and before it stops."""
@@ -80,17 +85,8 @@ def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Reso
     )
     app.state.manager = manager
     app.state.after_startup, app.state.before_shutdown = [], []
-    app.state.require_key = None  # set below: node and front routes use the same check
-
-    def require_key(x_api_key: str | None = Header(None, alias="X-API-Key",
-                                                  description="the server's API key")) -> None:
-        if config.disable_auth:
-            return
-        if not key_matches(x_api_key, config.api_key or ""):  # hmac.compare_digest
-            raise HTTPException(401, f"missing or wrong API key: send it in the {HEADER} header",
-                                headers={"WWW-Authenticate": HEADER})
-
-    app.state.require_key = require_key
+    protect(app, key=None if config.disable_auth else config.api_key,
+            open_paths={"/alive", "/health", *open_paths}, max_body=config.max_body)
 
     @app.exception_handler(RuntimeServerError)
     async def _runtime_error(request: Request, exc: RuntimeServerError) -> JSONResponse:
@@ -100,6 +96,10 @@ def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Reso
     @app.exception_handler(InvalidReference)
     async def _bad_ref(request: Request, exc: InvalidReference) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(ImageRefused)
+    async def _refused(request: Request, exc: ImageRefused) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(RegistryError)
     async def _registry(request: Request, exc: RegistryError) -> JSONResponse:
@@ -118,7 +118,7 @@ def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Reso
     app.get("/alive", response_model=Health, tags=["server"], summary="liveness (no auth)")(health)
     app.get("/health", response_model=Health, tags=["server"], summary="liveness (no auth)")(health)
 
-    api = APIRouter(dependencies=[Depends(require_key)], responses=ERRORS)
+    api = APIRouter(responses=ERRORS)
 
     @api.post("/start", response_model=RuntimeInfo, tags=["runtimes"],
               responses={429: {"model": ErrorBody, "description": "server full (--max-runtimes)"}})
@@ -143,16 +143,14 @@ def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Reso
     @api.get("/sessions/{session_id}", response_model=RuntimeInfo, tags=["runtimes"])
     async def session(session_id: str) -> RuntimeInfo:
         """The runtime of a session: ``status`` (running/paused/error) and ``pod_status``."""
-        rec = manager.by_session_id(session_id)
-        manager.touch(rec)
+        rec = manager.by_session_id(session_id)  # a poll: the idle clock runs on
         await manager.refresh(rec)
         return manager.info(rec)
 
     @api.get("/runtime/{runtime_id}", response_model=RuntimeInfo, tags=["runtimes"])
     async def runtime(runtime_id: str) -> RuntimeInfo:
         """One runtime by id (V0 polls this for ``pod_status``)."""
-        rec = manager.get(runtime_id)
-        manager.touch(rec)
+        rec = manager.get(runtime_id)  # a poll: the idle clock runs on
         await manager.refresh(rec)
         return manager.info(rec)
 
@@ -181,7 +179,7 @@ def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Reso
         """Whether a prebuilt image serves ``image`` (V0 asks before starting)."""
         try:
             hit = await manager.resolve(image)
-        except NoPrebuiltImage as exc:
+        except (NoPrebuiltImage, ImageRefused) as exc:
             return ImageExists(exists=False, detail=str(exc))
         size = await manager.image_size(hit)
         return ImageExists(exists=True, image=ImageDetails(

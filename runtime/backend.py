@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 
 from imagefarm.host.containers import container_env, which
 from imagefarm.settings import Settings
+from imagefarm.host.statedir import state_subdir
 
 from .errors import BackendError
 
@@ -159,7 +160,7 @@ class PodmanBackend:
     # -- containers -------------------------------------------------------------
     async def run(self, spec: ContainerSpec) -> str:
         """``podman run -d``; returns the container id."""
-        self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state_subdir(self.settings.state_dir, "runtime", "tmp")
         fd, env_file = tempfile.mkstemp(dir=self._tmp, prefix="env-", suffix=".list")
         try:
             with os.fdopen(fd, "w") as fh:

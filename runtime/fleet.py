@@ -502,6 +502,10 @@ class NodeLeave(BaseModel):
     node_id: str = Field(min_length=1, max_length=64)
 
 
+#: what nodes call on the front: open to the app's guard, checked against the fleet key instead
+FRONT_PATHS = ("/fleet/report", "/fleet/leave")
+
+
 def add_front_routes(app: FastAPI, fleet: Fleet) -> None:
     """``/fleet/report`` and ``/fleet/leave``: what nodes call, with the fleet key."""
     from .node import read_body

@@ -189,7 +189,15 @@ class Launching:
             await self._fail(rec, "the container disappeared (removed outside this server?)", logs=False)
             return
         why = f"the container exited with code {c.exit_code}" + (f": {c.error}" if c.error else "")
-        await self._fail(rec, why, exit_code=c.exit_code, oom=c.oom_killed)
+        oom = c.oom_killed
+        if not oom and c.exit_code == 137:
+            # SIGKILL under the memory limit: on cgroup v1 hosts (these) podman never sets
+            # OOMKilled, though the kernel logged an OOM kill; this server never SIGKILLs a
+            # runtime it still tracks, so an OOM kill is by far the likeliest cause
+            oom = True
+            why += (f" (SIGKILL under the {int(self.config.memory_mib_per_factor * rec.resource_factor)} MiB "
+                    "memory limit: most likely out of memory; podman here cannot tell for sure)")
+        await self._fail(rec, why, exit_code=c.exit_code, oom=oom)
 
     async def _fail(self, rec: Record, reason: str, *, exit_code: int | None = None, oom: bool = False,
                     logs: bool = True) -> None:
@@ -207,6 +215,7 @@ class Launching:
             hint = (" (the command does not exist in this image: agent-server images serve SDK clients "
                     "(APIRemoteWorkspace, command /usr/local/bin/openhands-agent-server); a V0 "
                     "RemoteRuntime's action execution server is not in them)")
+        await self._remove_failed(rec)  # before the failure shows: a failed poll means it is gone
         rec.status = "error"
         rec.pod_status = "crashloopbackoff" if oom else "failed"
         rec.reason = ("OOMKilled: " if oom else "") + reason + hint
@@ -217,6 +226,18 @@ class Launching:
         lines = [ln for ln in tail.strip().splitlines() if ln][-5:]
         log.warning("runtime %s failed: %s%s", rec.runtime_id, rec.reason,
                     ("; last log lines:\n    " + "\n    ".join(lines)) if lines else "")
+
+    async def _remove_failed(self, rec: Record) -> None:
+        """A failed runtime's container goes at once (its logs are in the record); until
+        podman confirms, it keeps its slot and the reaper tries again."""
+        try:
+            await self.backend.remove(rec.container)
+        except BackendError as exc:
+            log.warning("runtime %s: could not remove the failed container yet: %s", rec.runtime_id, exc)
+            return
+        rec.extra["removed"] = True
+        if rec.runtime_id in self.records:
+            self._save(rec)
 
     def _watch(self, rec: Record) -> None:
         """(Re)start readiness watching for a running, not yet ready runtime."""

@@ -13,6 +13,9 @@ reconciliation after a restart, and the verbs. ``/start`` answers at once (recor
 written, port reserved) and launches in a background task. A fleet's front
 (``fleet.py``) places runtimes on node processes (``node.py``), each running one of
 these managers.
+A failed runtime's container is removed at once (it holds its slot until podman
+confirms); its record, with the last log lines, stays for polls until ``failed_ttl``;
+status polls never reset the idle clock.
 
 User policy (``user_policy="image"``, the default): APIRemoteWorkspace always asks for
 ``run_as_user`` 10001 (and ``runtime_class`` sysbox-runc), but r2e images are
@@ -37,6 +40,7 @@ from typing import Any, Literal
 
 import httpx
 
+from imagefarm.serve.apikey import check_key_config
 from imagefarm.errors import ImagefarmError
 from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
@@ -73,6 +77,7 @@ class ServeConfig:
     ready_timeout: float = 900.0
     monitor_interval: float = 1.0
     log_tail: int = 50
+    max_body: int = 1 << 20               #: bytes of a request body (413 beyond)
     state_dir: Path | None = None         #: default: settings.state_dir / "runtime"
     image_cache_gib: float | None = None  #: disk budget for images; idle ones evicted LRU first
     clean_start: bool = False             #: remove every container of this node at start-up (node processes)
@@ -81,13 +86,15 @@ class ServeConfig:
         lo, hi = self.port_range
         if not (1024 <= lo <= hi <= 65535):
             raise ImagefarmError(f"invalid port range {lo}-{hi}: expected A-B within 1024-65535")
-        if not self.disable_auth and not self.api_key:
-            raise ImagefarmError("an API key is required (--api-key or IMAGEFARM_RUNTIME_API_KEY), "
-                                 "or run with --disable-auth explicitly")
+        check_key_config(self.api_key, self.disable_auth, "IMAGEFARM_RUNTIME_API_KEY")
         if self.max_runtimes < 1:
             raise ImagefarmError("--max-runtimes must be at least 1")
         if self.image_cache_gib is not None and not self.image_cache_gib > 0:
             raise ImagefarmError("--image-cache-gib must be a positive number of GiB")
+        if not self.cpus_per_factor >= 0.01:  # podman reads a tiny --cpus as no limit
+            raise ImagefarmError(f"--cpus-per-factor {self.cpus_per_factor}: expected at least 0.01")
+        if self.memory_mib_per_factor < 6:  # podman's floor; --memory 0m means no limit
+            raise ImagefarmError(f"--memory-mib-per-factor {self.memory_mib_per_factor}: expected at least 6")
 
     @property
     def url_host(self) -> str:
@@ -281,7 +288,9 @@ class RuntimeManager(Launching, Upkeep, Resolving):
         return self.records[rid]
 
     def live_count(self) -> int:
-        return sum(1 for r in self.records.values() if r.status in LIVE)
+        """Runtimes holding a slot of ``--max-runtimes``: live ones, and failed ones whose
+        container is not removed yet (a failed container may still run and use the node)."""
+        return sum(1 for r in self.records.values() if r.status in LIVE or not r.extra.get("removed"))
 
     def info(self, rec: Record) -> RuntimeInfo:
         state = {"pending": "waiting", "running": "running", "ready": "running"}.get(rec.pod_status, "terminated")
@@ -427,7 +436,6 @@ class RuntimeManager(Launching, Upkeep, Resolving):
         await self.backend.remove(rec.container)
         log.info("runtime %s (session %s) %s", rid, rec.session_id, why)
 
-    # -- background -------------------------------------------------------------------------
 def pinned_image(hit: Any) -> str:
     """``repo@sha256:...`` from a resolver hit (``.pinned`` if it has one, else ``.image``)."""
     image = getattr(hit, "pinned", None) or hit.image

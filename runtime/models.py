@@ -9,11 +9,14 @@ wrong type is a 422, never a 500.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+#: ``resource_factor`` the clients send (1, 2, 4, 8) and the bound of the rest
+FACTORS = (1, 8)
 
 #: ``status``: what the runtime is (both clients attach on running/paused; V0 also
 #: knows stopped; OpenHands' app server also maps ``error``)
@@ -38,17 +41,29 @@ class StartRequest(BaseModel):
     fs_group: int | None = Field(None, ge=0, le=2**31)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     runtime_class: str | None = None
-    resource_factor: float = Field(1, gt=0, le=64)
+    resource_factor: float = Field(1, description="CPU and memory units (clients send 1, 2, 4 or 8)")
 
     @field_validator("environment")
     @classmethod
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
-        import re
-
-        bad = [k for k in env if not re.match(ENV_NAME, k)]
+        """Names only in the message: a value may be a secret (names with a newline or
+        other control characters are refused whole, never trimmed)."""
+        bad = [k for k in env if not ENV_NAME.fullmatch(k)]
         if bad:
-            raise ValueError(f"invalid environment variable names: {bad[:5]}")
+            raise ValueError(f"invalid environment variable names (expected {ENV_NAME.pattern}): "
+                             f"{[k[:64] for k in bad[:5]]}")
         return env
+
+    @field_validator("resource_factor")
+    @classmethod
+    def _factor(cls, f: float) -> float:
+        """A tiny factor would become ``--cpus 1e-06 --memory 0m``, which podman reads as
+        no limit at all: only the clients' range is accepted."""
+        lo, hi = FACTORS
+        if not lo <= f <= hi:  # NaN fails too
+            raise ValueError(f"resource_factor must be between {lo} and {hi} (clients send 1, 2, 4 or 8; "
+                             "each unit is --cpus-per-factor CPUs and --memory-mib-per-factor MiB)")
+        return f
 
     @field_validator("command")
     @classmethod

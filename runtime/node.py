@@ -35,7 +35,6 @@ from imagefarm.serve.apikey import HEADER, key_matches
 from .errors import BackendError
 from .manager import RuntimeManager
 from .models import RuntimeInfo, StartRequest
-from .resolver import Resolution
 
 log = logging.getLogger("imagefarm.runtime.node")
 
@@ -57,6 +56,18 @@ class PrefetchItem(BaseModel):
 
 class NodePrefetch(BaseModel):
     images: list[PrefetchItem] = Field(max_length=10000)
+
+
+@dataclass(frozen=True)
+class PinnedHit:
+    """The front's resolution, as the manager reads a resolver's hit."""
+
+    image: str
+    base: str | None
+    digest: str
+    size: int | None = None
+    verified: bool = False
+    agent_server_version: str | None = None
 
 
 @dataclass
@@ -201,7 +212,7 @@ def add_node_routes(app: FastAPI, agent: NodeAgent) -> None:
     async def node_start(request: Request) -> RuntimeInfo:
         """A runtime the front placed here (image resolved and pinned by the front)."""
         body = await read_body(request, key, NodeStart)
-        hit = Resolution(image=body.prebuilt, base=body.base, digest=body.prebuilt.rsplit("@", 1)[1],
+        hit = PinnedHit(image=body.prebuilt, base=body.base, digest=body.prebuilt.rsplit("@", 1)[1],
                          size=body.size or None)
         rec = await manager.start(body.request, hit=hit, runtime_id=body.runtime_id)
         return manager.info(rec)

@@ -20,7 +20,7 @@ from imagefarm.errors import ConfigError
 from imagefarm.settings import Settings
 
 from .manager import ServeConfig
-from .resolver import RegistryResolver, Resolver
+from .resolver import Resolver
 
 if TYPE_CHECKING:
     from .fleet import FrontOptions
@@ -29,19 +29,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("imagefarm.runtime")
 
 
-def default_resolver(settings: Settings, kind: str = "auto") -> Resolver:
-    """``lookup`` (imagefarm.serve.lookup.Lookup), ``registry`` (RegistryResolver), or ``auto``."""
-    if kind in ("auto", "lookup"):
-        try:
-            from imagefarm.serve.lookup import Lookup  # type: ignore[import-not-found]
-        except ImportError:
-            if kind == "lookup":
-                raise
-        else:
-            log.info("resolving images with imagefarm.serve.lookup.Lookup")
-            return Lookup(settings)
-    log.info("resolving images from the registry under %s (RegistryResolver)", settings.to)
-    return RegistryResolver(settings)
+def default_resolver(settings: Settings) -> Resolver:
+    """The one resolver of the project: ``imagefarm.serve.lookup.Lookup``."""
+    from imagefarm.serve.lookup import Lookup
+
+    return Lookup(settings)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -101,11 +93,11 @@ def build_server(settings: Settings, config: ServeConfig, *, host: str = "127.0.
     url = advertised_url(host, sock.getsockname()[1], public_host)
     resolver = resolver or default_resolver(settings)
     if front is not None:
-        from .fleet import Fleet, add_front_routes
+        from .fleet import FRONT_PATHS, Fleet, add_front_routes
 
         fleet = Fleet(settings, resolver, config, fleet_key=front.fleet_key, node_timeout=front.node_timeout,
                       placement=front.placement)
-        app = create_app(settings, None, resolver, config, manager=fleet)
+        app = create_app(settings, None, resolver, config, manager=fleet, open_paths=FRONT_PATHS)
         add_front_routes(app, fleet)
     elif node is not None:
         from .node import NodeAgent, add_node_routes

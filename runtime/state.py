@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from imagefarm.errors import ConfigError
+from imagefarm.host.statedir import private_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,10 +67,8 @@ class Record:
 
 class Store:
     def __init__(self, root: Path, record: type = Record) -> None:
-        self.root = Path(root)
+        self.root = private_dir(root)
         self.record = record
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
         self._lock_fh = None
         path = self.root / "runtimes.sqlite"
         new = not path.exists()

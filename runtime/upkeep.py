@@ -2,7 +2,7 @@
 
 A monitor notices containers that exit after they were ready (one ``podman ps`` per
 tick for all); a reaper removes runtimes idle longer than ``idle_timeout`` (idle = no
-API call for the runtime and, where the agent server tells, no agent activity per
+API call for the runtime other than status polls and, where the agent server tells, no agent activity per
 ``GET {url}/server_info`` ``idle_time``; else no CPU time used) and failed ones after
 ``failed_ttl``. ``Upkeep`` is a part of ``RuntimeManager`` (``manager.py``), split off
 along this seam.
@@ -98,6 +98,8 @@ class Upkeep:
         for rec in [r for r in self.records.values() if r.status == "error"]:
             if now - rec.last_activity > self.config.failed_ttl:
                 await self.stop(rec.runtime_id, "removed (failed and untouched)")
+            elif not rec.extra.get("removed"):
+                await self._remove_failed(rec)
         idle = self.config.idle_timeout
         if not idle:
             return

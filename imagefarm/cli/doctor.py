@@ -9,6 +9,7 @@ from rich.table import Table
 
 from imagefarm.host import devstack
 from imagefarm.host.doctor import run_checks
+from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
@@ -52,11 +53,18 @@ app.add_typer(dev, name="dev")
 def dev_up(
     to: Optional[str] = typer.Option(None, help="registry prefix; its host:port is where the registry listens"),
     broker_url: Optional[str] = typer.Option(None, help="Redis URL; its port is where Redis listens"),
+    mirror: Optional[str] = typer.Option(None, help="also run a pull-through cache of this registry (docker.io)"),
+    mirror_port: Optional[int] = typer.Option(None, min=1, max=65535, help="the cache's port (default: registry's + 1)"),
 ) -> None:
     """Start the local registry and Redis (idempotent; data kept under the state dir)."""
     settings = Settings.load(to=to, broker_url=broker_url)
-    for ep in devstack.up(settings):
+    if mirror:
+        devstack.remote_url(mirror)  # a bad name fails here, before anything starts
+    for ep in devstack.up(settings, mirror, mirror_port):
         out.print(f"{ep.name:9} {ep.host}:{ep.port}  pid {ep.pid}")
+        if ep.name == "mirror":
+            out.print(f"          read {mirror} through it: export IMAGEFARM_MIRRORS="
+                      f"'{{\"{parse(f'{mirror}/x/y:z').registry}\": \"{ep.host}:{ep.port}\"}}'", markup=False)
 
 
 @dev.command("down")

@@ -30,6 +30,8 @@ def prebuild(
     verify_timeout: float = typer.Option(120.0, help="seconds an image may take to answer /alive"),
     broker_url: Optional[str] = typer.Option(None, help="celery executor: Redis URL (IMAGEFARM_BROKER_URL)"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    plan: bool = typer.Option(False, "--plan", help="print what the batch would do and cost; write nothing"),
+    bandwidth: str = typer.Option("100MB/s", help="--plan: the copy's bandwidth for the time estimate"),
 ) -> None:
     """Turn every base image of a dataset into a verified agent-server image.
 
@@ -38,18 +40,23 @@ def prebuild(
     if executor not in ("local", "celery"):
         raise typer.BadParameter("--executor must be local or celery")
     settings = Settings.load(to=to, recipe=recipe, broker_url=broker_url)
+    if plan:
+        return _plan(settings, dataset, limit, bandwidth, workers, json_out)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[counts]}"), TextColumn("{task.fields[rate]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
     task_id = None
     t0 = time.monotonic()
+    pauses = _Pauses(settings, executor)
 
     def on_progress(state: BatchState) -> None:
         nonlocal task_id
         if task_id is None:
             task_id = progress.add_task("prebuild", total=state.total, counts="", rate="")
         rate = state.done / max(time.monotonic() - t0, 1e-9)
-        progress.update(task_id, completed=state.done, rate=f"{rate:.1f} img/s", counts=(
+        paused = pauses.poll(lambda line: progress.console.print(line, markup=False, highlight=False))
+        progress.update(task_id, completed=state.done, rate=f"{rate:.1f} img/s" + "".join(
+            f"  [{p}]" for p in paused), counts=(
             f"derived {state.derived} skipped {state.skipped} failed {state.failed} "
             f"verified {state.verified}" + (f" verify-failed {state.verify_failed}" if state.verify_failed else "")))
 
@@ -68,6 +75,74 @@ def prebuild(
         _summary(state)
     if state.failed or state.verify_failed:
         raise typer.Exit(1)
+
+
+def _plan(settings: Settings, dataset: str, limit: int | None, bandwidth: str, workers: int,
+          json_out: bool) -> None:
+    import threading
+
+    from imagefarm.farm.plan import make_plan, parse_bandwidth, render
+
+    rate = parse_bandwidth(bandwidth)
+    pauses = _Pauses(settings, "local")
+    got: dict = {}
+
+    def work() -> None:
+        try:
+            got["plan"] = make_plan(settings, dataset, limit=limit, bandwidth=rate, workers=workers)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the command's thread
+            got["error"] = exc
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    while t.is_alive():  # a plan that spends a pull budget waits, and says so
+        t.join(0.5)
+        pauses.poll(lambda line: console.print(line, markup=False, highlight=False))
+    if "error" in got:
+        raise got["error"]
+    p = got["plan"]
+    if json_out:
+        emit_json(p.to_json())
+    else:
+        for line in render(p):
+            out.print(line, markup=False, highlight=False)
+
+
+class _Pauses:
+    """Rate-limit pauses for the progress line: each pause is also said once as a line
+    when it begins (a log read later shows when and why the batch waited)."""
+
+    def __init__(self, settings: Settings, executor: str) -> None:
+        self.settings, self.executor = settings, executor
+        self._said: dict[tuple[str, str], int] = {}
+        self._next = 0.0
+        self._gate = None
+        self._last: list[str] = []
+
+    def poll(self, say) -> list[str]:
+        now = time.monotonic()
+        if now < self._next:
+            return self._last
+        self._next = now + 0.5
+        if self._gate is None:
+            from imagefarm.registry import ratelimit
+
+            if self.executor == "celery":
+                from imagefarm.worker.ratelimit import RedisGate
+
+                self._gate = RedisGate.from_url(self.settings.broker_url)
+            else:
+                self._gate = ratelimit.current()
+        try:
+            states = [s for s in self._gate.status() if s.paused()]
+        except Exception:  # noqa: BLE001 - a progress line never stops a batch
+            states = []
+        for s in states:
+            if self._said.get((s.registry, s.account)) != round(s.paused_until):
+                self._said[(s.registry, s.account)] = round(s.paused_until)
+                say(s.line())
+        self._last = [s.line() for s in states]
+        return self._last
 
 
 def _summary(state: BatchState) -> None:

@@ -58,17 +58,28 @@ def serve_lookup(
     to: Optional[str] = typer.Option(None, help="registry prefix (IMAGEFARM_TO)"),
     recipe: Optional[str] = typer.Option(None, help="recipe name or path (IMAGEFARM_RECIPE)"),
     lockfile: Optional[Path] = typer.Option(None, help="answer from this lockfile first"),
-    api_key: Optional[str] = typer.Option(None, envvar="IMAGEFARM_LOOKUP_API_KEY",
-                                          help="require this X-API-Key (optional for lookups)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="IMAGEFARM_LOOKUP_API_KEY", show_envvar=True,
+                                          help="key clients send as X-API-Key (prefer the variable: argv is visible)"),
+    disable_auth: bool = typer.Option(False, "--disable-auth", help="accept requests without a key (loudly logged)"),
     ttl: float = typer.Option(60.0, help="seconds a found answer is cached"),
 ) -> None:
     """Serve lookups over HTTP: /v1/lookup, /healthz, /metrics, /docs."""
+    import os
+
     import uvicorn
 
+    from imagefarm.serve.apikey import check_key_config
     from imagefarm.serve.lookup_api import create_app
 
+    check_key_config(api_key, disable_auth, "IMAGEFARM_LOOKUP_API_KEY")  # before anything starts: exit 2 with the fix
+    os.environ.pop("IMAGEFARM_LOOKUP_API_KEY", None)
     settings = Settings.load(to=to, recipe=recipe)
     lk = Lookup(settings, lockfile=lockfile, ttl=ttl)
-    logging.getLogger("imagefarm").info("lookup API on %s:%s (auth %s)", host, port, "on" if api_key else "off")
-    console.print(f"lookup API on http://{host}:{port} for {lk.to} (API key {'required' if api_key else 'not required'})")
-    uvicorn.run(create_app(lk, api_key), host=host, port=port, log_level="warning", access_log=False)
+    app_ = create_app(lk, api_key, disable_auth=disable_auth)
+    if disable_auth:
+        logging.getLogger("imagefarm").warning("!!! AUTHENTICATION DISABLED (--disable-auth): anyone who reaches "
+                                               "this port can query and invalidate the lookup !!!")
+        console.print("[red]!!! AUTHENTICATION DISABLED (--disable-auth) !!![/]")
+    console.print(f"lookup API on http://{host}:{port} for {lk.to} "
+                  f"(API key {'not required' if disable_auth else 'required'})", highlight=False)
+    uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)

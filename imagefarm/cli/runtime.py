@@ -51,7 +51,6 @@ def serve_cmd(
                                       help="remove all runtimes when the server stops (SLURM jobs)"),
     url_file: Path = typer.Option(None, "--url-file", envvar="IMAGEFARM_RUNTIME_URL_FILE",
                                   help="write the server URL here (atomically) once it accepts requests"),
-    resolver: str = typer.Option("auto", "--resolver", help="auto | lookup | registry"),
     image_cache_gib: float = typer.Option(None, "--image-cache-gib",
                                           help="disk budget for images on this node; idle ones evicted LRU first"),
     fleet: bool = typer.Option(False, "--fleet", help="be the front of a fleet: runtimes run on the nodes that "
@@ -70,12 +69,8 @@ def serve_cmd(
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if api_key and disable_auth:
-        raise ConfigError("--api-key and --disable-auth exclude each other")
     if user_policy not in ("image", "requested"):
         raise ConfigError(f"--user-policy {user_policy!r}: expected image or requested")
-    if resolver not in ("auto", "lookup", "registry"):
-        raise ConfigError(f"--resolver {resolver!r}: expected auto, lookup or registry")
     if placement not in ("image", "random"):
         raise ConfigError(f"--placement {placement!r}: expected image or random")
     if not node_timeout > 0:
@@ -96,7 +91,7 @@ def serve_cmd(
     where = settings.state_dir / ("fleet" if fleet else "runtime")
     console.print(f"runtime server{' (fleet front)' if fleet else ''}: prebuilt images under {settings.to}, "
                   f"state in {where}")
-    serve(settings, config, host=host, port=port, resolver=default_resolver(settings, resolver),
+    serve(settings, config, host=host, port=port, resolver=default_resolver(settings),
           url_file=url_file, public_host=public_host, log_level=log_level, front=front)
 
 
@@ -175,7 +170,7 @@ def node_cmd(
                       prefetch=list(prefetch))
     console.print(f"runtime node: {n} slot(s), runtimes at {address}, joining {join}, "
                   f"state in {settings.state_dir / 'runtime'}")
-    serve(settings, config, host=host, port=port, resolver=default_resolver(settings, "registry"),
+    serve(settings, config, host=host, port=port, resolver=default_resolver(settings),
           log_level=log_level, node=node)
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from imagefarm import oci
 from imagefarm.errors import DeriveError, NotFound, RegistryError
-from imagefarm.names.reference import Reference, parse
+from imagefarm.names.reference import Reference, mirrored, parse
 from imagefarm.registry import RegistryClient, Resolved, scope
 from imagefarm.registry.manifests import Manifest
 from imagefarm.settings import Settings
@@ -76,19 +76,24 @@ class Appender:
         if not hasattr(payload, "env"):  # e.g. imagefarm.payload.Payload: no recipe env
             payload = AppendPayload.of(payload)
         to = to or self.settings.to
+        # the name stays the dataset's; the bytes may come through a mirror
+        source = mirrored(base, self.settings.mirrors)
+        # a base from another registry (a public one counts manifest GETs): HEAD first,
+        # so a base read before (by --plan, an earlier batch) spends no pull
+        cross = source.registry != parse(f"{to.rstrip('/')}/x:x").registry
         with self.client.track() as st:
-            resolved = self.client.resolve(base, self.settings.platform)
-            where = f"base {base}"
+            resolved = self.client.resolve(source, self.settings.platform, head_first=cross)
+            where = f"base {base}" + (f" (read through {source.registry})" if source != base else "")
             surgery.check_base(resolved.manifest, where)
             target = derived_reference(base, resolved.digest, payload.recipe_name, payload.recipe_digest,
                                        payload.agent_server_version, to)
-            scopes = self._scopes(base, target)
+            scopes = self._scopes(source, target)
             existing = existing_derive(self.client, target, resolved.digest, payload.recipe_digest,
                                        scopes=scopes)
             if existing is not None:
                 digest, skipped, published = existing, True, True
             else:
-                digest = self._derive(base, resolved, target, payload, to, scopes, where, publish)
+                digest = self._derive(base, source, resolved, target, payload, to, scopes, where, publish)
                 skipped, published = False, publish
         return DeriveResult(
             base=str(base), base_digest=resolved.digest, image=str(target), digest=digest,
@@ -114,16 +119,16 @@ class Appender:
             out.append(scope(base.repository))
         return tuple(out)
 
-    def _derive(self, base: Reference, resolved: Resolved, target: Reference, payload: PayloadLike,
-                to: str, scopes: tuple[str, ...], where: str, publish: bool = True) -> str:
+    def _derive(self, base: Reference, source: Reference, resolved: Resolved, target: Reference,
+                payload: PayloadLike, to: str, scopes: tuple[str, ...], where: str, publish: bool = True) -> str:
         m = resolved.manifest
-        pinned = base.with_digest(m.digest)
-        src_scopes = scopes if base.registry == target.registry else None
+        pinned = source.with_digest(m.digest)
+        src_scopes = scopes if source.registry == target.registry else None
         try:
             base_config = json.loads(self.client.get_blob_bytes(pinned, m.config.digest, scopes=src_scopes))
         except ValueError:
             raise DeriveError(f"{where}: its config blob {m.config.digest} is not JSON") from None
-        ann = surgery.annotations(base, m.digest, payload)
+        ann = surgery.annotations(base, m.digest, payload, source)
         config = surgery.derived_config(base_config, m, payload, ann, platform=self.settings.platform,
                                         where=where)
         manifest = surgery.derived_manifest(m, config, payload, ann)

@@ -4,7 +4,9 @@ Order of preference for each blob: already known to be there (0 requests); mount
 from a repository of the same registry that has it (1 request, 0 bytes); HEAD says
 it is there; copy it from the source registry, or upload it from disk (once per
 registry: afterwards it is mounted). Work on one blob in one registry is serialised,
-so two concurrent derives sharing a base layer copy it once.
+so two concurrent derives sharing a base layer copy it once; copies from one source
+registry run at most ``settings.copies_per_source`` at a time (a public registry is
+not hammered, the others keep their share).
 
 What is remembered lives as long as the ``BlobPlacer`` (one per farm process); the
 payload also gets a fixed home repository in each target registry so a new process
@@ -30,6 +32,7 @@ class BlobPlacer:
         self._homes: dict[tuple[str, str], str] = {}        # (registry, digest) -> repo
         self._locks: dict[tuple[str, str], threading.RLock] = {}
         self._guard = threading.Lock()
+        self._per_source: dict[str, threading.BoundedSemaphore] = {}
 
     def _lock(self, registry: str, digest: str) -> threading.RLock:
         with self._guard:
@@ -94,9 +97,19 @@ class BlobPlacer:
         if local is not None:
             c.upload_blob(target, desc.digest, local, size=desc.size, location=location, scopes=scopes)
         elif source is not None:
-            c.copy_blob(source, target, desc, location=location, scopes=scopes)
+            with self._source_slot(source.registry):  # parallel across bases, capped per source
+                c.copy_blob(source, target, desc, location=location, scopes=scopes)
         else:
             raise NotFound(f"blob {desc.digest} is not in {target.name} and there is no source for it")
+
+
+    def _source_slot(self, registry: str) -> threading.BoundedSemaphore:
+        with self._guard:
+            sem = self._per_source.get(registry)
+            if sem is None:
+                sem = self._per_source[registry] = threading.BoundedSemaphore(
+                    self.client.settings.copies_per_source)
+            return sem
 
 
 def _push(repo: str) -> str:

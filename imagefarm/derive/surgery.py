@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 from imagefarm import oci
 from imagefarm.errors import DeriveError
 from imagefarm.names.reference import Reference
+from imagefarm.names.reference import parse as parse_ref
 from imagefarm.registry.manifests import TO_OCI_LAYER, Manifest, parse_platform
 from .values import PayloadLike
 
@@ -56,9 +57,15 @@ def merge_env(base: Sequence[str], extra: Sequence[str]) -> list[str]:
     return out
 
 
-def annotations(base: Reference, base_digest: str, payload: PayloadLike) -> dict[str, str]:
+def annotations(base: Reference, base_digest: str, payload: PayloadLike,
+                source: Reference | None = None) -> dict[str, str]:
+    """``base`` is the name as the dataset gives it; ``source`` where its bytes were read
+    (a mirror), recorded apart so lookups find the image by the dataset's name."""
+    extra = {} if source is None or source.registry == base.registry else {
+        oci.ANN_BASE_SOURCE: str(Reference(source.registry, source.repository, source.tag))}
     return {
         oci.ANN_BASE_NAME: str(Reference(base.registry, base.repository, base.tag)),
+        **extra,
         oci.ANN_BASE_DIGEST: base_digest,
         oci.ANN_RECIPE: payload.recipe_name,
         oci.ANN_RECIPE_DIGEST: payload.recipe_digest,
@@ -126,3 +133,23 @@ def matches(existing: Manifest, base_digest: str, recipe_digest: str) -> bool:
     """Does an image already under the derived tag hold exactly this derive?"""
     a = existing.annotations
     return a.get(oci.ANN_BASE_DIGEST) == base_digest and a.get(oci.ANN_RECIPE_DIGEST) == recipe_digest
+
+
+def names_base(ann: Mapping[str, str], base: Reference) -> int:
+    """How well a derived image's annotations name ``base``: 2 the same full name (as
+    the dataset gave it, or the mirror it was read through), 1 the same repository and
+    tag from another registry (a mirror, another address of the same registry), 0 not it.
+    A digest in ``base`` must equal the base digest recorded."""
+    if base.digest and ann.get(oci.ANN_BASE_DIGEST) != base.digest:
+        return 0
+    best = 0
+    for text in (ann.get(oci.ANN_BASE_NAME), ann.get(oci.ANN_BASE_SOURCE)):
+        try:
+            got = parse_ref(text) if text else None
+        except ValueError:
+            continue
+        if got is None or got.repository != base.repository or (base.tag and got.tag != base.tag):
+            continue
+        best = max(best, 2 if got.registry == base.registry else 1)
+    return best
+

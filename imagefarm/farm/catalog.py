@@ -11,8 +11,10 @@ Reads the dataset shapes this field uses:
 * plain parquet or jsonl with a ``docker_image``/``image``/``image_name`` column, and text
   files with one reference per line.
 
-Bad rows (no image column, malformed reference) are reported with their row number and
-skipped; duplicates are collapsed, keeping first-seen order.
+Bad rows (no image column, malformed reference) are reported where people look for them
+and skipped: ``line N`` of a jsonl or text file counts from 1, as editors and ``sed -n Np``
+do (the second line is "line 2"); ``row N (0-based)`` of a parquet file is the index
+pyarrow and pandas' ``iloc`` take. Duplicates are collapsed, keeping first-seen order.
 """
 
 from __future__ import annotations
@@ -37,18 +39,20 @@ class Instance:
     instance_id: str
     base: Reference
     split: str
-    row: int
+    row: int                #: line number (jsonl, text; from 1) or row index (parquet; from 0)
     data_source: str = ""
 
 
 @dataclass(frozen=True)
 class BadRow:
     source: str
-    row: int
+    row: int                #: line number (from 1) when ``unit`` is "line", else row index (from 0)
     reason: str
+    unit: str = "line"      #: "line" (jsonl, text) or "row" (parquet)
 
     def __str__(self) -> str:
-        return f"{self.source} row {self.row}: {self.reason}"
+        where = f"line {self.row}" if self.unit == "line" else f"row {self.row} (0-based)"
+        return f"{self.source} {where}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ def image_of(row: dict[str, Any]) -> tuple[str | None, str, str]:
     return None, str(row.get("instance_id") or ""), source
 
 
-def _rows_parquet(path: Path) -> Iterator[dict[str, Any]]:
+def _rows_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -128,33 +132,38 @@ def _rows_parquet(path: Path) -> Iterator[dict[str, Any]]:
             f"found {', '.join(pf.schema_arrow.names[:12])})"
         )
     try:
+        i = 0
         for batch in pf.iter_batches(columns=wanted, batch_size=4096):
-            yield from batch.to_pylist()
+            for row in batch.to_pylist():
+                yield i, row
+                i += 1
     except (pa.ArrowException, OSError) as exc:
         raise DatasetError(f"{path}: parquet file is damaged ({exc})") from None
 
 
-def _rows_jsonl(path: Path) -> Iterator[dict[str, Any] | BadRow]:
+def _rows_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
     with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
+        for n, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except ValueError as exc:
-                yield BadRow(path.name, i, f"not JSON ({exc.msg})")
+                yield n, BadRow(path.name, n, f"not JSON ({exc.msg})")
                 continue
-            yield row if isinstance(row, dict) else {"docker_image": row}
+            yield n, row if isinstance(row, dict) else {"docker_image": row}
 
 
-def _rows_text(path: Path) -> Iterator[dict[str, Any]]:
+def _rows_text(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
+        for n, line in enumerate(fh, start=1):
             line = line.split("#", 1)[0].strip()
-            yield {"docker_image": line} if line else {}
+            if line:
+                yield n, {"docker_image": line}
 
 
-def _rows(path: Path) -> Iterator[dict[str, Any] | BadRow]:
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    """(where, row): the line number from 1 (jsonl, text) or the row index from 0 (parquet)."""
     if path.suffix == ".parquet":
         return _rows_parquet(path)
     if path.suffix in (".jsonl", ".json"):
@@ -216,8 +225,9 @@ def load(spec: str, *, splits: tuple[str, ...] | None = None) -> Catalog:
         if splits and split not in splits:
             continue
         used.append(str(path))
+        unit = "row" if path.suffix == ".parquet" else "line"
         try:
-            for i, row in enumerate(_rows(path)):
+            for i, row in _rows(path):
                 if isinstance(row, BadRow):
                     bad.append(row)
                     continue
@@ -226,11 +236,12 @@ def load(spec: str, *, splits: tuple[str, ...] | None = None) -> Catalog:
                 try:
                     image, iid, source = image_of(row)
                     if not image:
-                        bad.append(BadRow(path.name, i, "no image: needs docker_image, image or instance.instance_id"))
+                        bad.append(BadRow(path.name, i, "no image: needs docker_image, image or instance.instance_id",
+                                          unit))
                         continue
                     ref = parse(image)
                 except ImagefarmError as exc:
-                    bad.append(BadRow(path.name, i, str(exc)))
+                    bad.append(BadRow(path.name, i, str(exc), unit))
                     continue
                 instances.append(Instance(iid or image, ref, split, i, source))
         except UnicodeDecodeError as exc:

@@ -46,12 +46,14 @@ class Lockfile:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def for_base(self, base: Reference | str) -> Entry | None:
+        """The entry for ``base``: the same full name first, else the same repository and
+        tag under another registry's name (a mirror of it, another address)."""
         ref = parse(base) if isinstance(base, str) else base
-        key = str(Reference(ref.registry, ref.repository, ref.tag))
-        for e in self._by_base().get(key, ()):
-            if ref.digest is None or e.base_digest == ref.digest:
-                return e
-        return None
+        name = Reference(ref.registry, ref.repository, ref.tag)
+        found = [e for e in self._by_base().get(name.path, ())
+                 if ref.digest is None or e.base_digest == ref.digest]
+        found.sort(key=lambda e: e.base != str(name))
+        return found[0] if found else None
 
     def for_instance(self, instance_id: str) -> Entry | None:
         return self._by_instance().get(instance_id)
@@ -60,8 +62,8 @@ class Lockfile:
         idx = self.__dict__.get("_base_idx")
         if idx is None:
             idx = {}
-            for e in self.entries:
-                idx.setdefault(e.base, []).append(e)
+            for e in self.entries:  # by name without the registry (see ``for_base``)
+                idx.setdefault(parse(e.base).path, []).append(e)
             object.__setattr__(self, "_base_idx", idx)
         return idx
 

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +32,9 @@ from .catalog import Catalog, load
 from imagefarm.errors import ConfigError
 from .lockfile import Entry, Lockfile
 from imagefarm.host.proc import pid_alive
+from imagefarm.registry.ratelimit import RateLimited
 from imagefarm.settings import Settings
+from imagefarm.host.statedir import state_subdir
 
 
 @dataclass
@@ -80,7 +83,7 @@ def batches_dir(settings: Settings) -> Path:
 
 def save_state(settings: Settings, state: BatchState) -> None:
     d = batches_dir(settings)
-    d.mkdir(parents=True, exist_ok=True)
+    state_subdir(d.parent, d.name)
     tmp = d / f".{state.batch_id}.tmp"
     tmp.write_text(json.dumps(asdict(state), indent=1))
     tmp.replace(d / f"{state.batch_id}.json")
@@ -121,12 +124,12 @@ class LocalExecutor:
         self._verify_pool = ThreadPoolExecutor(verify_workers, thread_name_prefix="verify")
 
     def derive(self, base: str, publish: bool) -> Future:
-        return self._derive_pool.submit(_retrying, lambda: jobs.derive_base(
-            self.settings, base, self.settings.recipe, self.layer, publish), base)
+        return _deferring(self._derive_pool, lambda: _retrying(lambda: jobs.derive_base(
+            self.settings, base, self.settings.recipe, self.layer, publish), base))
 
     def verify(self, image: str, digest: str) -> Future:
-        return self._verify_pool.submit(_retrying, lambda: jobs.verify_image(
-            self.settings, image, digest, self.verify_timeout), image)
+        return _deferring(self._verify_pool, lambda: _retrying(lambda: jobs.verify_image(
+            self.settings, image, digest, self.verify_timeout), image))
 
     def wait(self, handles: set[Future], timeout: float) -> Iterator[tuple[Future, dict[str, Any]]]:
         from concurrent.futures import FIRST_COMPLETED, wait
@@ -140,13 +143,43 @@ class LocalExecutor:
         self._verify_pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _deferring(pool: ThreadPoolExecutor, fn: Callable[[], dict[str, Any]]) -> Future:
+    """Run ``fn`` on ``pool``; when its registry's pull budget is spent (``RateLimited``)
+    set it aside, holding no thread, and queue it again when the gate opens: the pool
+    meanwhile derives bases from other registries, and nothing fails for a rate limit."""
+    outer: Future = Future()
+
+    def attempt() -> None:
+        try:
+            outer.set_result(fn())
+        except RateLimited as exc:
+            timer = threading.Timer(max(0.0, exc.until - time.time()), _resubmit, (pool, attempt, outer))
+            timer.daemon = True
+            timer.start()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+            outer.set_exception(exc)
+
+    pool.submit(attempt)
+    return outer
+
+
+def _resubmit(pool: ThreadPoolExecutor, attempt: Callable[[], None], outer: Future) -> None:
+    try:
+        pool.submit(attempt)
+    except RuntimeError:  # the batch ended (interrupted) while this base waited
+        outer.cancel()
+
+
 def _retrying(fn: Callable[[], dict[str, Any]], what: str, attempts: int = 6) -> dict[str, Any]:
-    """The local pool's retry policy for transient errors (Celery has its own)."""
+    """The local pool's retry policy for transient errors (Celery has its own); a rate
+    limit is no error here: ``_deferring`` waits it out."""
     from imagefarm.errors import ImagefarmError
 
     for attempt in range(attempts):
         try:
             return fn()
+        except RateLimited:
+            raise
         except ImagefarmError as exc:
             if not exc.transient or attempt == attempts - 1:
                 return {"ok": False, "base": what, "error": str(exc)}

@@ -125,7 +125,9 @@ def verify(
     name = f"imagefarm-verify-{secrets.token_hex(6)}"
     argv = ["podman", "run", "-d", "--name", name, "--label", f"{LABEL}=verify",
             "-p", f"127.0.0.1:{port}:{PORT}",
-            "-e", f"SESSION_API_KEY={key}", "-e", "LITELLM_LOCAL_MODEL_COST_MAP=True",
+            # the key by name only: podman takes the value from its own environment, so it is
+            # never on a command line (ps, /proc/<pid>/cmdline) nor in an error message
+            "-e", "SESSION_API_KEY", "-e", "LITELLM_LOCAL_MODEL_COST_MAP=True",
             "--entrypoint", COMMAND[0],
             *(["--user", user] if user else []), *(["--workdir", workdir] if workdir else []),
             image_ref, *COMMAND[1:]]
@@ -133,7 +135,7 @@ def verify(
     checks: list[str] = []
     try:
         try:
-            run(settings, argv, timeout=120)
+            run(settings, argv, timeout=120, env={"SESSION_API_KEY": key})
         except ToolError as exc:
             raise VerifyError(f"{image_ref}: the container did not start: {exc}") from None
         base = f"http://127.0.0.1:{port}"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from imagefarm.errors import ToolError, ToolMissing
 from imagefarm.settings import Settings
+from .statedir import state_subdir
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -48,7 +49,6 @@ def which(tool: str) -> str:
 
 def _write_once(path: Path, text: str) -> Path:
     if not path.exists() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(text)
         tmp.replace(path)
@@ -56,8 +56,8 @@ def _write_once(path: Path, text: str) -> Path:
 
 
 def storage_conf(state_dir: Path) -> Path:
-    """A storage.conf keeping images under ``state_dir``."""
-    root = Path(state_dir) / "containers"
+    """A storage.conf keeping images under ``state_dir`` (both private, 0700)."""
+    root = state_subdir(state_dir, "containers")
     return _write_once(root / "storage.conf", (
         "# written by imagefarm: container storage under its state directory\n"
         "[storage]\n"
@@ -69,7 +69,7 @@ def storage_conf(state_dir: Path) -> Path:
 
 def containers_conf(state_dir: Path) -> Path:
     """The shipped containers.conf plus this state directory's run-time paths."""
-    root = Path(state_dir) / "containers"
+    root = state_subdir(state_dir, "containers")
     return _write_once(root / "containers.conf", (DATA / "containers.conf").read_text() + (
         "# added for this state directory\n"
         f'tmp_dir = "{root / "tmp"}"\n'
@@ -85,6 +85,8 @@ def container_env(settings: Settings, base: Mapping[str, str] | None = None) -> 
     env["CONTAINERS_REGISTRIES_CONF"] = str(DATA / "registries.conf")
     env["CONTAINERS_STORAGE_CONF"] = str(storage_conf(settings.state_dir))
     env.setdefault("BUILDAH_ISOLATION", "chroot")
+    if settings.auth_file:  # the credentials imagefarm's own client uses (IMAGEFARM_AUTH_FILE)
+        env["REGISTRY_AUTH_FILE"] = str(settings.auth_file)
     return env
 
 

@@ -19,6 +19,7 @@ from imagefarm.farm.prebuild import run_batch
 from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
 from .samples import FixtureFactory
+from .statedir import state_subdir
 
 
 def run_demo(settings: Settings, n_bases: int = 5, verify: str = "1", console: Console | None = None) -> Path:
@@ -29,8 +30,7 @@ def run_demo(settings: Settings, n_bases: int = 5, verify: str = "1", console: C
     with FixtureFactory(settings, registry, log=console.print) as factory:
         console.print(f"[bold]bases[/]: making {n_bases} sample r2e-style bases, pushing them to {registry}")
         bases = [b.ref for b in factory.r2e_set(n_bases)]
-    demo_dir = Path(settings.state_dir) / "demo"
-    demo_dir.mkdir(parents=True, exist_ok=True)
+    demo_dir = state_subdir(settings.state_dir, "demo")
     dataset = demo_dir / "train.jsonl"
     dataset.write_text("".join(json.dumps({"data_source": "r2e-gym", "instance": {"instance_id": b}}) + "\n"
                                for b in bases))

@@ -20,6 +20,7 @@ from imagefarm.names.reference import parse
 from .proc import pid_alive
 from imagefarm.settings import Settings
 from .services import Redis, Registry
+from .statedir import state_subdir
 
 
 @dataclass(frozen=True)
@@ -51,21 +52,24 @@ def registry_port(settings: Settings) -> tuple[str, int]:
     return host, int(port or 80)
 
 
-def up(settings: Settings) -> list[Endpoint]:
-    """Start whatever is not already running; idempotent."""
+def remote_url(registry: str) -> str:
+    """The API URL of a registry named as in image references (``docker.io``)."""
+    ref = parse(f"{registry}/x/y:z")
+    return f"{'http' if ref.is_loopback else 'https'}://{ref.api_host}"
+
+
+def up(settings: Settings, mirror: str | None = None, mirror_port: int | None = None) -> list[Endpoint]:
+    """Start whatever is not already running; idempotent.
+
+    ``mirror`` (a registry name such as ``docker.io``): also a pull-through cache of it
+    on ``mirror_port`` (default: the registry's port + 1), so a team reads each base from
+    the public registry once; point ``IMAGEFARM_MIRRORS`` at it."""
     out = []
-    base = settings.state_dir / "dev"
-    base.mkdir(parents=True, exist_ok=True)
+    base = state_subdir(settings.state_dir, "dev")
     host, port = registry_port(settings)
-    pid = _read_pid(settings, "registry")
-    if pid is None and _answers(port, b"GET /v2/ HTTP/1.0\r\n\r\n", b"HTTP/"):
-        pid = 0  # something already serves a registry there: use it
-    if pid is None:
-        reg = Registry(workdir=base / "registry", port=port)
-        reg.start()
-        pid = reg.proc.pid
-        _pidfile(settings, "registry").write_text(str(pid))
-    out.append(Endpoint("registry", host, port, pid))
+    out.append(_registry(settings, "registry", host, port, None))
+    if mirror:
+        out.append(_registry(settings, "mirror", host, mirror_port or port + 1, remote_url(mirror)))
 
     url = urlparse(settings.broker_url)
     if url.hostname not in ("127.0.0.1", "localhost"):
@@ -83,6 +87,18 @@ def up(settings: Settings) -> list[Endpoint]:
     return out
 
 
+def _registry(settings: Settings, name: str, host: str, port: int, proxy: str | None) -> Endpoint:
+    pid = _read_pid(settings, name)
+    if pid is None and _answers(port, b"GET /v2/ HTTP/1.0\r\n\r\n", b"HTTP/"):
+        pid = 0  # something already serves a registry there: use it
+    if pid is None:
+        reg = Registry(workdir=settings.state_dir / "dev" / name, port=port, proxy=proxy)
+        reg.start()
+        pid = reg.proc.pid
+        _pidfile(settings, name).write_text(str(pid))
+    return Endpoint(name, host, port, pid)
+
+
 def _answers(port: int, probe: bytes, expect: bytes) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
@@ -94,7 +110,7 @@ def _answers(port: int, probe: bytes, expect: bytes) -> bool:
 
 def down(settings: Settings) -> list[str]:
     stopped = []
-    for name in ("registry", "redis"):
+    for name in ("registry", "mirror", "redis"):
         pid = _read_pid(settings, name)
         if pid is not None:
             os.killpg(pid, signal.SIGTERM) if _is_group_leader(pid) else os.kill(pid, signal.SIGTERM)

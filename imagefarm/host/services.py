@@ -78,11 +78,14 @@ class _Service:
 class Registry(_Service):
     """Debian's docker-registry (CNCF distribution) on 127.0.0.1:<free port>.
 
-    With ``users`` it requires htpasswd basic auth.
+    With ``users`` it requires htpasswd basic auth. With ``proxy`` (a registry URL) it
+    is a pull-through cache of that registry (distribution's ``proxy: remoteurl:``):
+    read-only, each blob and manifest fetched from the remote once, then served locally.
     """
 
     users: dict[str, str] | None = None
     access_log: bool = False
+    proxy: str | None = None
 
     @classmethod
     def create(cls, workdir: Path | None = None, users: dict[str, str] | None = None,
@@ -138,6 +141,8 @@ class Registry(_Service):
                     check=True, capture_output=True,
                 )
             lines += ["auth:", "  htpasswd:", "    realm: imagefarm", f"    path: {htpasswd}"]
+        if self.proxy:
+            lines += ["proxy:", f"  remoteurl: {self.proxy}"]
         cfg = self.workdir / "config.yml"
         cfg.write_text("\n".join(lines) + "\n")
         return cfg

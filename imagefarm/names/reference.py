@@ -7,6 +7,7 @@ A ``Reference`` is an immutable value: every change returns a new one.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, replace
 
@@ -14,7 +15,6 @@ from imagefarm.errors import InvalidReference
 
 DOCKER_HUB = "docker.io"
 _HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
-_LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _PATH_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
@@ -63,6 +63,12 @@ class Reference:
         return out
 
     @property
+    def path(self) -> str:
+        """``repository[:tag][@digest]``: the name with no registry. A dataset's image and
+        the same image read through a mirror differ only in the registry, not here."""
+        return str(self)[len(self.registry) + 1:]
+
+    @property
     def identifier(self) -> str:
         """What goes after ``/manifests/``: the digest if pinned, else the tag."""
         return self.digest or self.tag or "latest"
@@ -84,13 +90,28 @@ class Reference:
     # -- transport ------------------------------------------------------------
     @property
     def is_loopback(self) -> bool:
-        host = self.registry.rsplit(":", 1)[0] if not self.registry.startswith("[") else self.registry.split("]")[0] + "]"
-        return host in _LOOPBACK or host.startswith("127.")
+        """``localhost`` or a loopback IP literal (``127.0.0.0/8``, ``[::1]``): never a
+        name that merely starts with ``127.`` (``127.corp.example`` is a remote host)."""
+        return is_loopback_host(self.registry)
 
     @property
     def api_host(self) -> str:
         """Where the registry API lives (Docker Hub answers on registry-1)."""
         return "registry-1.docker.io" if self.registry == DOCKER_HUB else self.registry
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (``name[:port]``, ``[v6][:port]``) is this machine's loopback."""
+    if host.startswith("["):
+        name = host[1:host.find("]")] if "]" in host else host[1:]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def parse(text: str) -> Reference:
@@ -149,3 +170,11 @@ def parse(text: str) -> Reference:
     if tag is None and digest is None:
         tag = "latest"
     return Reference(registry=registry, repository=path, tag=tag, digest=digest)
+
+
+def mirrored(ref: Reference, mirrors: dict[str, str]) -> Reference:
+    """Where ``ref``'s bytes are read when its registry has a mirror (``{"docker.io":
+    "127.0.0.1:5001"}``, a pull-through cache): same repository, tag and digest."""
+    mirror = mirrors.get(ref.registry)
+    return ref.with_repository(mirror, ref.repository) if mirror else ref
+

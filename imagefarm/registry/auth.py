@@ -6,6 +6,8 @@ Credentials come from the same auth file podman/docker write (``auths`` ->
 ``Bearer realm=...,service=...`` means fetch a token from the realm for the scopes a
 request needs. Tokens are cached per (registry, scopes) until shortly before expiry,
 so a farm of derives asks the token server once per repository, not per request.
+Credentials go to a token realm only over https or on the registry's own host: a
+registry cannot send them in clear text to a third party by naming an ``http://`` realm.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -177,10 +180,20 @@ class Authenticator:
         hit = self._tokens.get(key)
         if hit and hit[1] > now:
             return hit[0]
-        token, ttl = self._fetch(ch, key[1], self._creds.get(registry))
+        creds = self._creds.get(registry)
+        token, ttl = self._fetch(ch, key[1], creds if realm_may_get_credentials(ch.realm, registry) else None)
         with self._lock:
             self._tokens[key] = (token, now + max(1.0, ttl - TOKEN_SLACK))
         return token
+
+
+def realm_may_get_credentials(realm: str, registry: str) -> bool:
+    """Send credentials to a token realm only over https, or to the registry's own host."""
+    parts = urllib.parse.urlsplit(realm)
+    if parts.scheme == "https":
+        return True
+    reg = urllib.parse.urlsplit(f"//{registry}").hostname
+    return bool(parts.hostname) and parts.hostname == reg
 
 
 def no_credentials(registry: str, what: str) -> str:

@@ -8,8 +8,10 @@ built on ``requests`` without a per-request retry policy. This client is sync an
 safe to share between the threads of a pool: one ``httpx.Client`` (HTTP/1.1
 keep-alive, pooled connections), auth state behind locks, per-thread stats.
 
-Failure policy: 429, 5xx and dropped connections are retried with exponential
-backoff and jitter, then raise ``TransientRegistryError`` / ``RegistryUnreachable``;
+Failure policy: 5xx and dropped connections are retried with exponential backoff and
+jitter, then raise ``TransientRegistryError`` / ``RegistryUnreachable``; a 429 or a
+spent pull budget waits at the process's rate-limit gate (``ratelimit``), shared by
+every caller, and raises ``RateLimited`` if the wait is longer than ``rate_wait``;
 401/403 raise ``AuthError`` saying how to log in; 404 raises ``NotFound`` quoting the
 registry. Plain HTTP is used for loopback registries and ``settings.insecure_registries``.
 """
@@ -36,13 +38,17 @@ from imagefarm.oci import Descriptor
 from imagefarm.names.reference import Reference
 from imagefarm.settings import Settings
 from . import manifests as mf
+from . import ratelimit
 from .auth import Authenticator, Challenge, Credentials, load_credentials, rejected, scope
+from .cache import ManifestCache
 from .stats import StatsSink
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 CHUNK = 1 << 20
 #: configs are small; refuse absurd ones instead of reading them into memory
 CONFIG_LIMIT = 16 * 1024 * 1024
+#: pages of one tag list (distribution pages 100 tags by default: a million tags)
+MAX_TAG_PAGES = 10_000
 
 Body = Callable[[], Iterable[bytes] | bytes]
 BlobSource = Path | bytes | Callable[[], Iterable[bytes]] | Iterable[bytes]
@@ -79,9 +85,12 @@ class RegistryClient:
 
     def __init__(self, settings: Settings | None = None, *, retries: int = 5, backoff: float = 0.2,
                  max_backoff: float = 8.0, timeout: float = 60.0,
-                 credentials: dict[str, Credentials] | None = None) -> None:
+                 credentials: dict[str, Credentials] | None = None, rate_wait: float = 2.0) -> None:
         self.settings = settings or Settings.load()
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        #: seconds a request may wait for a rate-limit pause before ``RateLimited`` is
+        #: raised (a batch sets the base aside; a plan waits: ``math.inf``)
+        self.rate_wait = rate_wait
         n = self.settings.registry_concurrency
         # a streamed cross-registry copy holds two connections (GET and PUT)
         limits = httpx.Limits(max_connections=2 * n, max_keepalive_connections=2 * n)
@@ -98,6 +107,7 @@ class RegistryClient:
         self._pinged: set[str] = set()
         self._ping_lock = threading.Lock()
         self.stats = StatsSink()
+        self.manifests = ManifestCache(Path(self.settings.state_dir) / "manifests")
 
     # -- lifecycle -------------------------------------------------------------
     def close(self) -> None:
@@ -112,6 +122,11 @@ class RegistryClient:
     def track(self):
         """``with client.track() as s:`` counts this thread's requests into ``s``."""
         return self.stats.track()
+
+    def account(self, registry: str) -> str:
+        """Whose pull budget requests to ``registry`` spend: the auth file's user."""
+        creds = self._auth.credentials(registry)
+        return creds.username if creds else "anonymous"
 
     # -- transport -------------------------------------------------------------
     def base_url(self, ref: Reference) -> str:
@@ -186,12 +201,18 @@ class RegistryClient:
             self._ensure_auth(ref)
         retries = self.retries if retries is None else retries
         host = ref.registry
+        gate, counted, account = ratelimit.current(), ratelimit.counts(method, url), self.account(host)
         attempt = 0
         while True:
             resp: httpx.Response | None = None
+            permit = gate.acquire(host, account, counted, self.rate_wait)
+            seen = None
             try:
                 resp = self._send_authed(method, ref, url, scopes, what, headers, body, params,
                                          stream, follow, auth)
+                seen = ratelimit.observe(resp.status_code, resp.headers)
+                if counted and seen is not None:  # a registry that counts said so
+                    self.stats.add(pulls=1)
             except httpx.TransportError as exc:
                 if attempt >= retries:
                     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
@@ -204,10 +225,20 @@ class RegistryClient:
                         f"registry {host} dropped the connection during {what} {attempt + 1} times "
                         f"({type(exc).__name__}: {exc})") from None
             else:
+                if resp.status_code == 429:
+                    # a spent budget: wait at the gate with every other caller (it says
+                    # how long); this is no failure and uses up no retry
+                    if stream:
+                        resp.close()
+                    counted = True
+                    self.stats.add(rate_limited=1)
+                    continue
                 if resp.status_code not in RETRY_STATUS or attempt >= retries:
                     break
                 if stream:
                     resp.close()
+            finally:
+                gate.release(permit, seen)
             attempt += 1
             self.stats.add(retries=1)
             self._sleep(attempt - 1, resp)
@@ -304,17 +335,36 @@ class RegistryClient:
                           int(resp.headers.get("Content-Length") or 0))
 
     def resolve(self, ref: Reference, platform: str | None = None, *,
-                scopes: Sequence[str] | None = None) -> Resolved:
-        """The image manifest ``ref`` means on ``platform`` (indexes resolved)."""
-        got = self.get_manifest(ref, scopes=scopes)
+                scopes: Sequence[str] | None = None, head_first: bool = False) -> Resolved:
+        """The image manifest ``ref`` means on ``platform`` (indexes resolved).
+
+        ``head_first`` (for a source registry that counts GETs): HEAD the tag, which is
+        not counted, and take the bytes from the manifest cache when that digest was
+        read before, so each manifest costs one counted GET, ever."""
+        got = self._read(ref, scopes, head_first)
         if isinstance(got, mf.Manifest):
             return Resolved(ref, got)
         platform = platform or self.settings.platform
         entry = mf.select_platform(got, platform, where=f"image index {ref}")
-        child = self.get_manifest(ref.with_digest(entry.digest), scopes=scopes)
+        child = self._read(ref.with_digest(entry.digest), scopes, head_first)
         if not isinstance(child, mf.Manifest):
             raise UnsupportedMedia(f"image index {ref}: entry for {platform} is itself an index")
         return Resolved(ref, child, got)
+
+    def _read(self, ref: Reference, scopes: Sequence[str] | None, cached: bool) -> mf.Manifest | mf.Index:
+        if not cached:
+            return self.get_manifest(ref, scopes=scopes)
+        digest = ref.digest
+        if digest is None:
+            desc = self.head_manifest(ref, scopes=scopes)
+            if desc is None:
+                raise NotFound(f"manifest {ref}: not found in registry {ref.registry}")
+            digest = desc.digest or None
+        got = self.manifests.get(digest, f"manifest {ref}") if digest else None
+        if got is None:
+            got = self.get_manifest(ref.with_digest(digest) if digest else ref, scopes=scopes)
+            self.manifests.put(got)
+        return got
 
     def put_manifest(self, ref: Reference, raw: bytes, media_type: str, *,
                      scopes: Sequence[str] | None = None) -> str:
@@ -325,11 +375,20 @@ class RegistryClient:
         return resp.headers.get("Docker-Content-Digest") or oci.sha256_digest(raw)
 
     def list_tags(self, ref: Reference, *, page_size: int | None = None) -> list[str]:
-        """Every tag of ``ref``'s repository, following ``Link: <...>; rel="next"`` pages."""
-        url = self._url(ref, "tags/list")
+        """Every tag of ``ref``'s repository, following ``Link: <...>; rel="next"`` pages.
+
+        A ``Link`` seen before (a registry pointing a page at itself) or more than
+        ``MAX_TAG_PAGES`` pages is a ``RegistryError``, never an endless loop."""
+        url: str | None = self._url(ref, "tags/list")
         params = {"n": str(page_size)} if page_size else None
         tags: list[str] = []
+        seen: set[str] = set()
         while url:
+            if url in seen or len(seen) >= MAX_TAG_PAGES:
+                why = "links back to a page already read" if url in seen else f"has over {MAX_TAG_PAGES} pages"
+                raise RegistryError(f"tag list of {ref.name} on {ref.registry} {why} ({url}): "
+                                    "the registry's pagination is broken")
+            seen.add(url)
             resp = self._request("GET", ref, url, scopes=(scope(ref.repository),),
                                  what=f"tag list of {ref.name}", params=params)
             tags += resp.json().get("tags") or []

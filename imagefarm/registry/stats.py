@@ -24,6 +24,8 @@ class Stats:
     blob_bytes_uploaded: int = 0
     blobs_mounted: int = 0
     blobs_skipped: int = 0     # already present (HEAD hit or known)
+    rate_limited: int = 0      # 429 answers (each waited out at the rate-limit gate)
+    pulls: int = 0             # manifest GETs answered with a pull budget (or 429): what a limit counts
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:

@@ -7,7 +7,8 @@ tags start with the base's tag, and the manifest annotations say exactly which b
 
 Caches: a hit is kept for ``ttl`` seconds; a miss re-lists the repository's tags (at
 most once per ``miss_ttl``), so an image published a moment ago is found at once.
-Manifests are cached by (repository, tag); verification records once seen.
+Manifests are cached by (repository, tag); verification records once seen. Every
+cache holds at most ``max_entries`` entries (least recently used go first).
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
+from cachetools import LRUCache
+
 from imagefarm.farm import attest
 from imagefarm import oci
+from imagefarm.derive.surgery import names_base
 from imagefarm.farm.catalog import image_of
-from imagefarm.errors import ImagefarmError, InvalidReference, NotFound, UnsupportedMedia
+from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, NotFound, UnsupportedMedia
 from imagefarm.farm.lockfile import Lockfile
 from imagefarm.names.reference import Reference, parse
 from imagefarm.registry import Manifest, RegistryClient
@@ -98,9 +102,9 @@ class Lookup:
         self._prefix = parse(f"{self.to}/x:x").name[:-1]  # "registry/path/"
         self._lock = threading.Lock()
         self._hits: OrderedDict[str, tuple[float, LookupHit]] = OrderedDict()
-        self._tags: dict[str, tuple[float, list[str]]] = {}
-        self._manifests: dict[tuple[str, str], Manifest | None] = {}
-        self._verified: dict[str, bool] = {}
+        self._tags: LRUCache[str, tuple[float, list[str]]] = LRUCache(max_entries)
+        self._manifests: LRUCache[tuple[str, str], Manifest | None] = LRUCache(max_entries)
+        self._verified: LRUCache[str, bool] = LRUCache(max_entries)
         self.stats = {"hits": 0, "misses": 0, "cache_hits": 0, "registry_lookups": 0}
 
     def close(self) -> None:
@@ -191,7 +195,10 @@ class Lookup:
         return None
 
     def _own_image(self, ref: Reference) -> LookupHit | None:
-        """A reference that already names a derived image resolves to itself."""
+        """A reference that already names a derived image resolves to itself, under the
+        rules a base lookup follows: the current recipe only (``ImageRefused`` otherwise);
+        by digest, only once it passed its boot check (a tag is put only after it, or by
+        the caller's ``--verify`` choice; a digest may name an image that failed)."""
         if not ref.name.startswith(self._prefix):
             return None
         try:
@@ -200,7 +207,21 @@ class Lookup:
             return None
         if not isinstance(got, Manifest) or oci.ANN_BASE_DIGEST not in got.annotations:
             return None
-        return self._hit(ref, got)
+        ann = got.annotations
+        base = ann.get(oci.ANN_BASE_NAME, "its base")
+        if ann.get(oci.ANN_RECIPE_DIGEST) != self.recipe.digest:
+            raise ImageRefused(
+                f"{ref} was built with recipe {ann.get(oci.ANN_RECIPE, '?')} "
+                f"({ann.get(oci.ANN_RECIPE_DIGEST, 'no digest')[:19]}), not the current recipe "
+                f"{self.recipe.name} ({self.recipe.digest[:19]}): ask for its base {base} instead, "
+                f"or rebuild it with `{build_command(base, self.to)}`")
+        hit = self._hit(ref, got)
+        if ref.digest and not hit.verified:
+            raise ImageRefused(
+                f"{ref} has not passed its boot check (no verification record "
+                f"{attest.record_tag(ref.digest)} beside it): ask for its base {base} or its tag, "
+                f"or check it with `imagefarm verify {ref}`")
+        return hit
 
     def _list_tags(self, repo: str, refresh: bool) -> list[str] | None:
         now = time.monotonic()
@@ -220,8 +241,7 @@ class Lookup:
         if not tags:
             return None
         head = (base.tag or "sha256_")[:40]
-        want_name = str(Reference(base.registry, base.repository, base.tag))
-        found: list[LookupHit] = []
+        found: list[tuple[int, LookupHit]] = []
         for tag in sorted(tags):
             if not tag.startswith(head) or tag.endswith(".verified"):
                 continue
@@ -232,17 +252,15 @@ class Lookup:
             ann = manifest.annotations
             if ann.get(oci.ANN_RECIPE_DIGEST) != self.recipe.digest:
                 continue
-            if base.tag and ann.get(oci.ANN_BASE_NAME) != want_name:
-                continue
-            if base.digest and ann.get(oci.ANN_BASE_DIGEST) != base.digest:
-                continue
-            if not base.tag and parse(ann.get(oci.ANN_BASE_NAME, "x")).name != base.name:
-                continue
-            found.append(self._hit(ref, manifest))
+            # the dataset's name, the mirror's, or another address of the registry: the
+            # repository, tag (and digest, if asked) decide; the same full name wins
+            score = names_base(ann, base)
+            if score:
+                found.append((score, self._hit(ref, manifest)))
         if not found:
             return None
-        found.sort(key=lambda h: (not h.verified, h.image))
-        return found[0]
+        found.sort(key=lambda sh: (-sh[0], not sh[1].verified, sh[1].image))
+        return found[0][1]
 
     def _manifest(self, ref: Reference) -> Manifest | None:
         key = (ref.name, ref.tag or "")

@@ -4,7 +4,9 @@
 naming the base and the command that builds it, 400 for a malformed reference);
 ``POST /v1/lookup`` answers thousands at once; ``POST /v1/invalidate`` drops cached
 answers (a publisher calls it); ``/healthz``; Prometheus ``/metrics``; OpenAPI at
-``/openapi.json``. An optional API key (``X-API-Key``) guards all but health/metrics.
+``/openapi.json``. An API key (``X-API-Key``) guards all but health, metrics and the
+docs, checked before any body is read (``imagefarm.serve.apikey.protect``); serving without
+one takes ``disable_auth=True`` (``--disable-auth``), as the runtime server does.
 """
 
 from __future__ import annotations
@@ -12,19 +14,21 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Response
+from fastapi import FastAPI, HTTPException, Query, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
 from imagefarm import __version__
-from .apikey import require_key
+from .apikey import check_key_config, protect
 from imagefarm.farm.catalog import image_of
-from imagefarm.errors import ImagefarmError, InvalidReference
+from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference
 from .lookup import Lookup, build_command, normalise_query
 
 MAX_BATCH = 20_000
+#: bytes of a request body (413 beyond): a full batch of dataset rows fits
+MAX_BODY = 32 << 20
 
 
 class Prebuilt(BaseModel):
@@ -75,10 +79,12 @@ def _key(q: Any, i: int) -> str:
     return image or f"row {i}"
 
 
-def create_app(lookup: Lookup, api_key: str | None = None) -> FastAPI:
+def create_app(lookup: Lookup, api_key: str | None = None, *, disable_auth: bool = False) -> FastAPI:
+    """The app; ``api_key`` is required unless ``disable_auth`` (``ConfigError``)."""
+    key = check_key_config(api_key, disable_auth)
     app = FastAPI(title="imagefarm lookup", version=__version__,
                   description="Which prebuilt agent-server image serves this base image?")
-    auth = Depends(require_key(api_key))
+    protect(app, key=key, open_paths={"/healthz", "/metrics"}, max_body=MAX_BODY)
     metrics = CollectorRegistry()
     requests = Counter("imagefarm_lookup_requests_total", "lookups answered", ["result"], registry=metrics)
     latency = Histogram("imagefarm_lookup_seconds", "lookup latency", registry=metrics,
@@ -96,8 +102,10 @@ def create_app(lookup: Lookup, api_key: str | None = None) -> FastAPI:
     def prometheus() -> Response:
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/lookup", response_model=Prebuilt, dependencies=[auth],
-             responses={404: {"model": Missing}, 400: {"description": "malformed reference"}})
+    @app.get("/v1/lookup", response_model=Prebuilt,
+             responses={404: {"model": Missing}, 400: {"description": "malformed reference"},
+                        409: {"description": "a derived image that must not be served (stale recipe, "
+                                             "no boot check passed)"}})
     async def lookup_one(image: str = Query(..., max_length=4096,
                                             description="base reference, e.g. namanjain12/pandas_final:<commit>")) -> Any:
         t0 = time.perf_counter()
@@ -109,6 +117,9 @@ def create_app(lookup: Lookup, api_key: str | None = None) -> FastAPI:
             except InvalidReference as exc:
                 requests.labels("invalid").inc()
                 raise HTTPException(400, detail=str(exc)) from None
+            except ImageRefused as exc:
+                requests.labels("refused").inc()
+                raise HTTPException(409, detail=str(exc)) from None
             except ImagefarmError as exc:
                 requests.labels("error").inc()
                 raise HTTPException(502, detail=f"target registry: {exc}") from None
@@ -122,14 +133,14 @@ def create_app(lookup: Lookup, api_key: str | None = None) -> FastAPI:
         requests.labels("hit").inc()
         return Response(hit.json_bytes, media_type="application/json")
 
-    @app.post("/v1/lookup", response_model=BatchAnswer, dependencies=[auth])
+    @app.post("/v1/lookup", response_model=BatchAnswer)
     def lookup_batch(body: BatchRequest) -> BatchAnswer:
         t0 = time.perf_counter()
         answers = lookup.resolve_many(body.images)
         found, miss, invalid = {}, {}, {}
         for i, (q, a) in enumerate(zip(body.images, answers)):
             key = _key(q, i)
-            if isinstance(a, InvalidReference):
+            if isinstance(a, (InvalidReference, ImageRefused)):
                 invalid[key] = str(a)
             elif isinstance(a, ImagefarmError):
                 invalid[key] = f"target registry: {a}"
@@ -141,7 +152,7 @@ def create_app(lookup: Lookup, api_key: str | None = None) -> FastAPI:
         latency.observe(time.perf_counter() - t0)
         return BatchAnswer(found=found, missing=miss, invalid=invalid)
 
-    @app.post("/v1/invalidate", dependencies=[auth])
+    @app.post("/v1/invalidate")
     def invalidate(image: str | None = Query(None, max_length=4096)) -> dict[str, str]:
         try:
             lookup.invalidate(image)

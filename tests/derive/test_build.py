@@ -8,6 +8,7 @@ from imagefarm import oci
 from imagefarm.host.containers import run
 from imagefarm.derive.build import build, render
 from imagefarm.names.reference import parse
+from imagefarm.names.tags import derived_reference
 from derivekit import file_layer, push_base, skopeo_json
 
 
@@ -31,7 +32,9 @@ def test_buildah_recipe_runs_on_base(dsettings, dreg, dwork, bb_layer):
     push_base(dwork / "build", base, [bb_layer, file_layer(dwork / "blobs", "x", "base file\n")], user=None)
     r = build(base, HelloRecipe(), dsettings)
     assert r.kind == "buildah" and not r.skipped
-    assert r.image.endswith(r.image.rsplit(":", 1)[1]) and "-oh1.58.2-hello-" in r.image
+    # the deterministic tag: a pure function of the base digest and the recipe
+    want = derived_reference(base, r.base_digest, HelloRecipe.name, HelloRecipe.digest, "1.58.2", dsettings.to)
+    assert r.image == str(want) and "-oh1.58.2-hello-" in r.image
     raw = skopeo_json(r.image, "--raw")
     assert len(raw["layers"]) == 3
     assert raw["annotations"][oci.ANN_BASE_DIGEST] == r.base_digest

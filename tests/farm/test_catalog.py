@@ -33,6 +33,7 @@ def test_skyrl_parquet(tmp_path):
     assert len(cat.instances) == 3  # duplicates collapse in bases, not in instances
     assert {i.split for i in cat.instances} == {"train", "validation"}
     assert len(cat.bad_rows) == 1 and cat.bad_rows[0].row == 2 and "whitespace" in cat.bad_rows[0].reason
+    assert str(cat.bad_rows[0]).startswith("train.parquet row 2 (0-based): ")  # the third row, iloc[2]
 
 
 def test_hub_dataset_from_local_cache_offline(tmp_path, monkeypatch):
@@ -62,9 +63,15 @@ def test_jsonl_and_text(tmp_path):
     cat = catalog.load(str(tmp_path / "a.jsonl"))
     assert [str(b) for b in cat.bases] == ["docker.io/namanjain12/numpy_final:1", "127.0.0.1:5000/x/y:2"]
     assert cat.instances[1].instance_id == "i2"
-    assert cat.bad_rows[0].row == 1 and "not JSON" in cat.bad_rows[0].reason
+    assert cat.bad_rows[0].row == 2 and "not JSON" in cat.bad_rows[0].reason
+    assert str(cat.bad_rows[0]).startswith("a.jsonl line 2: not JSON")  # the second line, as editors count
     (tmp_path / "list.txt").write_text("# bases\nnamanjain12/a:1\n\nnamanjain12/a:1\nnamanjain12/b:2  # comment\n")
     assert len(catalog.load(str(tmp_path / "list.txt")).bases) == 2
+    (tmp_path / "bad.txt").write_text("# bases\nnamanjain12/a:1\n\nNot Valid\n")
+    bad = catalog.load(str(tmp_path / "bad.txt")).bad_rows
+    assert [str(b).split(":")[0] for b in bad] == ["bad.txt line 4"]
+    (tmp_path / "blank.jsonl").write_text("\n" + json.dumps({"docker_image": "a/a:1"}) + "\n\n{\n")
+    assert [b.row for b in catalog.load(str(tmp_path / "blank.jsonl")).bad_rows] == [4]  # blank lines count
 
 
 def test_limit_counts_unique_bases(tmp_path):
@@ -89,5 +96,5 @@ def test_non_text_image_fields_are_bad_rows(tmp_path):
                                       '{"docker_image": "namanjain12/a:1"}\n')
     cat = catalog.load(str(tmp_path / "a.jsonl"))
     assert [str(b) for b in cat.bases] == ["docker.io/namanjain12/a:1"]
-    assert [b.row for b in cat.bad_rows] == [0, 1]
+    assert [b.row for b in cat.bad_rows] == [1, 2]
     assert "docker_image is 5 (int)" in cat.bad_rows[0].reason

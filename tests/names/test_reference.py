@@ -32,6 +32,19 @@ def test_loopback_is_plain_http():
     assert parse("127.0.0.1:5000/a").is_loopback
     assert not parse("registry.example.com/a").is_loopback
     assert parse("docker.io/a/b").api_host == "registry-1.docker.io"
+    # loopback IP literals and localhost only: a name that starts with 127. is a remote host
+    for host in ("127.0.0.2:5000", "127.255.0.1", "[::1]:5000", "LOCALHOST:5000", "localhost"):
+        assert parse(f"{host}/a:1").is_loopback, host
+    for host in ("127.corp.example", "127.corp.example:5000", "127.0.0.1.nip.io:5000", "10.0.0.1:5000",
+                 "[fe80::1]:5000", "localhost.example.com"):
+        assert not parse(f"{host}/a:1").is_loopback, host
+    from imagefarm.registry import RegistryClient
+    from imagefarm.settings import Settings
+
+    with RegistryClient(Settings(insecure_registries=["reg.lan:5000"]), credentials={}) as c:
+        assert c.base_url(parse("127.corp.example/a:1")) == "https://127.corp.example"
+        assert c.base_url(parse("127.0.0.1:5000/a:1")) == "http://127.0.0.1:5000"
+        assert c.base_url(parse("reg.lan:5000/a:1")) == "http://reg.lan:5000"  # configured host
 
 
 @pytest.mark.parametrize("text,needle", [

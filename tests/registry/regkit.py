@@ -58,6 +58,9 @@ class FaultProxy:
         self.seen: list[str] = []
         self.canned: dict[str, tuple[str, bytes]] = {}  # path -> (content type, body) served as is
         self.tag_page: int | None = None     # paginate tag lists (as distribution 3 / Hub do)
+        self.tag_loop = False                # tag pages whose Link points back at themselves
+        self.realm: str | None = None        # token realm announced (default: this proxy's /token)
+        self.token_auth: list[str] = []      # Authorization header of each /token request
         self._http = httpx.Client(base_url=upstream, timeout=30)
         proxy = self
 
@@ -101,13 +104,17 @@ class FaultProxy:
         if fault in ("503", "429"):
             return _reply(h, int(fault), b'{"errors":[{"code":"UNAVAILABLE","message":"injected"}]}')
         if self.bearer is not None and not self._authorized(h):
-            realm = f"http://{self.host}/token"
+            realm = self.realm or f"http://{self.host}/token"
             return _reply(h, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}',
                           {"WWW-Authenticate": f'Bearer realm="{realm}",service="fault-proxy"'})
         if h.path in self.canned:
             ctype, canned = self.canned[h.path]
             return _reply(h, 200, canned, {"Content-Type": ctype}, head=h.command == "HEAD",
                           length=str(len(canned)))
+        if self.tag_loop and "/tags/list" in h.path:
+            path = h.path.split("?", 1)[0]
+            return _reply(h, 200, b'{"name":"loop","tags":["t0"]}',
+                          {"Content-Type": "application/json", "Link": f'<{path}?n=1&last=t0>; rel="next"'})
         if self.tag_page and "/tags/list" in h.path:
             return self._tags_page(h)
         headers = {k: v for k, v in h.headers.items()
@@ -156,6 +163,7 @@ class FaultProxy:
         from urllib.parse import parse_qs, urlsplit
         q = parse_qs(urlsplit(h.path).query)
         auth = h.headers.get("Authorization", "")
+        self.token_auth.append(auth)
         user, _, password = base64.b64decode(auth[6:]).decode().partition(":") if auth.startswith("Basic ") else ("", "", "")
         if self.bearer and self.bearer.get(user) != password:
             return _reply(h, 401, b'{"details":"bad credentials"}')

@@ -161,7 +161,8 @@ def test_retries_5xx_and_dropped_connections(client, proxy, tmp_path):
     proxy.faults = ["503", "drop", "429"]
     got = client.resolve(ref)
     assert got.manifest.layers[0].digest == layers[0].digest
-    assert client.stats.total.retries == 3
+    # 503 and the drop are retried; the bare 429 is waited out at the rate-limit gate
+    assert client.stats.total.retries == 2 and client.stats.total.rate_limited == 1
     # an upload whose PUT is dropped restarts in a fresh session
     data = b"u" * 100_000
     proxy.faults = [None, "drop"]  # POST ok, PUT dropped
@@ -258,3 +259,33 @@ def test_client_is_shareable_across_threads(client, reg, tmp_path):
     # each: POST+PUT layer, POST+PUT config, PUT manifest; plus one GET /v2/ for the client
     assert sorted(counts)[:7] == [5] * 7 and sum(counts) == 8 * 5 + 1, counts
     assert sorted(client.list_tags(ref)) == sorted(f"t{i}" for i in range(8))
+
+
+def test_credentials_go_only_to_an_https_or_same_host_realm(proxy, reg, tmp_path):
+    """A registry naming a plain-http realm on another host gets no password sent there."""
+    proxy.bearer = {"farm": "pw"}
+    s = Settings(state_dir=tmp_path, auth_file=_auth_file(tmp_path, proxy.host, "farm", "pw"))
+    ref = parse(f"{proxy.host}/tok/realm:1")
+    port = proxy.host.rsplit(":", 1)[1]
+    proxy.realm = f"http://localhost:{port}/token"  # the same server, but another host name
+    with RegistryClient(s, backoff=0.01) as c, pytest.raises(AuthError):
+        c.blob_exists(ref, "sha256:" + "0" * 64)
+    assert proxy.token_auth and all(a == "" for a in proxy.token_auth), proxy.token_auth
+    proxy.token_auth.clear()
+    proxy.realm = None  # the registry's own host: credentials are sent, and work
+    with RegistryClient(s, backoff=0.01) as c:
+        assert c.blob_exists(ref, "sha256:" + "0" * 64) is False
+    assert proxy.token_auth and proxy.token_auth[0].startswith("Basic ")
+    from imagefarm.registry.auth import realm_may_get_credentials
+
+    assert realm_may_get_credentials("https://auth.example/token", "registry.example")
+    assert not realm_may_get_credentials("http://auth.example/token", "registry.example")
+    assert realm_may_get_credentials("http://registry.example:5001/token", "registry.example:5000")
+
+
+def test_tag_list_that_links_to_itself_stops(client, proxy):
+    proxy.tag_loop = True
+    n_before = len(proxy.seen)
+    with pytest.raises(RegistryError, match="already read"):
+        client.list_tags(parse(f"{proxy.host}/loop/me:1"))
+    assert len(proxy.seen) - n_before <= 3  # stopped at the first repeated link

@@ -161,14 +161,15 @@ class LogCapture(logging.Handler):
 
 
 class ApiServer:
-    def __init__(self, url: str, logs: LogCapture, lookup) -> None:
-        self.url, self.logs, self.lookup = url, logs, lookup
+    def __init__(self, url: str, logs: LogCapture, lookup, app) -> None:
+        self.url, self.logs, self.lookup, self.app = url, logs, lookup, app
 
 
 @pytest.fixture
 def lookup_api(settings, registry):
     """lookup_api(to, api_key=None) -> ApiServer: the real app on uvicorn in a thread, with
-    access logs on and every log record (uvicorn, fastapi, imagefarm) captured at DEBUG."""
+    access logs on and every log record (uvicorn, fastapi, imagefarm) captured at DEBUG.
+    Without ``api_key`` it runs with auth disabled, explicitly (the app's default is a key)."""
     from imagefarm.serve.lookup import Lookup
     from imagefarm.serve.lookup_api import create_app
 
@@ -183,7 +184,8 @@ def lookup_api(settings, registry):
         root.addHandler(cap)
         root.setLevel(logging.DEBUG)
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(lk, api_key=api_key), host="127.0.0.1", port=port,
+        app = create_app(lk, api_key=api_key, disable_auth=api_key is None)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                                log_level="debug", access_log=True, log_config=None,
                                                limit_concurrency=None, backlog=2048))
         t = threading.Thread(target=server.run, daemon=True)
@@ -191,7 +193,7 @@ def lookup_api(settings, registry):
         wait_for(lambda: server.started or not t.is_alive(), "the lookup API to start", timeout=60)
         assert server.started, "the lookup API did not start"
         started.append((server, t, lk, cap, [root, old_level]))
-        return ApiServer(f"http://127.0.0.1:{port}", cap, lk)
+        return ApiServer(f"http://127.0.0.1:{port}", cap, lk, app)
 
     yield start
     for server, t, lk, cap, (root, old_level) in started:

@@ -234,7 +234,7 @@ def test_datasets_with_wrong_columns(cli_env, tmp_path, registry):
 
 
 def test_bad_rows_are_reported_and_skipped(cli_env, tmp_path, registry, fixtures, small_layer, payload):
-    """Good rows beside bad ones: the bad ones are named with their row, the rest built."""
+    """Good rows beside bad ones: the bad ones are named with their line (from 1), the rest built."""
     good = fixtures.r2e_base("namanjain12/sympy_final", "8" * 40).ref
     art = f"{registry.host}/namanjain12/sbom_final:2"
     from imagefarm.settings import Settings
@@ -250,7 +250,7 @@ def test_bad_rows_are_reported_and_skipped(cli_env, tmp_path, registry, fixtures
     state = json.loads(proc.stdout)
     assert state["derived"] == 1 and state["failed"] == 1 and state["bad_rows"] == 3, state
     assert "artifact" in state["failures"][0]["reason"]
-    for row in ("row 1", "row 2", "row 3"):
+    for row in ("line 2", "line 3", "line 4"):
         assert f"mixed.jsonl {row}" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -282,3 +282,18 @@ def test_api_raw_bodies_and_params(lookup_api, registry):
     r = httpx.post(f"{api.url}/v1/lookup", json={"images": rows}, timeout=60)
     assert r.status_code == 200, r.text
     assert len(r.json()["invalid"]) + len(r.json()["missing"]) >= 1
+
+
+# -- rate limits, plan, mirrors (#17) -----------------------------------------------------------
+
+@pytest.mark.parametrize("args, env_extra, needle", [
+    (["--plan", "--bandwidth", "fast"], {}, "--bandwidth"),
+    (["--plan", "--bandwidth", "0MB/s"], {}, "--bandwidth"),
+    (["--plan"], {"IMAGEFARM_MIRRORS": "docker.io=127.0.0.1:5001"}, "IMAGEFARM_MIRRORS"),
+    (["--plan"], {"IMAGEFARM_MIRRORS": '{"docker.io": 5}'}, "IMAGEFARM_MIRRORS"),
+])
+def test_plan_flags_and_mirrors(cli_env, tmp_path, args, env_extra, needle):
+    data = tmp_path / "bases.txt"
+    data.write_text(f"127.0.0.1:{free_port()}/namanjain12/x:1\n")
+    proc = imagefarm_cli("prebuild", "--dataset", str(data), *args, env={**cli_env, **env_extra}, timeout=120)
+    one_error_line(proc, needle)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import time
 
 import httpx
 import pytest
@@ -79,8 +80,116 @@ def test_key_matches_behaviour(monkeypatch):
     assert seen == [(bytes, bytes), (bytes, bytes)]
 
 
-def test_empty_configured_key_is_refused(settings):
-    """An empty key would admit anyone sending an empty header: refused at start."""
+def test_key_is_required_unless_auth_is_disabled_explicitly(settings):
+    """An empty key would admit anyone sending an empty header; no key at all is no
+    longer "auth off": both are refused at start, and only --disable-auth turns it off."""
+    from imagefarm.serve.lookup import Lookup
+    from imagefarm.serve.lookup_api import create_app
+
     with pytest.raises(ConfigError, match="empty"):
-        apikey.require_key("")
-    apikey.require_key(None)  # auth off is explicit
+        apikey.check_key_config("", False)
+    with pytest.raises(ConfigError, match="--disable-auth"):
+        apikey.check_key_config(None, False)
+    with pytest.raises(ConfigError, match="exclude"):
+        apikey.check_key_config("k", True)
+    assert apikey.check_key_config(None, True) is None
+    lk = Lookup(settings)
+    try:
+        with pytest.raises(ConfigError, match="API key is required"):
+            create_app(lk)
+        assert create_app(lk, disable_auth=True).state.open_paths >= {"/healthz", "/metrics"}
+    finally:
+        lk.close()
+
+
+def test_every_lookup_route_but_health_metrics_and_docs_needs_the_key(lookup_api, registry):
+    """Walk the app's own route table: a route added later is covered without editing this test."""
+    from imagefarm.serve.apikey import DOC_PATHS
+
+    key = secrets.token_urlsafe(24)
+    api = lookup_api(f"{registry.host}/rel-routes", api_key=key)
+    assert api.app.state.open_paths == {"/healthz", "/metrics"} | DOC_PATHS
+    from rtkit import route_table
+
+    checked = set()
+    for template, methods in route_table(api.app.routes):
+        path = template.replace("{", "").replace("}", "")
+        for method in methods:
+            for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": key[:-1]}):
+                r = httpx.request(method, api.url + path, headers=headers, json={"images": 5}, timeout=60)
+                want = 200 if template in api.app.state.open_paths else 401
+                assert r.status_code == want, (method, path, headers, r.status_code)
+            checked.add((method, template))
+    assert {("GET", "/v1/lookup"), ("POST", "/v1/lookup"), ("POST", "/v1/invalidate")} <= checked
+    assert len(checked) >= 9, sorted(checked)
+
+
+def test_serve_lookup_as_a_user_needs_a_key_refuses_a_gigabyte_at_once(cli_env, registry, tmp_path):
+    """`imagefarm serve-lookup` started as a user would: no key is exit 2 naming --disable-auth;
+    with a key, an unauthenticated 1 GB POST is a 401 before its body, with RSS counted flat."""
+    import os
+    import signal
+    import subprocess
+
+    from imagefarm.host.services import free_port
+    from rtkit import chunked_post, raw_post, rss_bytes
+    from tests.conftest import IMAGEFARM
+
+    env = {k: v for k, v in cli_env.items() if k != "IMAGEFARM_LOOKUP_API_KEY"}
+    env["IMAGEFARM_TO"] = f"{registry.host}/rel-serve"
+    no_key = subprocess.run([IMAGEFARM, "serve-lookup", "--port", str(free_port())], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert no_key.returncode == 2 and "API key is required" in no_key.stderr and "--disable-auth" in no_key.stderr
+    assert "Traceback" not in no_key.stderr
+    key = secrets.token_urlsafe(24)
+    port = free_port()
+    log = open(tmp_path / "lookup.log", "wb")
+    proc = subprocess.Popen([IMAGEFARM, "serve-lookup", "--port", str(port)], env={**env, "IMAGEFARM_LOOKUP_API_KEY": key},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "lookup.log").read_text()
+            time.sleep(0.1)
+        assert httpx.post(f"{url}/v1/invalidate", timeout=30).status_code == 401
+        h = {"X-API-Key": key}
+        assert httpx.post(f"{url}/v1/invalidate", headers=h, timeout=30).json() == {"invalidated": "all"}
+        r = httpx.get(f"{url}/v1/lookup", params={"image": "namanjain12/nothing_final:1"}, headers=h, timeout=60)
+        assert r.status_code == 404 and "imagefarm derive" in r.json()["build"]
+        before = rss_bytes(proc.pid)
+        status, pushed = raw_post(url, "/v1/lookup", {}, 1 << 30, push=1 << 30)
+        assert status == b"HTTP/1.1 401 Unauthorized", status
+        assert pushed < 256 << 20, f"the server kept reading: {pushed} bytes accepted after the 401"
+        assert rss_bytes(proc.pid) - before < 50 << 20
+        status, _ = raw_post(url, "/v1/lookup", h, 1 << 30, push=64 << 20)
+        assert status == b"HTTP/1.1 413 Request Entity Too Large", status
+        big = b'{"images": ["' + b"a" * (40 << 20) + b'"]}'
+        assert chunked_post(url, "/v1/lookup", h, big).startswith(b"HTTP/1.1 413")
+        assert rss_bytes(proc.pid) - before < 50 << 20
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    assert key not in (tmp_path / "lookup.log").read_text()
+
+
+def test_lookup_caches_are_bounded(settings, registry, fixtures, derive_to):
+    from imagefarm.serve.lookup import Lookup
+
+    to = f"{registry.host}/rel-bounded"
+    bases = [fixtures.r2e_base("namanjain12/bounded_final", f"{i:040x}").ref for i in range(6)]
+    for b in bases:
+        derive_to(b, to)
+    lk = Lookup(settings.model_copy(update={"to": to}), max_entries=3)
+    try:
+        for b in bases:
+            assert lk.resolve(b) is not None
+        for cache in (lk._hits, lk._tags, lk._manifests, lk._verified):
+            assert len(cache) <= 3, cache
+    finally:
+        lk.close()

@@ -44,13 +44,13 @@ def standin_layer(settings, tmp_path_factory) -> oci.Layer:
 
 
 @pytest.fixture(scope="session")
-def prebuilt_v0(rt_settings, prebuilt, standin_layer, rt_to, tmp_path_factory):
-    """The busybox base derived with a stand-in that also answers the V0 command
+def prebuilt_v0(rt_settings, fixtures, rt_to, tmp_path_factory):
+    """A busybox base of its own derived with a stand-in that also answers the V0 command
     (``/openhands/micromamba/bin/micromamba ...``): for the real V0 client's start path.
-    Another recipe, so started by its derived reference (a lookup resolves that to itself)."""
-    import hashlib
-
+    The default recipe's name and digest (the lookup serves only the current recipe);
+    started by its derived reference (a lookup resolves a tag of it to itself)."""
     from imagefarm.derive import Appender, AppendPayload
+    from imagefarm.payload.recipe import recipe_for
 
     busybox = busybox_binary(rt_settings.cache_dir)
     ok = b'{"status":"ok"}\n'
@@ -64,10 +64,11 @@ def prebuilt_v0(rt_settings, prebuilt, standin_layer, rt_to, tmp_path_factory):
         oci.file_entry("opt/standin-www/health", ok),
     ]
     layer = oci.write_layer(entries, tmp_path_factory.mktemp("standin-v0"))
-    digest = "sha256:" + hashlib.sha256(b"imagefarm runtime tests: V0 stand-in").hexdigest()
-    payload = AppendPayload(layer, "standin-v0", digest, "standin", ())
+    recipe = recipe_for(rt_settings)
+    payload = AppendPayload(layer, recipe.name, recipe.digest, recipe.agent_server_version, ())
+    base = fixtures.busybox_base(repo="fixtures/runtime-busybox-v0", tag="1")
     with Appender(rt_settings) as appender:
-        return appender.derive(prebuilt["busybox_base"], payload, to=rt_to)
+        return appender.derive(base.ref, payload, to=rt_to)
 
 
 @pytest.fixture(scope="session")
@@ -167,7 +168,6 @@ def fleet_factory(rt_settings, lookup, tmp_path):
     from imagefarm.runtime import ServeConfig
     from imagefarm.runtime.fleet import FrontOptions
     from imagefarm.runtime.node import NodeConfig
-    from imagefarm.runtime.resolver import RegistryResolver
     from imagefarm.runtime.serve import ServerThread
 
     class Running:
@@ -200,7 +200,7 @@ def fleet_factory(rt_settings, lookup, tmp_path):
                                   image_cache_gib=cache_gib)
                 node = NodeConfig(join=front.url, fleet_key=FLEET_KEY, address=addr, slots=slots,
                                   heartbeat=0.5, prefetch=list(prefetch))
-                made.append(stack.enter_context(ServerThread(st, cfg, resolver=RegistryResolver(st),
+                made.append(stack.enter_context(ServerThread(st, cfg, resolver=lookup,
                                                              host=addr, node=node)))
             running = Running(front, made, front_cfg, opts)
             deadline = time.monotonic() + 60

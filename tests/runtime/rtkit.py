@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -98,7 +101,7 @@ class CliServer:
                         IMAGEFARM_RUNTIME_API_KEY=API_KEY)
         exe = str(Path(sys.executable).parent / "imagefarm")
         self.argv = [exe, "runtime", "serve", "--port", str(self.port), "--port-range", port_range,
-                     "--resolver", "registry", "--url-file", str(self.url_file), *extra]
+                     "--url-file", str(self.url_file), *extra]
         self.state_root = state_root
         self.proc: subprocess.Popen | None = None
         self.log = tmp / "server.log"
@@ -123,3 +126,60 @@ class CliServer:
         return self.log.read_text()
 
 
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def raw_post(url: str, path: str, headers: dict[str, str], length: int, push: int = 0) -> tuple[bytes, int]:
+    """POST with ``Content-Length: length`` and no body yet; read the answer, then push up
+    to ``push`` body bytes as an attacker would. Returns (status line, bytes pushed)."""
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {length}\r\n{head}\r\n".encode())
+        answer = s.recv(65536)  # the answer comes before a single body byte was sent
+        pushed, chunk = 0, b"\0" * (1 << 20)
+        try:
+            while pushed < push:
+                s.sendall(chunk)
+                pushed += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    return answer.split(b"\r\n", 1)[0], pushed
+
+
+def chunked_post(url: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+    """A chunked POST; the answer is read by a thread while the body is still going out
+    (a server that refuses mid-body closes at once, and the rest of the body is lost)."""
+    u = urlsplit(url)
+    got: list[bytes] = []
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        reader = threading.Thread(target=lambda: got.append(s.recv(65536)), daemon=True)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+                  f"Transfer-Encoding: chunked\r\n{head}\r\n".encode())
+        reader.start()
+        try:
+            for i in range(0, len(body), 1 << 16):
+                part = body[i:i + (1 << 16)]
+                s.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+            s.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reader.join(30)
+    return got[0].split(b"\r\n", 1)[0] if got else b"(no answer)"
+
+
+def route_table(routes, prefix: str = ""):
+    """(path, methods) of every route of an app, included routers flattened (FastAPI
+    >= 0.16x keeps an included router as one entry of ``app.routes``)."""
+    for r in routes:
+        inner = getattr(r, "original_router", None)
+        if inner is not None:
+            yield from route_table(inner.routes, prefix + r.include_context.prefix)
+        else:
+            yield prefix + r.path, sorted(set(getattr(r, "methods", None) or {"GET"}) - {"HEAD"})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import logging
-import statistics
 import time
 import uuid
 
@@ -241,20 +240,9 @@ def test_wrong_body_types_are_422(server_factory, client, body):
         assert srv.manager.records == {}
 
 
-def test_pause_resume_capacity_and_latency(server_factory, client, prebuilt, rt_settings):
+def test_pause_resume_and_capacity(server_factory, client, prebuilt, rt_settings):
+    """(/start -> ready latency is measured by bench/runtime.py, not asserted here.)"""
     with server_factory(max_runtimes=2) as srv:
-        latencies = []
-        for _ in range(10):  # /start -> ready with the stand-in, image on the node
-            sid = _sid()
-            t0 = time.monotonic()
-            rid = client.post(f"{srv.url}/start", json=sdk_start_body(prebuilt["busybox_base"], sid)).json()["runtime_id"]
-            wait_pod_status(client, f"{srv.url}/sessions/{sid}", interval=0.02)
-            latencies.append(time.monotonic() - t0)
-            client.post(f"{srv.url}/stop", json={"runtime_id": rid})
-        p50 = statistics.median(latencies)
-        print(f"\n/start -> ready (stand-in, image on node): p50 {p50:.3f}s, max {max(latencies):.3f}s")
-        assert p50 < 5
-
         a, b = _sid(), _sid()
         ra = client.post(f"{srv.url}/start", json=sdk_start_body(prebuilt["busybox_base"], a)).json()
         client.post(f"{srv.url}/start", json=sdk_start_body(prebuilt["busybox_base"], b))
@@ -417,8 +405,8 @@ def test_cli_refuses_to_serve_without_a_key_and_warns_without_auth(rt_settings, 
     r = subprocess.run([exe, "runtime", "serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "API key is required" in r.stderr and "--disable-auth" in r.stderr
     url_file = tmp_path / "url"
-    p = subprocess.Popen([exe, "runtime", "serve", "--port", "0", "--disable-auth", "--url-file", str(url_file),
-                          "--resolver", "registry"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    p = subprocess.Popen([exe, "runtime", "serve", "--port", "0", "--disable-auth", "--url-file", str(url_file)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60

@@ -6,7 +6,7 @@ from imagefarm.errors import ConfigError, ImagefarmError
 from imagefarm.runtime.backend import _duration
 from imagefarm.runtime.manager import ServeConfig, pinned_image
 from imagefarm.runtime.ports import agent_port, parse_command
-from imagefarm.runtime.resolver import Resolution
+from imagefarm.serve.lookup import LookupHit
 from imagefarm.runtime.state import Record, Store
 
 
@@ -27,8 +27,8 @@ def test_parse_command_keeps_quoted_words():
 
 def test_pinned_image_from_either_hit_shape():
     d = "sha256:" + "a" * 64
-    assert pinned_image(Resolution(f"r.io/p/x@{d}", None, d)) == f"r.io/p/x@{d}"
-    assert pinned_image(Resolution("r.io/p/x:t-oh1", None, d)) == f"r.io/p/x@{d}"
+    hit = LookupHit("docker.io/b/x:1", d, "r.io/p/x:t-oh1", d, "default", d, "1", False)
+    assert pinned_image(hit) == f"r.io/p/x@{d}"
 
 
 def test_config_requires_a_key_or_explicit_no_auth():

@@ -1,0 +1,41 @@
+"""Manifests kept by digest, so a counted GET is paid once per manifest, not per read.
+
+A public registry counts manifest GETs and not HEADs. A HEAD gives the digest a tag
+names now; the bytes for a digest never change. So a read by tag is HEAD, then these
+bytes if they were read before (by the plan, an earlier batch, another base of the same
+index), else one GET. Entries are written atomically and checked against their digest
+when read: a damaged entry is a miss, never a wrong manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from imagefarm import oci
+from . import manifests as mf
+
+
+class ManifestCache:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, digest: str) -> Path:
+        return self.root / digest.replace(":", "-")
+
+    def get(self, digest: str, where: str) -> mf.Manifest | mf.Index | None:
+        try:
+            media_type, _, raw = self._path(digest).read_bytes().partition(b"\n")
+        except OSError:
+            return None
+        if oci.sha256_digest(raw) != digest:
+            return None
+        return mf.parse(raw, media_type.decode(), digest=digest, where=where)
+
+    def put(self, got: mf.Manifest | mf.Index) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".put-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(got.media_type.encode() + b"\n" + got.raw)
+        os.replace(tmp, self._path(got.digest))
