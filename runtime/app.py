@@ -35,7 +35,7 @@ from imagefarm.settings import Settings
 from .backend import PodmanBackend
 from .errors import BuildRefused, NoPrebuiltImage, RuntimeServerError
 from .manager import RuntimeManager, ServeConfig, pinned_image
-from .metrics import METRICS_PATH, add_metrics, node_rows
+from .metrics import add_metrics, node_rows
 from .models import (ActionResult, ErrorBody, Health, ImageDetails, ImageExists, PrefetchRequest,
                      RegistryPrefix, RuntimeInfo, RuntimeList, RuntimeRef, StartRequest)
 from .resolver import Resolver
@@ -86,7 +86,7 @@ def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Reso
     app.state.manager = manager
     app.state.after_startup, app.state.before_shutdown = [], []
     protect(app, key=None if config.disable_auth else config.api_key,
-            open_paths={"/alive", "/health", METRICS_PATH, *open_paths}, max_body=config.max_body)
+            open_paths={"/alive", "/health", *open_paths}, max_body=config.max_body)
 
     @app.exception_handler(RuntimeServerError)
     async def _runtime_error(request: Request, exc: RuntimeServerError) -> JSONResponse:

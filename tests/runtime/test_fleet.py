@@ -48,7 +48,6 @@ def test_front_places_by_image_forwards_and_answers_from_reports(fleet_factory, 
         rows = client.get(f"{front.url}/nodes").json()
         assert sorted(r["node_id"] for r in rows) == sorted(by_id) and all(r["free_slots"] == 0 for r in rows)
         assert httpx.get(f"{front.url}/metrics").status_code == 401
-        assert httpx.get(f"{front.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
         metrics = client.get(f"{front.url}/metrics").text
         assert "imagefarm_runtime_free_slots{" in metrics and "imagefarm_runtime_start_to_ready_seconds_count 3.0" in metrics
         # pause / resume / stop go to the node
