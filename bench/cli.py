@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--naive", type=int, dest="naive_bases", help="how many realistic bases the naive path builds")
     g.add_argument("--naive-budget", type=float, dest="naive_budget_s", help="seconds after which the naive loop stops")
     g.add_argument("--small-bases", type=int, dest="small_bases", help="small bases (scale, farm, lookup)")
+    g.add_argument("--farm-bases", type=int, dest="farm_full_bases", help="bases of the full-size farm run (4578)")
     g.add_argument("--starts", type=int, dest="warm_starts", help="warm runtime starts")
     args = p.parse_args(argv)
 
@@ -92,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown section {s!r}: choose from {', '.join(SECTIONS)}")
     sections = [s for s in SECTIONS if not only or s in only]
     overrides = {k: getattr(args, k) for k in ("real_bases", "real_unique_mib", "naive_bases", "naive_budget_s",
-                                               "small_bases", "warm_starts")}
+                                               "small_bases", "farm_full_bases", "warm_starts")}
     extra: list[str] = []  # sizes given on the command line, echoed in the reproduce commands
     for flag, key in (("--bases", "real_bases"), ("--unique-mib", "real_unique_mib"), ("--naive", "naive_bases"),
                       ("--naive-budget", "naive_budget_s"), ("--small-bases", "small_bases"),
+                      ("--farm-bases", "farm_full_bases"),
                       ("--starts", "warm_starts")):
         if overrides[key] is not None:
             extra.append(f"{flag} {overrides[key]:g}" if isinstance(overrides[key], float) else f"{flag} {overrides[key]}")

@@ -53,6 +53,8 @@ class Plan:
     naive_budget_s: float     #: stop the naive loop (after >= 1 image) once this is spent
     fast_rounds: int          #: warm fast-path rounds over the realistic set
     small_bases: int          #: small bases for scale/farm/lookup
+    farm_full_bases: int      #: the farm at full size: R2E-Gym-Subset's 4,578 bases
+    farm_full_workers: int    #: Celery worker processes for the full-size run
     threads: tuple[int, ...]
     farm_workers: tuple[int, ...]
     local_workers: int
@@ -70,14 +72,14 @@ class Plan:
         if quick:
             base: dict[str, Any] = {
                 "real_bases": 2, "real_unique_mib": 20, "naive_bases": 1, "naive_budget_s": 150,
-                "fast_rounds": 5, "small_bases": 40, "threads": (1, 4, 8), "farm_workers": (1, 2, 4),
+                "fast_rounds": 5, "small_bases": 40, "farm_full_bases": 300, "farm_full_workers": 4, "threads": (1, 4, 8), "farm_workers": (1, 2, 4),
                 "local_workers": 8, "copy_bases": 2, "warm_starts": 3, "cold_starts": 1,
                 "cold_payload_starts": 0, "direct_starts": 2, "concurrent_starts": 0,
                 "lookup_seconds": 3.0, "lookup_concurrency": 16}
         else:
             base = {
                 "real_bases": 6, "real_unique_mib": 100, "naive_bases": 6, "naive_budget_s": 420,
-                "fast_rounds": 10, "small_bases": 200, "threads": (1, 4, 8), "farm_workers": (1, 2, 4),
+                "fast_rounds": 10, "small_bases": 200, "farm_full_bases": 4578, "farm_full_workers": 4, "threads": (1, 4, 8), "farm_workers": (1, 2, 4),
                 "local_workers": 8, "copy_bases": 6, "warm_starts": 20, "cold_starts": 2,
                 "cold_payload_starts": 2, "direct_starts": 6, "concurrent_starts": 8,
                 "lookup_seconds": 10.0, "lookup_concurrency": 32}
@@ -88,26 +90,11 @@ class Plan:
 
 
 # -- registry access log ----------------------------------------------------------------------
-_LINE = re.compile(r'^(\S+) \S+ \S+ \[[^\]]+\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-) "[^"]*" "([^"]*)"')
-
-
 class LoggedRegistry(Registry):
     """docker-registry with its access log on (Apache combined format, in registry.log)."""
 
-    def _config(self) -> Path:
-        cfg = super()._config()
-        cfg.write_text(cfg.read_text().replace("disabled: true", "disabled: false"))
-        return cfg
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "registry.log"
-
-    def mark(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except OSError:
-            return 0
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw, access_log=True)
 
     def blob_size(self, digest: str) -> int:
         hexd = digest.split(":", 1)[1]
@@ -134,30 +121,24 @@ class LoggedRegistry(Registry):
         ...?mount= answered 201.
         """
         time.sleep(0.05)  # the registry writes the line right after the response
-        with open(self.log_path, "rb") as fh:
-            fh.seek(mark)
-            text = fh.read().decode(errors="replace")
         out = {"requests": 0, "by_method": {}, "pulled_bytes": 0, "pushed_bytes": 0, "pushed_blobs": 0,
                "mounts": 0, "manifest_puts": 0, "agents": {}, "pushed": {}}
-        for line in text.splitlines():
-            m = _LINE.match(line)
-            if not m:
-                continue
-            _ip, method, path, status, size, agent = m.groups()
+        for a in self.accesses(mark):
+            method, path, status, size, agent = a.method, a.path, str(a.status), a.size, a.agent
             out["requests"] += 1
             out["by_method"][method] = out["by_method"].get(method, 0) + 1
             short = agent.split("/")[0] or "-"
             out["agents"][short] = out["agents"].get(short, 0) + 1
-            if method == "GET" and "/blobs/sha256:" in path and status == "200" and size != "-":
-                out["pulled_bytes"] += int(size)
+            if method == "GET" and "/blobs/sha256:" in path and status == "200" and size is not None:
+                out["pulled_bytes"] += size
             elif method == "PUT" and "/blobs/uploads/" in path and status == "201":
                 dm = re.search(r"digest=(sha256(?::|%3A)[0-9a-f]{64})", path)
                 if dm:
                     digest = dm.group(1).replace("%3A", ":")
-                    size = self.blob_size(digest)
+                    blob = self.blob_size(digest)
                     out["pushed_blobs"] += 1
-                    out["pushed_bytes"] += size
-                    out["pushed"][digest] = size
+                    out["pushed_bytes"] += blob
+                    out["pushed"][digest] = blob
             elif method == "POST" and "mount=" in path and status == "201":
                 out["mounts"] += 1
             elif method == "PUT" and "/manifests/" in path:
@@ -385,9 +366,13 @@ class Bench:
     def small_set(self) -> list[str]:
         """``small_bases`` r2e-shaped bases in registry A (the unique layer is a small
         repository checkout), pushed with the project's registry client in parallel."""
-        if self._small is not None:
-            return self._small
-        n = self.plan.small_bases
+        return self.base_set(self.plan.small_bases)
+
+    def base_set(self, n: int) -> list[str]:
+        """The first ``n`` of the small bases (a larger set contains every smaller one)."""
+        have = self._small or []
+        if len(have) >= n:
+            return have[:n]
         reg = self.registry()
         ff = self.factory
         t0 = time.monotonic()
@@ -421,7 +406,7 @@ class Bench:
             with ThreadPoolExecutor(8) as pool:
                 refs += list(pool.map(push, range(1, n)))
         self._small = refs
-        self.notes["small_set"] = {"n": n, "seconds": round(time.monotonic() - t0, 1)}
+        self.notes[f"small_set_{n}"] = {"n": n, "seconds": round(time.monotonic() - t0, 1)}
         self.log(f"{n} small bases ready in {time.monotonic() - t0:.1f}s")
         return refs
 

@@ -1,5 +1,6 @@
 """The farm: ``run_batch`` over the small set with Celery (1/2/4 worker processes on a
-real Redis) and with the embedded local thread pool, each run into a fresh prefix.
+real Redis) and with the embedded local thread pool, each run into a fresh prefix; then
+both again at full size (R2E-Gym-Subset's 4,578 bases) in the same run.
 
 Timed from ``run_batch`` entry to its return (driver included: catalog, task
 submission, result polling, state files); verification off (``verify="none"``) so the
@@ -45,6 +46,41 @@ def _batch(b: Bench, bases: list[str], to: str, executor: str, workers: int = 8,
             "loadavg": [load0, loadavg()]}
 
 
+def _celery_run(b: Bench, app, redis, reg, bases: list[str], n: int, prefix: str) -> dict[str, Any]:
+    b.seed_payload(reg, prefix)
+    node = f"bench{n}-{len(bases)}@{socket.gethostname()}"
+    b.log(f"farm: celery worker with {n} process(es) (prefork), {len(bases)} bases, prefix {prefix}")
+    proc = b.spawn(f"celery-{n}-{len(bases)}", [python(), "-m", "celery", "-A", "imagefarm.worker.app", "worker",
+                                               "-Q", "derive", "--concurrency", str(n), "-n", node,
+                                               "--loglevel", "WARNING", "--without-gossip", "--without-mingle"],
+                   env={"IMAGEFARM_BROKER_URL": redis.url, "IMAGEFARM_STATE_DIR": str(b.state_dir)})
+    try:
+        ready_s = _wait_worker(app, node)
+        r = _batch(b, bases, f"{reg.host}/{prefix}", "celery", broker_url=redis.url)
+    except Exception:
+        b.log(b.log_tail(f"celery-{n}-{len(bases)}.log"))
+        raise
+    finally:
+        b.stop_proc(proc)
+    r.update(executor="celery", workers=n, worker_ready_s=ready_s)
+    b.log(f"  {r['images_per_s']:.1f} images/s ({r['derived']} derived, {r['failed']} failed) in "
+          f"{r['seconds']:.1f}s, worker ready in {ready_s:.1f}s")
+    if r["failed"]:
+        b.log(f"  first failure: {r['failures'][0]}")
+    return r
+
+
+def _local_run(b: Bench, reg, bases: list[str], prefix: str) -> dict[str, Any]:
+    b.seed_payload(reg, prefix)
+    b.log(f"farm: embedded local pool, {b.plan.local_workers} threads, {len(bases)} bases, prefix {prefix}")
+    r = _batch(b, bases, f"{reg.host}/{prefix}", "local", workers=b.plan.local_workers)
+    r.update(executor="local", workers=b.plan.local_workers)
+    b.log(f"  {r['images_per_s']:.1f} images/s ({r['derived']} derived, {r['failed']} failed) in {r['seconds']:.1f}s")
+    if r["failed"]:
+        b.log(f"  first failure: {r['failures'][0]}")
+    return r
+
+
 def run_farm(b: Bench) -> dict[str, Any]:
     from imagefarm.worker.app import app
 
@@ -54,37 +90,11 @@ def run_farm(b: Bench) -> dict[str, Any]:
     b.check_recipe_stable()  # the workers are fresh processes: they must derive with this payload
     redis = b.redis()
     app.conf.broker_url = app.conf.result_backend = redis.url
-    runs = []
-    for n in b.plan.farm_workers:
-        prefix = f"prebuilt-farm{n}"
-        b.seed_payload(reg, prefix)
-        node = f"bench{n}@{socket.gethostname()}"
-        b.log(f"farm: celery worker with {n} process(es) (prefork), {len(bases)} bases, prefix {prefix}")
-        proc = b.spawn(f"celery-{n}", [python(), "-m", "celery", "-A", "imagefarm.worker.app", "worker",
-                                       "-Q", "derive", "--concurrency", str(n), "-n", node,
-                                       "--loglevel", "WARNING", "--without-gossip", "--without-mingle"],
-                       env={"IMAGEFARM_BROKER_URL": redis.url, "IMAGEFARM_STATE_DIR": str(b.state_dir)})
-        try:
-            ready_s = _wait_worker(app, node)
-            r = _batch(b, bases, f"{reg.host}/{prefix}", "celery", broker_url=redis.url)
-        except Exception:
-            b.log(b.log_tail(f"celery-{n}.log"))
-            raise
-        finally:
-            b.stop_proc(proc)
-        r.update(executor="celery", workers=n, worker_ready_s=ready_s)
-        b.log(f"  {r['images_per_s']:.1f} images/s ({r['derived']} derived, {r['failed']} failed), "
-              f"worker ready in {ready_s:.1f}s")
-        if r["failed"]:
-            b.log(f"  first failure: {r['failures'][0]}")
-        runs.append(r)
-    prefix = "prebuilt-farm-local"
-    b.seed_payload(reg, prefix)
-    b.log(f"farm: embedded local pool, {b.plan.local_workers} threads, prefix {prefix}")
-    r = _batch(b, bases, f"{reg.host}/{prefix}", "local", workers=b.plan.local_workers)
-    r.update(executor="local", workers=b.plan.local_workers)
-    b.log(f"  {r['images_per_s']:.1f} images/s ({r['derived']} derived, {r['failed']} failed)")
-    if r["failed"]:
-        b.log(f"  first failure: {r['failures'][0]}")
-    runs.append(r)
-    return {"bases": len(bases), "runs": runs}
+    runs = [_celery_run(b, app, redis, reg, bases, n, f"prebuilt-farm{n}") for n in b.plan.farm_workers]
+    runs.append(_local_run(b, reg, bases, "prebuilt-farm-local"))
+    # full size: the same two executors over every base of R2E-Gym-Subset's size, same run
+    full = b.base_set(b.plan.farm_full_bases)
+    n = b.plan.farm_full_workers
+    full_runs = [_celery_run(b, app, redis, reg, full, n, f"prebuilt-full-celery{n}"),
+                 _local_run(b, reg, full, "prebuilt-full-local")]
+    return {"bases": len(bases), "runs": runs, "full": {"bases": len(full), "runs": full_runs}}

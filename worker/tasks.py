@@ -5,10 +5,18 @@ exponential backoff; permanent ones (base not found, malformed reference) come b
 as a failed result at once, with the reason. A spent pull budget is neither: every
 worker passes the same rate-limit gate in Redis, and a task that meets a closed gate
 is put back (same task id, no retry used up) to run when it opens.
+
+Every delivery of a task is counted in ``imagefarm:task:<id>`` (a hash: ``deliveries``,
+``redelivered`` -- the broker put it back after a lost worker --, ``retries`` -- the
+task's own retries --, ``paused`` -- sent again to wait for the rate-limit gate -- and
+the worker process that took it last): the broker-side record the driver reads to
+report repeated work.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from typing import Any
 
@@ -25,11 +33,56 @@ from .semaphore import RedisSemaphore
 
 RETRY = dict(autoretry_for=(ImagefarmError, ConnectionError, OSError), retry_backoff=2, retry_backoff_max=120,
              retry_jitter=True, max_retries=8)
+RECORD_TTL = 7 * 24 * 3600
+_client: tuple[int, redis.Redis] | None = None
+
+
+def task_key(task_id: str) -> str:
+    return f"imagefarm:task:{task_id}"
+
+
+def _redis() -> redis.Redis:
+    """One client per (forked) process: pool processes must not share a parent's sockets."""
+    global _client
+    if _client is None or _client[0] != os.getpid():
+        _client = (os.getpid(), redis.Redis.from_url(app.conf.broker_url))
+    return _client[1]
+
+
+def _record_delivery(task, patience: float = 300.0) -> None:
+    """Count this delivery before the work starts. A task can start while the broker is
+    away (it was prefetched): the record waits for Redis like the task's other Redis
+    calls do, and after ``patience`` the work goes ahead unrecorded."""
+    req = task.request
+    info = req.delivery_info or {}
+    key = task_key(req.id)
+    deadline, delay = time.monotonic() + patience, 0.2
+    while True:
+        try:
+            _redis().pipeline(transaction=False) \
+                .hincrby(key, "deliveries", 1) \
+                .hincrby(key, "redelivered", 1 if info.get("redelivered") else 0) \
+                .hset(key, mapping={"pid": os.getpid(), "retries": req.retries or 0, "name": task.name,
+                                    "arg": (req.args or [""])[0], "host": req.hostname or socket.gethostname()}) \
+                .expire(key, RECORD_TTL) \
+                .execute()
+            return
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _count(task, field_: str) -> None:
+    try:
+        _redis().hincrby(task_key(task.request.id), field_, 1)
+    except redis.RedisError:
+        pass  # best effort: the record then shows one unexplained delivery more
 
 
 def _slots(settings: Settings) -> RedisSemaphore:
-    client = redis.Redis.from_url(app.conf.broker_url)
-    return RedisSemaphore(client, "registry", settings.registry_concurrency)
+    return RedisSemaphore(_redis(), "registry", settings.registry_concurrency)
 
 
 #: a task set aside for a long pause wakes at least this often (a countdown longer than
@@ -46,6 +99,7 @@ def _gate() -> None:
 @app.task(name="imagefarm.derive", bind=True, **RETRY)
 def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None = None,
            publish: bool = True) -> dict[str, Any]:
+    _record_delivery(self)
     settings = Settings.load(to=to, recipe=recipe)
     _gate()
     try:
@@ -55,6 +109,7 @@ def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None =
         # sent again under the same id (the driver's handle stays valid) with the same
         # retry count: waiting for a window uses up none of the retries for real errors
         wait = max(0.0, min(MAX_COUNTDOWN, exc.until - time.time()))
+        _count(self, "paused")
         self.apply_async(args=self.request.args, kwargs=self.request.kwargs, task_id=self.request.id,
                          countdown=wait, retries=self.request.retries)
         raise Ignore() from None
@@ -62,5 +117,6 @@ def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None =
 
 @app.task(name="imagefarm.verify", bind=True, **RETRY)
 def verify(self, image: str, digest: str, to: str, recipe: str, timeout: float = 120.0) -> dict[str, Any]:
+    _record_delivery(self)
     settings = Settings.load(to=to, recipe=recipe)
     return jobs.verify_image(settings, image, digest, timeout)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -150,6 +149,10 @@ def _summary(state: BatchState) -> None:
     out.print(f"batch {state.batch_id}: {state.total} bases, derived {state.derived}, already done "
               f"{state.skipped}, failed {state.failed}, verified {state.verified}, verify failed "
               f"{state.verify_failed}, bad rows {state.bad_rows} in {secs:.1f}s")
+    if state.executor == "celery":
+        out.print(f"repeated work: {state.redelivered} task(s) delivered again by the broker "
+                  f"({state.extra_deliveries} extra deliveries, after a lost worker), {state.resubmitted} "
+                  f"asked again by the driver after a stall")
     if state.lockfile:
         out.print(f"lockfile: {state.lockfile}")
     if state.failures:
@@ -183,10 +186,18 @@ def worker(
     concurrency: int = typer.Option(max(2, os.cpu_count() or 2), help="parallel tasks in this worker"),
     broker_url: Optional[str] = typer.Option(None, help="Redis URL (IMAGEFARM_BROKER_URL)"),
     loglevel: str = typer.Option("INFO"),
+    hostname: Optional[str] = typer.Option(None, "--hostname", "-n", help="worker node name (celery -n), e.g. w1@%h"),
 ) -> None:
-    """Start a Celery worker for the farm (on a CPU node; see worker/README.md for SLURM)."""
+    """Start a Celery worker for the farm (on a CPU node; see worker/README.md for SLURM).
+
+    The Celery worker runs as a child and is started again if it exits (broker loss can
+    end it); each exit code is logged. Ctrl-C or SIGTERM stops it (warm shutdown).
+    """
     if broker_url:
         os.environ["IMAGEFARM_BROKER_URL"] = broker_url
-    argv = [sys.executable, "-m", "celery", "-A", "imagefarm.worker.app", "worker", "-Q", queues,
-            "--concurrency", str(concurrency), "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
-    os.execv(sys.executable, argv)
+    import imagefarm.worker.app  # noqa: F401 - bad settings end here, in one line, not in a restart loop
+    from imagefarm.worker.supervise import celery_argv, supervise
+
+    code = supervise(celery_argv(queues, concurrency, loglevel, hostname),
+                     log=lambda m: console.print(f"imagefarm worker: {m}", highlight=False))
+    raise typer.Exit(code)

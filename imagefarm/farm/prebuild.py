@@ -69,6 +69,9 @@ class BatchState:
     verified: int = 0
     verify_failed: int = 0
     bad_rows: int = 0
+    resubmitted: int = 0           #: tasks the driver asked for again after a stall (last resort)
+    redelivered: int = 0           #: tasks the broker delivered more than once (a worker was lost)
+    extra_deliveries: int = 0      #: deliveries beyond the first (and beyond a task's own retries)
     failures: list[dict[str, str]] = field(default_factory=list)
     lockfile: str = ""
 
@@ -190,43 +193,124 @@ def _retrying(fn: Callable[[], dict[str, Any]], what: str, attempts: int = 6) ->
 
 
 class CeleryExecutor:
-    """Tasks on the Redis broker; workers on CPU nodes run them."""
+    """Tasks on the Redis broker; workers on CPU nodes run them.
+
+    Results are read in sweeps, one MGET of the result keys of everything pending (in
+    chunks), not one request per task: the driver's cost no longer grows with the
+    batch times the poll rate. Redis being away is waited out sweep by sweep.
+    """
 
     name = "celery"
+    CHUNK = 2000
 
     def __init__(self, settings: Settings, layer: dict[str, Any] | None, verify_timeout: float = 120.0) -> None:
         from imagefarm.worker.app import app
 
         app.conf.broker_url = app.conf.result_backend = settings.broker_url
         self.settings, self.layer, self.verify_timeout, self.app = settings, layer, verify_timeout, app
+        self.submitted: list[str] = []
 
     def derive(self, base: str, publish: bool):
         from imagefarm.worker import tasks
 
-        return tasks.derive.apply_async(args=[base, self.settings.to, self.settings.recipe, self.layer, publish])
+        return self._sent(tasks.derive.apply_async(
+            args=[base, self.settings.to, self.settings.recipe, self.layer, publish]))
 
     def verify(self, image: str, digest: str):
         from imagefarm.worker import tasks
 
-        return tasks.verify.apply_async(args=[image, digest, self.settings.to, self.settings.recipe,
-                                              self.verify_timeout])
+        return self._sent(tasks.verify.apply_async(
+            args=[image, digest, self.settings.to, self.settings.recipe, self.verify_timeout]))
+
+    def _sent(self, handle):
+        self.submitted.append(handle.id)
+        return handle
+
+    def _sweep(self, handles: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+        from celery import states
+
+        backend = self.app.backend
+        ready = []
+        for i in range(0, len(handles), self.CHUNK):
+            chunk = handles[i:i + self.CHUNK]
+            values = backend.client.mget([backend.get_key_for_task(h.id) for h in chunk])
+            for h, raw in zip(chunk, values):
+                if raw is not None:
+                    meta = backend.decode_result(raw)
+                    if meta["status"] in states.READY_STATES:
+                        ready.append((h, meta))
+        return ready
 
     def wait(self, handles: set[Any], timeout: float):
+        import redis
+        from celery import states
+
         deadline = time.monotonic() + timeout
+        order = list(handles)
         while True:
-            ready = [h for h in handles if h.ready()]
+            try:
+                ready = self._sweep(order)
+            except (redis.ConnectionError, redis.TimeoutError):
+                ready = []  # Redis is restarting: the results wait there (appendonly)
             if ready or time.monotonic() > deadline:
                 break
-            time.sleep(0.05)
-        for h in ready:
-            if h.successful():
-                yield h, h.result
+            time.sleep(0.1)
+        for h, meta in ready:
+            if meta["status"] == states.SUCCESS:
+                yield h, meta["result"]
             else:
-                yield h, {"ok": False, "error": f"task failed: {h.result!r}"}
-            h.forget()
+                yield h, {"ok": False, "error": f"task failed: {meta.get('result')!r}"}
+        if ready:
+            try:
+                self.app.backend.client.delete(*[self.app.backend.get_key_for_task(h.id) for h, _ in ready])
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass  # results expire on their own (result_expires)
+
+    def unconsumed(self, queues: set[str]) -> list[str] | None:
+        """Those of ``queues`` no live worker consumes (asked with a 1 s broadcast);
+        None when the broker itself does not answer."""
+        try:
+            replies = self.app.control.inspect(timeout=1.0).active_queues() or {}
+        except Exception:  # noqa: BLE001 - a broker that is away: no claim either way
+            return None
+        served = {q["name"] for qs in replies.values() for q in qs or []}
+        return sorted(queues - served)
+
+    def start_hint(self, queue: str) -> str:
+        return f"imagefarm worker --queues {queue} --broker-url {_redacted(self.settings.broker_url)}"
+
+    def deliveries(self) -> dict[str, int]:
+        """From the tasks' delivery records: tasks the broker delivered more than once
+        (beyond their own retries and rate-limit pauses), and how many extra deliveries."""
+        from imagefarm.worker.tasks import task_key
+
+        client = self.app.backend.client
+        extra = redelivered = 0
+        try:
+            for i in range(0, len(self.submitted), self.CHUNK):
+                pipe = client.pipeline(transaction=False)
+                for tid in self.submitted[i:i + self.CHUNK]:
+                    pipe.hmget(task_key(tid), "deliveries", "retries", "paused")
+                for got in pipe.execute():
+                    n, retries, paused = (int(x or 0) for x in got)
+                    if n > 1 + retries + paused:
+                        redelivered += 1
+                        extra += n - 1 - retries - paused
+        except Exception:  # noqa: BLE001 - bookkeeping must not fail a finished batch
+            return {}
+        return {"redelivered_tasks": redelivered, "extra_deliveries": extra}
 
     def close(self) -> None:
         pass
+
+
+def _redacted(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    if u.password:
+        u = u._replace(netloc=f"{u.username or ''}:***@{u.hostname}" + (f":{u.port}" if u.port else ""))
+    return urlunsplit(u)
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -300,15 +384,18 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
                   else ex.verify(o.image, o.digest))
         pending[handle] = (stage, base)
 
-    # A result can be lost between a worker and the driver (the broker restarted just as
-    # the worker acknowledged and stored it: the task stays unacknowledged until the
-    # visibility timeout). Tasks are idempotent, so when nothing at all has finished for
-    # ``stall`` seconds the driver asks again for what it still waits on.
+    # Tasks come back through the broker when a worker is lost (acks_late, leases).
+    # Two things it cannot fix: no worker consumes a queue (said so, with the command
+    # that starts one, every ``check`` seconds of silence), and a result lost between a
+    # worker and the driver: when nothing at all has finished for ``stall`` seconds while
+    # workers are there, the driver asks again for what it waits on (tasks are
+    # idempotent), and counts it.
     stall = max(120.0, 2 * verify_timeout) if executor == "celery" else None
+    check = 20.0
     try:
         for b in bases:
             submit("derive", b)
-        last_save, last_result = 0.0, time.monotonic()
+        last_save, last_result, last_check = 0.0, time.monotonic(), time.monotonic()
         while pending:
             for handle, res in ex.wait(set(pending), timeout=0.5):
                 stage, base = pending.pop(handle)
@@ -318,13 +405,25 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
                 if stage == "derive" and o.ok and base in to_verify:
                     submit("verify", base)
             now = time.monotonic()
-            if stall and pending and now - last_result > stall:
-                log(f"no result for {stall:.0f}s: asking again for {len(pending)} task(s) (idempotent)")
-                stale = list(pending.values())
-                pending.clear()  # a late answer to an old handle is simply not waited for
-                for stage, base in stale:
-                    submit(stage, base)
-                last_result = now
+            idle = now - last_result
+            if stall and pending and idle > check and now - last_check > check:
+                last_check = now
+                waiting = {stage for stage, _ in pending.values()}
+                missing = ex.unconsumed(waiting)  # None: the broker is away, nothing to do now
+                for q in missing or []:
+                    n = sum(1 for stage, _ in pending.values() if stage == q)
+                    log(f"no worker consumes queue {q!r} on {_redacted(settings.broker_url)}: {n} task(s) wait "
+                        f"there; start one with `{ex.start_hint(q)}`")
+                if missing:
+                    last_result = now  # a stall with no consumer is not a lost result: do not ask again
+                elif missing is not None and idle > stall:
+                    log(f"no result for {stall:.0f}s: asking again for {len(pending)} task(s) (idempotent)")
+                    stale = list(pending.values())
+                    state.resubmitted += len(stale)
+                    pending.clear()  # a late answer to an old handle is simply not waited for
+                    for stage, base in stale:
+                        submit(stage, base)
+                    last_result = now
             if on_progress:
                 on_progress(state)
             if now - last_save > 1.0:
@@ -337,6 +436,10 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
     finally:
         if threading_main():
             signal.signal(signal.SIGTERM, old_handler)
+        if isinstance(ex, CeleryExecutor):
+            counts = ex.deliveries()
+            state.redelivered = counts.get("redelivered_tasks", 0)
+            state.extra_deliveries = counts.get("extra_deliveries", 0)
         ex.close()
         state.finished = time.time()
         lock = _write_lockfile(settings, cat, outcomes, recipe, lockfile, dataset) if lockfile else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -58,6 +60,13 @@ class _Service:
         self.stop()
         self.start()
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash does: no shutdown of any kind (fault tests; ``start()`` again)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
     def start(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -74,6 +83,40 @@ class _Service:
         self.close()
 
 
+#: one line of the registry's access log (Apache combined format)
+_ACCESS_LINE = re.compile(r'^(\S+) \S+ \S+ \[([^\]]+)\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-) "[^"]*" "([^"]*)"')
+
+
+@dataclass(frozen=True)
+class Access:
+    """One request as the registry logged it (after it answered)."""
+
+    method: str
+    path: str
+    status: int
+    size: int | None  #: response bytes
+    agent: str
+    when: float       #: epoch seconds (the log has whole seconds)
+
+
+def read_access_log(path: Path, mark: int = 0) -> list[Access]:
+    """The requests logged in ``path`` from byte offset ``mark`` on; other lines skipped."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(mark)
+            text = fh.read().decode(errors="replace")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        m = _ACCESS_LINE.match(line)
+        if m:
+            _ip, when, method, path_, status, size, agent = m.groups()
+            out.append(Access(method, path_, int(status), None if size == "-" else int(size), agent,
+                              datetime.strptime(when, "%d/%b/%Y:%H:%M:%S %z").timestamp()))
+    return out
+
+
 @dataclass
 class Registry(_Service):
     """Debian's docker-registry (CNCF distribution) on 127.0.0.1:<free port>.
@@ -81,11 +124,13 @@ class Registry(_Service):
     With ``users`` it requires htpasswd basic auth. With ``proxy`` (a registry URL) it
     is a pull-through cache of that registry (distribution's ``proxy: remoteurl:``):
     read-only, each blob and manifest fetched from the remote once, then served locally.
+    With ``access_log`` every request is logged to ``registry.log`` (kept across
+    restarts): what fault tests and benchmarks count instead of inferring.
     """
 
     users: dict[str, str] | None = None
-    access_log: bool = False
     proxy: str | None = None
+    access_log: bool = False
 
     @classmethod
     def create(cls, workdir: Path | None = None, users: dict[str, str] | None = None,
@@ -94,13 +139,24 @@ class Registry(_Service):
         wd = Path(workdir or tempfile.mkdtemp(prefix="imagefarm-registry-"))
         return cls(workdir=wd, users=users, access_log=access_log, _own_dir=own)
 
-    def blob_gets(self) -> list[str]:
-        """The blob digests served so far (``GET /v2/<repo>/blobs/<digest>`` answered 200 or 307),
-        read from the access log (``access_log=True``): what pulls really fetched."""
-        import re
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "registry.log"
 
-        text = (self.workdir / "registry.log").read_text(errors="replace")
-        return re.findall(r'"GET /v2/[^ ]+/blobs/(sha256:[0-9a-f]{64}) HTTP/[0-9.]+" (?:200|307) ', text)
+    def mark(self) -> int:
+        """The access log's current end: pass it to ``accesses`` to read what follows."""
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def accesses(self, mark: int = 0) -> list[Access]:
+        return read_access_log(self.log_path, mark)
+
+    def blob_gets(self) -> list[str]:
+        """The blob digests served so far (GETs answered 200 or 307): what pulls really fetched."""
+        return [a.path.rsplit("/", 1)[1] for a in self.accesses()
+                if a.method == "GET" and "/blobs/sha256:" in a.path and a.status in (200, 307)]
 
     @property
     def host(self) -> str:
@@ -151,7 +207,7 @@ class Registry(_Service):
         if not self.port:
             self.port = free_port()
         cfg = self._config()
-        log = open(self.workdir / "registry.log", "ab")
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [which("docker-registry"), "serve", str(cfg)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -171,7 +227,14 @@ class Registry(_Service):
 
 @dataclass
 class Redis(_Service):
-    """redis-server on 127.0.0.1:<free port>, data in a private directory."""
+    """redis-server on 127.0.0.1:<free port>, data in a private directory (also the
+    ``dev`` stack's Redis).
+
+    ``appendonly yes`` with ``appendfsync always``: a queued task or a stored result that
+    Redis acknowledged is on disk, so a SIGKILL loses nothing; Redis groups the writes of
+    one event-loop turn into one fsync, cheap at the farm's rates. (``everysec`` could
+    lose the last second: a task the driver believes queued, a result a worker stored.)
+    """
 
     @classmethod
     def create(cls, workdir: Path | None = None) -> "Redis":

@@ -39,19 +39,6 @@ def wait_for(cond: Callable[[], T], what: str, timeout: float = 300.0, every: fl
         time.sleep(every)
 
 
-def uploads_in_flight(registry: Registry) -> list[Path]:
-    """Blob uploads the registry holds open right now (bytes already received)."""
-    repos = registry.workdir / "data" / "docker" / "registry" / "v2" / "repositories"
-    out = []
-    for data in repos.glob("**/_uploads/*/data"):
-        try:
-            if data.stat().st_size > 0:
-                out.append(data)
-        except OSError:  # finished (and removed) while we looked
-            pass
-    return out
-
-
 def catalog_tags(registry: Registry) -> dict[str, list[str]]:
     """Every repository of ``registry`` and its tags."""
     repos = httpx.get(f"{registry.url}/v2/_catalog", params={"n": 1000}, timeout=30).json()["repositories"]

@@ -1,21 +1,32 @@
-"""Faults injected into real services while a batch runs: the registry restarted
-mid-derive (local pool and Celery), Redis restarted mid-batch, the disk filling up
-during a payload build. "Worker killed mid-derive" is tests/farm/test_farm.py."""
+"""Faults injected into real services while a batch runs, each shown to land mid-work and
+judged by counting, not inferring: the registry's access log (tag PUTs, verification
+records, blob uploads) and the tasks' delivery records in the broker (tests/reliability/
+evidence.py). Workers are the shipped ``imagefarm worker`` (heartbeats on); crashes are
+SIGKILLs. Each test prints its row of docs/RELIABILITY.md's fault table (``-s``).
+
+Also: the disk filling up during a payload build.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import redis
 
+from imagefarm.farm.lockfile import Lockfile
 from tests.conftest import imagefarm_cli
-from tests.reliability.conftest import assert_batch_complete, catalog_tags, uploads_in_flight, wait_for
+from tests.reliability.conftest import assert_batch_complete, wait_for
+from tests.reliability.evidence import Evidence, deliveries, open_uploads, row, task_records
 
-N_BASES = 20
+HERE = "tests/reliability/test_faults.py"
 
 
 def _dataset(tmp_path: Path, bases: list[str]) -> Path:
@@ -24,99 +35,215 @@ def _dataset(tmp_path: Path, bases: list[str]) -> Path:
     return path
 
 
-def _start_prebuild(env, dataset: Path, to: str, lockfile: Path, executor: str) -> subprocess.Popen:
+def _prebuild(env, dataset: Path, lockfile: Path, executor: str = "celery", verify: str = "none") -> subprocess.Popen:
     exe = str(Path(sys.executable).parent / "imagefarm")
-    return subprocess.Popen([exe, "prebuild", "--dataset", str(dataset), "--to", to, "--executor", executor,
-                             "--verify", "none", "--verify-timeout", "30", "--json", "--lockfile", str(lockfile)],
+    return subprocess.Popen([exe, "prebuild", "--dataset", str(dataset), "--executor", executor,
+                             "--verify", verify, "--json", "--lockfile", str(lockfile)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(proc: subprocess.Popen, extra: str = "") -> dict:
-    out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{err[-4000:]}\n{out[-2000:]}\n{extra}"
-    return json.loads(out)
+def _finish(proc: subprocess.Popen, extra=lambda: "") -> tuple[dict, str]:
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"the batch did not finish\n{err[-4000:]}\n{extra()}")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{err[-4000:]}\n{out[-2000:]}\n{extra()}"
+    return json.loads(out), err
 
 
-def _registry_restart_batch(cli_env, fixtures, target, payload, tmp_path, executor, workers=None):
-    """Prebuild N bases from the session registry into ``target``; restart ``target``
-    while a derive is uploading to it; the batch must complete with nothing lost or doubled."""
-    bases = [b.ref for b in fixtures.r2e_set(N_BASES)]
-    to = f"{target.host}/rel-{executor}"
-    env = {**cli_env, "IMAGEFARM_TO": to}
-    if workers is not None:
+def _tag_puts(target, to: str) -> int:
+    return sum(Evidence.read(target, to).tag_puts.values())
+
+
+@pytest.fixture
+def farm(cli_env, fixtures, own_redis, workers_for, tmp_path):
+    """A private, access-logged target registry, a private Redis, shipped workers."""
+    from imagefarm.host.services import Registry
+
+    with Registry.create(access_log=True) as target:
+        to = f"{target.host}/faults"
+        env = {**cli_env, "IMAGEFARM_BROKER_URL": own_redis.url, "IMAGEFARM_TO": to}
+        yield target, to, env, workers_for(env)
+
+
+def _bases(fixtures, n: int) -> list[str]:
+    return [b.ref for b in fixtures.r2e_set(n)]
+
+
+def _logs(workers) -> str:
+    return "\n".join(f"--- worker {i}\n" + workers.log(i)[-2500:] for i in range(len(workers.procs)))
+
+
+# -- (a) a worker's pool process SIGKILLed mid-upload ----------------------------------------------
+
+@pytest.mark.slow
+def test_worker_sigkilled_mid_upload(farm, fixtures, own_redis, payload, tmp_path):
+    """The only pool process of a worker is SIGKILLed while the registry holds an upload of
+    it open with bytes received (the payload or a base layer crossing registries): the task
+    comes back through the broker (same task id, a second delivery marked redelivered),
+    the cut upload never completes, every base ends with one tag."""
+    target, to, env, workers = farm
+    bases = _bases(fixtures, 12)
+    w = workers.start("derive", concurrency=1, name="w0")
+    lockfile = tmp_path / "lock.json"
+    proc = _prebuild(env, _dataset(tmp_path, bases), lockfile)
+    try:
+        cut = wait_for(lambda: open_uploads(target) or proc.poll() is not None, "an upload with bytes in it")
+        assert proc.poll() is None, "the batch ended before an upload was seen: " + proc.stderr.read()[-3000:]
+        [pid] = workers.pool(w)
+        running = [tid for tid, r in task_records(own_redis.url).items() if r.get("pid") == str(pid)]
+        os.kill(pid, signal.SIGKILL)
+        cleared = time.time()
+    except BaseException:
+        proc.kill()
+        raise
+    state, _ = _finish(proc, lambda: _logs(workers))
+    ev = Evidence.read(target, to)
+    assert not (cut & ev.finished_uploads), "the kill did not cut the upload: it completed"
+    assert_batch_complete(target, lockfile, bases, to)
+    ev.check(lockfile, bases)
+    records = task_records(own_redis.url)
+    counts = deliveries(records)
+    assert len(running) == 1, running
+    killed = records[running[0]]
+    assert int(killed["deliveries"]) == 2 + int(killed["retries"]) and killed["redelivered"] == "1", killed
+    assert counts["tasks"] == len(bases)  # one task per base: nothing came from a driver resubmit
+    assert state["resubmitted"] == 0 and state["redelivered"] == 1 and state["failed"] == 0, state
+    row("pool process SIGKILLed mid-upload (Celery, 1 process)", len(bases), 0, ev, counts, state, cleared,
+        f"pytest -s {HERE}::test_worker_sigkilled_mid_upload")
+
+
+# -- (b) the registry SIGKILLed mid-upload and started again -----------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["local", "celery"])
+def test_registry_killed_mid_upload(farm, fixtures, own_redis, payload, tmp_path, executor):
+    target, to, env, workers = farm
+    bases = _bases(fixtures, 16)
+    if executor == "celery":
         workers.start("derive", concurrency=2, name="w0")
     lockfile = tmp_path / "lock.json"
-    proc = _start_prebuild(env, _dataset(tmp_path, bases), to, lockfile, executor)
+    proc = _prebuild(env, _dataset(tmp_path, bases), lockfile, executor)
     try:
-        # mid-batch, by construction: bytes of a blob upload are in the registry and
-        # no derive can finish before its blobs are in
-        wait_for(lambda: uploads_in_flight(target) or proc.poll() is not None, "a blob upload into the target")
-        assert proc.poll() is None, "the batch ended before any upload was seen: " + proc.stderr.read()[-3000:]
-        done_before = sum(len(t) for r, t in catalog_tags(target).items() if "imagefarm-payload" not in r)
-        target.restart()
+        cut = wait_for(lambda: open_uploads(target) or proc.poll() is not None, "an upload with bytes in it")
+        assert proc.poll() is None, "the batch ended before an upload was seen: " + proc.stderr.read()[-3000:]
+        target.kill()
+        target.start()
+        cleared = time.time()
     except BaseException:
         proc.kill()
         raise
-    state = _finish(proc, workers.log(0)[-3000:] if workers else "")
-    assert done_before < N_BASES
-    assert state["failed"] == 0 and state["derived"] + state["skipped"] == N_BASES, state
-    assert state["status"] == "finished"
+    state, _ = _finish(proc, lambda: _logs(workers))
+    ev = Evidence.read(target, to)
+    assert not (cut & ev.finished_uploads), "the kill did not cut the upload: it completed"
     assert_batch_complete(target, lockfile, bases, to)
-    # the rerun finds everything done: nothing half-written was taken for done or redone
-    again = _finish(_start_prebuild(env, _dataset(tmp_path, bases), to, lockfile, executor))
-    assert again["skipped"] == N_BASES and again["derived"] == 0 and again["failed"] == 0
+    ev.check(lockfile, bases)
+    assert state["failed"] == 0 and state["resubmitted"] == 0, state
+    counts = deliveries(task_records(own_redis.url)) if executor == "celery" else {}
+    if executor == "celery":
+        assert counts["tasks"] == len(bases)
+    row(f"registry SIGKILLed mid-upload and restarted ({executor})", len(bases), 0, ev, counts, state, cleared,
+        f"pytest -s '{HERE}::test_registry_killed_mid_upload[{executor}]'")
+    again, _ = _finish(_prebuild(env, _dataset(tmp_path, bases), lockfile, executor))
+    assert again["skipped"] == len(bases) and again["derived"] == 0, again
+    assert Evidence.read(target, to).tag_puts == ev.tag_puts  # the rerun put nothing
 
 
-@pytest.mark.slow
-def test_registry_restarted_mid_batch_local(cli_env, fixtures, target, payload, tmp_path):
-    _registry_restart_batch(cli_env, fixtures, target, payload, tmp_path, "local")
+# -- (c) Redis SIGKILLed over several rounds and outage lengths ------------------------------------------
 
-
-@pytest.mark.slow
-def test_registry_restarted_mid_batch_celery(cli_env, fixtures, target, own_redis, payload, tmp_path,
-                                             workers_for):
-    env = {**cli_env, "IMAGEFARM_BROKER_URL": own_redis.url}
-    _registry_restart_batch(env, fixtures, target, payload, tmp_path, "celery", workers_for(env))
-
-
-@pytest.mark.slow
-def test_redis_restarted_mid_batch_celery(cli_env, fixtures, target, own_redis, payload, tmp_path, workers_for,
-                                          settings):
-    """Restart Redis (broker and result backend) once the first image is published while
-    the rest are queued or running: queued tasks survive (appendonly, fsync always), the
-    workers and the driver reconnect, and the batch completes."""
-    bases = [b.ref for b in fixtures.r2e_set(N_BASES)]
-    to = f"{target.host}/rel-redis"
-    env = {**cli_env, "IMAGEFARM_BROKER_URL": own_redis.url, "IMAGEFARM_TO": to}
-    workers = workers_for(env)
-    workers.start("derive", concurrency=1, name="w0")
+def redis_rounds(farm, fixtures, own_redis, tmp_path, outages: list[float], n_bases: int, verify: int,
+                 name: str) -> None:
+    target, to, env, workers = farm
+    bases = _bases(fixtures, n_bases)
+    workers.start("derive,verify", concurrency=2, name="w0")
     workers.start("derive", concurrency=1, name="w1")
     lockfile = tmp_path / "lock.json"
-    proc = _start_prebuild(env, _dataset(tmp_path, bases), to, lockfile, "celery")
-
-    def published() -> int:
-        if proc.poll() is not None:
-            return -1
-        try:
-            return sum(len(t) for r, t in catalog_tags(target).items() if "imagefarm-payload" not in r)
-        except Exception:  # noqa: BLE001 - the catalog may be mid-write
-            return 0
-
+    proc = _prebuild(env, _dataset(tmp_path, bases), lockfile, verify=str(verify))
+    marks = []
     try:
-        n = wait_for(published, "the first published image")
-        assert n > 0, "the batch ended before the fault: " + proc.stderr.read()[-3000:]
-        assert n < N_BASES
-        own_redis.restart()
+        for k, outage in enumerate(outages):
+            goal = n_bases * (k + 1) // (len(outages) + 1)
+            got = wait_for(lambda: proc.poll() is not None or (_tag_puts(target, to) >= goal and goal),
+                           f"{goal} images tagged before round {k + 1}")
+            assert proc.poll() is None and got, "the batch ended before the fault: " + proc.stderr.read()[-3000:]
+            done = _tag_puts(target, to)
+            queued = redis.Redis.from_url(own_redis.url).llen("derive")
+            own_redis.kill()
+            time.sleep(outage)
+            own_redis.start()
+            requeued = redis.Redis.from_url(own_redis.url).llen("derive")
+            marks.append((done, queued, requeued))
+            # the queue outlived the SIGKILL (appendonly): at most what workers took meanwhile is gone from it
+            assert requeued >= queued - 3, (queued, requeued)
+        cleared = time.time()
     except BaseException:
         proc.kill()
         raise
-    state = _finish(proc, workers.log(0)[-3000:] + workers.log(1)[-3000:])
-    assert state["failed"] == 0 and state["derived"] + state["skipped"] == N_BASES, state
+    state, err = _finish(proc, lambda: _logs(workers))
+    ev = Evidence.read(target, to)
+    assert all(done < n_bases for done, _, _ in marks), marks  # every round landed mid-batch
+    sample = {e.base for e in Lockfile.read(lockfile).entries if e.verified}
+    assert len(sample) == verify, sample
     assert_batch_complete(target, lockfile, bases, to)
-    # the fault reached the workers, and they are still alive and serving after it
-    logs = workers.log(0) + workers.log(1)
-    assert "Connection to broker lost" in logs or "Cannot connect to redis" in logs, logs[-3000:]
-    assert all(p.poll() is None for p in workers.procs)
+    ev.check(lockfile, bases, sample)
+    counts = deliveries(task_records(own_redis.url))
+    assert counts["tasks"] == n_bases + verify  # one task per derive and verify: no driver resubmit
+    assert state["failed"] == 0 and state["verify_failed"] == 0, state["failures"]
+    assert state["resubmitted"] == 0 and "asking again" not in err, err[-3000:]
+    # the workers (their supervisors) are all still there, and serving
+    assert all(p.poll() is None for p in workers.procs), _logs(workers)
+    rounds = ", ".join(f"{o:.0f} s" for o in outages)
+    row(f"Redis SIGKILLed {len(outages)}x mid-batch, outages {rounds} (Celery, 2 workers, {verify} boot-checked)",
+        n_bases, 0, ev, counts, state, cleared, name)
+    print(f"rounds (tagged before, queued before kill, queued after restart): {marks}")
+
+
+@pytest.mark.slow
+def test_redis_sigkilled_rounds(farm, fixtures, own_redis, payload, tmp_path):
+    """Three SIGKILLs of Redis (5, 15, 30 s down), each once a further quarter of the
+    bases is tagged. The 120 s outage is run by hand, with the outages in FAULT_OUTAGES:
+    ``FAULT_OUTAGES=120 pytest -s tests/reliability/test_faults.py::test_redis_sigkilled_rounds``."""
+    outages = [float(x) for x in os.environ.get("FAULT_OUTAGES", "5,15,30").split(",")]
+    env = "" if "FAULT_OUTAGES" not in os.environ else f"FAULT_OUTAGES={os.environ['FAULT_OUTAGES']} "
+    redis_rounds(farm, fixtures, own_redis, tmp_path, outages, 16 * (len(outages) + 1), 1,
+                 f"{env}pytest -s {HERE}::test_redis_sigkilled_rounds")
+
+
+# -- no worker on the queue -------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_no_consumer_is_named_then_batch_finishes(farm, fixtures, payload, tmp_path):
+    """Nothing consumes ``derive``: the driver says so, naming the queue and the command
+    that starts a worker, and does not ask again; once a worker starts, the batch ends."""
+    target, to, env, workers = farm
+    bases = _bases(fixtures, 4)
+    lockfile = tmp_path / "lock.json"
+    workers.start("verify", concurrency=1, name="w0")  # a worker, but not on the queue that matters
+    proc = _prebuild(env, _dataset(tmp_path, bases), lockfile)
+    lines: list[str] = []
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: proc.poll() is not None or any("no worker consumes queue 'derive'" in x for x in lines),
+                 "the driver to name the queue without a worker", timeout=90)
+        text = "".join(lines)
+        assert proc.poll() is None, text[-3000:]
+        assert "imagefarm worker --queues derive" in text and "asking again" not in text, text[-3000:]
+        workers.start("derive", concurrency=1, name="w1")
+        assert proc.wait(300) == 0, "".join(lines)[-3000:] + _logs(workers)
+    except BaseException:
+        proc.kill()
+        raise
+    reader.join(10)
+    state = json.loads(proc.stdout.read())
+    assert state["derived"] == len(bases) and state["resubmitted"] == 0, state
+    Evidence.read(target, to).check(lockfile, bases)
 
 
 # -- the disk fills up ------------------------------------------------------------------------
