@@ -10,7 +10,9 @@ registry), ``scale`` (fast path on many small bases, 1/4/8 threads), ``farm`` (C
 with 1/2/4 worker processes, plus the embedded local pool), ``copy`` (cross-registry
 derive: bytes moved vs unique bytes), ``runtime`` (``/start`` to ready), ``lookup``
 (in-process and HTTP, warm and cold), ``ratelimit`` (a batch from a rate-limited
-registry: ``--plan`` vs what the run moves, and the run's pauses).
+registry: ``--plan`` vs what the run moves, and the run's pauses), ``fleet`` (placement
+at 512 concurrent sandboxes, image-aware vs random: a model fed with the runtime
+section's measured costs).
 """
 
-SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "ratelimit")
+SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "ratelimit", "fleet")

@@ -45,6 +45,9 @@ def _runner(name: str) -> Callable[[Bench], dict[str, Any]]:
     if name == "ratelimit":
         from .ratelimit import run_ratelimit
         return run_ratelimit
+    if name == "fleet":
+        from .fleet import run_fleet
+        return run_fleet
     raise ValueError(name)
 
 

@@ -35,8 +35,9 @@ from imagefarm.settings import Settings
 from .backend import PodmanBackend
 from .errors import BuildRefused, NoPrebuiltImage, RuntimeServerError
 from .manager import RuntimeManager, ServeConfig, pinned_image
-from .models import (ActionResult, ErrorBody, Health, ImageDetails, ImageExists, RegistryPrefix,
-                     RuntimeInfo, RuntimeList, RuntimeRef, StartRequest)
+from .metrics import add_metrics, node_rows
+from .models import (ActionResult, ErrorBody, Health, ImageDetails, ImageExists, PrefetchRequest,
+                     RegistryPrefix, RuntimeInfo, RuntimeList, RuntimeRef, StartRequest)
 from .resolver import Resolver
 
 log = logging.getLogger("imagefarm.runtime")
@@ -50,9 +51,15 @@ BUILD_REFUSAL = ("this runtime server starts prebuilt images only and never buil
                  "--to {to}`, then start them by their base or prebuilt reference")
 
 
-def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
-               config: ServeConfig) -> FastAPI:
-    manager = RuntimeManager(settings, backend, resolver, config)
+def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Resolver,
+               config: ServeConfig, *, manager=None, open_paths: tuple[str, ...] = ()) -> FastAPI:
+    """``manager``: a ``fleet.Fleet`` for a front; by default this server is its own only node.
+    ``open_paths``: paths the guard leaves to their own key check (a front's ``/fleet/*``,
+    which nodes call with the fleet key, never the clients' key).
+
+    ``app.state.after_startup`` / ``before_shutdown``: coroutines a node process or a
+    front adds (joining, reporting), run after the manager starts and before it stops."""
+    manager = manager or RuntimeManager(settings, backend, resolver, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -60,9 +67,13 @@ def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
             log.warning("!!! AUTHENTICATION DISABLED (--disable-auth): anyone who reaches this port "
                         "can start containers on this node !!!")
         await manager.startup()
+        for hook in app.state.after_startup:
+            await hook()
         try:
             yield
         finally:
+            for hook in app.state.before_shutdown:
+                await hook()
             await manager.shutdown()
 
     app = FastAPI(
@@ -73,8 +84,9 @@ def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
         lifespan=lifespan,
     )
     app.state.manager = manager
-    protect(app, key=None if config.disable_auth else config.api_key, open_paths={"/alive", "/health"},
-            max_body=config.max_body)
+    app.state.after_startup, app.state.before_shutdown = [], []
+    protect(app, key=None if config.disable_auth else config.api_key,
+            open_paths={"/alive", "/health", *open_paths}, max_body=config.max_body)
 
     @app.exception_handler(RuntimeServerError)
     async def _runtime_error(request: Request, exc: RuntimeServerError) -> JSONResponse:
@@ -190,5 +202,16 @@ def create_app(settings: Settings, backend: PodmanBackend, resolver: Resolver,
         """Refused: this server starts prebuilt images only (there are no builds)."""
         raise BuildRefused(BUILD_REFUSAL.format(to=manager.to))
 
+    @api.post("/prefetch", tags=["images"])
+    async def prefetch(req: PrefetchRequest) -> dict[str, Any]:
+        """Pull these images onto the node(s) ahead of the trainer, spread as starts would be."""
+        return {"images": await manager.prefetch(req.images)}
+
+    @api.get("/nodes", tags=["fleet"])
+    async def nodes() -> list[dict[str, Any]]:
+        """The nodes runtimes run on: capacity, free slots, runtimes by state, images, pulls."""
+        return node_rows(manager)
+
     app.include_router(api)
+    add_metrics(app, manager)
     return app

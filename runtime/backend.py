@@ -65,6 +65,14 @@ class ContainerSpec:
     extra: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    id: str
+    names: tuple[str, ...]   #: repo@sha256:... digests and repo:tag names
+    size: int                #: bytes on disk as podman counts them (shared layers counted in each)
+    containers: int = 0
+
+
 @dataclass
 class ContainerInfo:
     id: str
@@ -126,6 +134,23 @@ class PodmanBackend:
         if not tls_verify:
             args.append("--tls-verify=false")
         await self._run(*args, image)
+
+    async def images(self) -> list["ImageInfo"]:
+        """Every image in this node's storage, with the digests it can be named by."""
+        _, out, _ = await self._run("images", "--format", "json", timeout=60)
+        found = []
+        for i in json.loads(out or "[]") or []:
+            names = tuple(i.get("RepoDigests") or ()) + tuple(i.get("Names") or ())
+            found.append(ImageInfo(id=i.get("Id", ""), names=names, size=int(i.get("Size") or 0),
+                                   containers=int(i.get("Containers") or 0)))
+        return found
+
+    async def image_remove(self, image_id: str) -> bool:
+        """``podman image rm``; False when a container still uses it (nothing removed)."""
+        rc, _, err = await self._run("image", "rm", image_id, check=False, timeout=120)
+        if rc != 0:
+            log.info("image %s not removed: %s", image_id[:12], err.strip().splitlines()[-1:] or "")
+        return rc == 0
 
     async def image_inspect(self, image: str) -> dict[str, Any] | None:
         rc, out, _ = await self._run("image", "inspect", image, check=False, timeout=60)

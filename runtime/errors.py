@@ -55,6 +55,7 @@ class BackendError(RuntimeServerError):
     WORKDIR_MISSING = "workdir-missing"   # the requested working directory is not in the image
     IMAGE_UNKNOWN = "image-unknown"       # the image is not (or no longer) in local storage
     PORT_IN_USE = "port-in-use"           # the host port was taken between choosing and binding
+    NO_SPACE = "no-space"                 # the node's disk is full (eviction may free it)
     TIMEOUT = "timeout"
     OTHER = "other"
 
@@ -72,6 +73,8 @@ class BackendError(RuntimeServerError):
             kind = cls.IMAGE_UNKNOWN
         elif "address already in use" in low:
             kind = cls.PORT_IN_USE
+        elif "no space left" in low:
+            kind = cls.NO_SPACE
         else:
             kind = cls.OTHER
         return cls(message, kind)

@@ -1,23 +1,21 @@
-"""Runtimes: resolve, start, watch, pause, stop, reap; persisted and reconciled.
+"""Runtimes on this node: resolve, start, pause, stop; persisted and reconciled.
 
 One runtime is one podman container running a prebuilt agent-server image, labelled
-``imagefarm.runtime=1``, ``imagefarm.runtime.server=<server id>``,
-``imagefarm.runtime.id=<runtime id>`` and ``imagefarm.runtime.session=<session id>``,
-published on ``<publish address>:<host port from the range>`` to the agent server's
-port (``--port N`` in the command, else 60000).
+``imagefarm.runtime=1``, ``imagefarm.runtime.server=<server id>`` (a node process's
+node id), ``imagefarm.runtime.id=<runtime id>`` and ``imagefarm.runtime.session=<session
+id>``, published on ``<publish address>:<host port from the range>`` to the agent
+server's port (``--port N`` in the command, else 60000).
 
-``/start`` answers at once (record written, port reserved); a background task pulls
-the image if the node lacks it (``pod_status`` pending), creates the container
-(running) and probes ``{url}/alive`` then ``{url}/health`` every 20 ms until both
-answer (ready), or reports the exit with the container's last log lines (failed; an
-OOM kill is reported as crashloopbackoff, which both clients explain as "possibly
-OOM, try again"). A monitor notices containers that exit later; a reaper removes
-runtimes idle longer than ``idle_timeout`` (idle = no API call for the runtime other
-than status polls, which never reset the clock, and,
-where the agent server tells, no agent activity per ``GET {url}/server_info``
-``idle_time``; else no CPU time used). A failed runtime's container is removed at once
-(it holds its ``--max-runtimes`` slot until podman confirms); its record, with the
-last log lines, stays for polls until ``failed_ttl``.
+``RuntimeManager`` is split along its seams: ``ports.py`` (host ports), ``images.py``
+(pull once, cache budget, LRU eviction), ``launch.py`` (launch and readiness),
+``upkeep.py`` (monitor and reaping); this module keeps the records, their
+reconciliation after a restart, and the verbs. ``/start`` answers at once (record
+written, port reserved) and launches in a background task. A fleet's front
+(``fleet.py``) places runtimes on node processes (``node.py``), each running one of
+these managers.
+A failed runtime's container is removed at once (it holds its slot until podman
+confirms); its record, with the last log lines, stays for polls until ``failed_ttl``;
+status polls never reset the idle clock.
 
 User policy (``user_policy="image"``, the default): APIRemoteWorkspace always asks for
 ``run_as_user`` 10001 (and ``runtime_class`` sysbox-runc), but r2e images are
@@ -32,14 +30,11 @@ ignored with a log line: everything runs under podman with runc.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
 import secrets
-import shlex
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,16 +45,18 @@ from imagefarm.errors import ImagefarmError
 from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
 
-from .backend import LABEL, LABEL_ID, LABEL_SERVER, LABEL_SESSION, ContainerSpec, PodmanBackend
+from .backend import LABEL, LABEL_ID, LABEL_SERVER, PodmanBackend
 from .errors import BackendError, CapacityFull, NoPrebuiltImage, RuntimeServerError, UnknownRuntime
+from .images import NodeImages
+from .launch import Launching, _Live
 from .models import ContainerStatus, RuntimeInfo, StartRequest
+from .ports import PortPool, agent_port, parse_command
 from .resolver import Resolver, describe_base
 from .state import Record, Store
+from .upkeep import LIVE, Upkeep
 
 log = logging.getLogger("imagefarm.runtime")
 
-DEFAULT_AGENT_PORT = 60000
-LIVE = ("running", "paused")
 
 
 @dataclass
@@ -82,6 +79,8 @@ class ServeConfig:
     log_tail: int = 50
     max_body: int = 1 << 20               #: bytes of a request body (413 beyond)
     state_dir: Path | None = None         #: default: settings.state_dir / "runtime"
+    image_cache_gib: float | None = None  #: disk budget for images; idle ones evicted LRU first
+    clean_start: bool = False             #: remove every container of this node at start-up (node processes)
 
     def __post_init__(self) -> None:
         lo, hi = self.port_range
@@ -90,6 +89,8 @@ class ServeConfig:
         check_key_config(self.api_key, self.disable_auth, "IMAGEFARM_RUNTIME_API_KEY")
         if self.max_runtimes < 1:
             raise ImagefarmError("--max-runtimes must be at least 1")
+        if self.image_cache_gib is not None and not self.image_cache_gib > 0:
+            raise ImagefarmError("--image-cache-gib must be a positive number of GiB")
         if not self.cpus_per_factor >= 0.01:  # podman reads a tiny --cpus as no limit
             raise ImagefarmError(f"--cpus-per-factor {self.cpus_per_factor}: expected at least 0.01")
         if self.memory_mib_per_factor < 6:  # podman's floor; --memory 0m means no limit
@@ -108,35 +109,41 @@ class ServeConfig:
         return "127.0.0.1" if self.publish_address in ("", "0.0.0.0", "::") else self.publish_address
 
 
-def parse_command(command: str | list[str]) -> list[str]:
-    return shlex.split(command) if isinstance(command, str) else list(command)
+class Resolving:
+    """Resolution and image sizes, shared by a node's manager and a fleet's front
+    (needs ``resolver``, ``to``, ``settings``, ``_sizes`` and ``_registry``)."""
+
+    async def resolve(self, image: str):
+        """The resolver's hit for ``image``; ``NoPrebuiltImage`` without one."""
+        parse(image)  # InvalidReference (400) before any registry traffic
+        hit = await asyncio.to_thread(self.resolver.resolve, image)
+        if hit is None:
+            raise NoPrebuiltImage(image, describe_base(image), self.to)
+        return hit
+
+    async def image_size(self, hit: Any) -> int:
+        """Bytes of the prebuilt image (config + layers, compressed), from the hit or the registry."""
+        size = getattr(hit, "size", None)
+        if size:
+            return int(size)
+        pinned = pinned_image(hit)
+        if pinned not in self._sizes:
+            def fetch() -> int:
+                from imagefarm.registry import RegistryClient
+
+                if self._registry is None:
+                    self._registry = RegistryClient(self.settings)
+                m = self._registry.resolve(parse(pinned)).manifest
+                return m.config.size + sum(layer.size for layer in m.layers)
+            try:
+                self._sizes[pinned] = await asyncio.to_thread(fetch)
+            except (ImagefarmError, OSError) as exc:
+                log.info("size of %s unknown: %s", pinned, exc)
+                return 0
+        return self._sizes[pinned]
 
 
-def agent_port(argv: list[str]) -> int:
-    """``--port N`` / ``--port=N``; V0: the positional after ``-m <module>``; else 60000."""
-    for i, a in enumerate(argv):
-        if a == "--port" and i + 1 < len(argv) and argv[i + 1].isdigit():
-            return int(argv[i + 1])
-        if a.startswith("--port=") and a[7:].isdigit():
-            return int(a[7:])
-    if "-m" in argv:
-        i = argv.index("-m")
-        if i + 2 < len(argv) and argv[i + 2].isdigit():
-            return int(argv[i + 2])
-    return DEFAULT_AGENT_PORT
-
-
-@dataclass
-class _Live:
-    """In-memory companions of a record (never persisted)."""
-
-    task: asyncio.Task | None = None
-    cpu: float | None = None
-    user_note: str = ""
-    ready_event: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-class RuntimeManager:
+class RuntimeManager(Launching, Upkeep, Resolving):
     def __init__(self, settings: Settings, backend: PodmanBackend, resolver: Resolver,
                  config: ServeConfig) -> None:
         self.settings = settings
@@ -149,16 +156,20 @@ class RuntimeManager:
         self.records: dict[str, Record] = {}
         self.by_session: dict[str, str] = {}
         self.live: dict[str, _Live] = {}
-        self._pulls: dict[str, asyncio.Future] = {}
-        self._image_users: dict[str, str] = {}
+        budget = int(config.image_cache_gib * 2**30) if config.image_cache_gib else None
+        self.images = NodeImages(settings, backend, self.store, budget_bytes=budget,
+                                 in_use=lambda: {r.prebuilt for r in self.records.values()})
+        self.ports = PortPool(config.port_range, config.publish_address)
         self._sizes: dict[str, int] = {}
         self._chores: set[asyncio.Task] = set()
-        self._present: set[str] = set()
         self._ticks = 0
         self._registry: Any = None
         self._bg: list[asyncio.Task] = []
         self._http: httpx.AsyncClient | None = None
-        self._port_cursor = config.port_range[0]
+        #: called with each record whose state changed (a node reports it to its front)
+        self.on_change: list = []
+        #: called with (record, seconds from /start to ready)
+        self.on_ready: list = []
 
     # -- lifecycle ------------------------------------------------------------------
     async def startup(self) -> None:
@@ -167,7 +178,10 @@ class RuntimeManager:
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=1.0), trust_env=False)
         for rec in self.store.all():
             self._index(rec)
+        if self.config.clean_start:
+            await self._clean_start()
         await self.reconcile()
+        await self.images.scan()
         self._bg = [asyncio.create_task(self._monitor_loop(), name="runtime-monitor"),
                     asyncio.create_task(self._reaper_loop(), name="runtime-reaper")]
         log.info("runtime server %s: %d runtime(s) found again, cap %d, ports %d-%d, idle timeout %s",
@@ -191,6 +205,17 @@ class RuntimeManager:
         if self._registry is not None:
             self._registry.close()
         self.store.close()
+
+    async def _clean_start(self) -> None:
+        """A node process starting again: what it left is no one's any more (its front
+        reported those runtimes failed when it stopped answering). Remove it all."""
+        mine = await self.backend.list({LABEL_SERVER: self.server_id})
+        if mine or self.records:
+            log.warning("node %s starting again: removing the %d container(s) and %d record(s) it left",
+                        self.server_id, len(mine), len(self.records))
+            await self.backend.remove(*[c.name for c in mine])
+        for rid in list(self.records):
+            self._forget(rid)
 
     async def reconcile(self) -> None:
         """Match records with containers: leftovers removed, lost records dropped."""
@@ -231,6 +256,8 @@ class RuntimeManager:
 
     def _save(self, rec: Record) -> None:
         self.store.put(rec)
+        for fn in self.on_change:
+            fn(rec)
 
     def _forget(self, rid: str) -> None:
         rec = self.records.pop(rid, None)
@@ -240,6 +267,9 @@ class RuntimeManager:
         if lv and lv.task and lv.task is not asyncio.current_task():
             lv.task.cancel()
         self.store.delete(rid)
+        if rec:
+            for fn in self.on_change:
+                fn(rec)
 
     def touch(self, rec: Record) -> None:
         rec.last_activity = time.time()
@@ -277,38 +307,10 @@ class RuntimeManager:
             run_as_user=rec.user if rec.user else "image", resource_factor=rec.resource_factor,
             created_at=rec.created_at, last_activity=rec.last_activity)
 
-    # -- resolution -----------------------------------------------------------------------
-    async def resolve(self, image: str):
-        """The resolver's hit for ``image``; ``NoPrebuiltImage`` without one."""
-        parse(image)  # InvalidReference (400) before any registry traffic
-        hit = await asyncio.to_thread(self.resolver.resolve, image)
-        if hit is None:
-            raise NoPrebuiltImage(image, describe_base(image), self.to)
-        return hit
-
-    async def image_size(self, hit: Any) -> int:
-        """Bytes of the prebuilt image (config + layers, compressed), from the hit or the registry."""
-        size = getattr(hit, "size", None)
-        if size:
-            return int(size)
-        pinned = pinned_image(hit)
-        if pinned not in self._sizes:
-            def fetch() -> int:
-                from imagefarm.registry import RegistryClient
-
-                if self._registry is None:
-                    self._registry = RegistryClient(self.settings)
-                m = self._registry.resolve(parse(pinned)).manifest
-                return m.config.size + sum(layer.size for layer in m.layers)
-            try:
-                self._sizes[pinned] = await asyncio.to_thread(fetch)
-            except (ImagefarmError, OSError) as exc:
-                log.info("size of %s unknown: %s", pinned, exc)
-                return 0
-        return self._sizes[pinned]
-
     # -- start ------------------------------------------------------------------------------
-    async def start(self, req: StartRequest) -> Record:
+    async def start(self, req: StartRequest, *, hit: Any = None, runtime_id: str | None = None) -> Record:
+        """A runtime for ``req``; ``hit`` and ``runtime_id`` when a front already resolved
+        the image and named the runtime (a node of a fleet)."""
         existing = self.by_session.get(req.session_id)
         if existing and self.records[existing].status in LIVE:
             rec = self.records[existing]
@@ -316,7 +318,7 @@ class RuntimeManager:
                      rec.runtime_id, rec.session_id)
             self.touch(rec)
             return rec
-        hit = await self.resolve(req.image)
+        hit = hit or await self.resolve(req.image)
         # from here to the record being indexed there is no await: check and reserve atomically
         existing = self.by_session.get(req.session_id)
         if existing:
@@ -335,7 +337,7 @@ class RuntimeManager:
         argv = parse_command(req.command)
         cport = agent_port(argv)
         hport = self._free_port()
-        rid = secrets.token_hex(8)
+        rid = runtime_id or secrets.token_hex(8)
         now = time.time()
         rec = Record(
             runtime_id=rid, session_id=req.session_id, container=f"imagefarm-rt-{rid}",
@@ -354,17 +356,7 @@ class RuntimeManager:
         return rec
 
     def _free_port(self) -> int:
-        lo, hi = self.config.port_range
-        used = {r.host_port for r in self.records.values()}
-        n = hi - lo + 1
-        for i in range(n):
-            port = lo + (self._port_cursor - lo + i) % n
-            if port in used:
-                continue
-            if _bindable(self.config.publish_address, port):
-                self._port_cursor = lo + (port - lo + 1) % n
-                return port
-        raise CapacityFull(f"no free port in the range {lo}-{hi} (--port-range): stop runtimes or widen it")
+        return self.ports.take(r.host_port for r in self.records.values())
 
     async def _remove_quietly(self, name: str) -> None:
         try:
@@ -373,254 +365,30 @@ class RuntimeManager:
             log.warning("could not remove %s: %s", name, exc)
 
     async def _ensure_image(self, rec: Record, req: StartRequest) -> None:
-        image = rec.prebuilt
-        if image in self._present:  # pinned by digest: once here, the same bytes
-            return
-        if await self.backend.image_exists(image):
-            self._present.add(image)
-            return
-        if req.image_pull_policy == "Never":
-            raise BackendError(f"{image} is not on this node and image_pull_policy is Never")
-        pull = self._pulls.get(image)
-        if pull is None:  # one pull per image, owned by no runtime: a /stop never cancels another's pull
-            pull = asyncio.create_task(self._pull(image), name=f"pull-{image[-12:]}")
-            self._pulls[image] = pull
-            pull.add_done_callback(lambda _t: self._pulls.pop(image, None))
-        await asyncio.shield(pull)
+        size = int(rec.extra.get("size") or 0)
+        if await self.images.ensure(rec.prebuilt, size=size, policy=req.image_pull_policy):
+            rec.extra["pulled"] = True
 
-    async def _pull(self, image: str) -> None:
-        t0 = time.monotonic()
-        await self.backend.pull(image, tls_verify=self._tls_verify(image))
-        log.info("pulled %s in %.1fs", image, time.monotonic() - t0)
-        self._present.add(image)
+    # -- prefetch ---------------------------------------------------------------------------
+    async def prefetch(self, images: list[str]) -> list[dict[str, Any]]:
+        """Pull images onto this node in the background (``POST /prefetch``)."""
+        out = []
+        for image in images:
+            hit = await self.resolve(image)
+            pinned, size = pinned_image(hit), await self.image_size(hit)
+            pull = pinned not in self.images.present
+            if pull:
+                task = asyncio.create_task(self._prefetch_one(pinned, size), name=f"prefetch-{pinned[-12:]}")
+                self._chores.add(task)
+                task.add_done_callback(self._chores.discard)
+            out.append({"image": image, "prebuilt_image": pinned, "node": self.server_id, "pull": pull})
+        return out
 
-    def _tls_verify(self, image: str) -> bool:
-        return not parse(image).registry.insecure(self.settings)
-
-    async def _image_user(self, image: str) -> str:
-        if image not in self._image_users:
-            data = await self.backend.image_inspect(image) or {}
-            self._image_users[image] = ((data.get("Config") or {}).get("User") or "").strip()
-        return self._image_users[image]
-
-    async def _launch(self, rec: Record, req: StartRequest, argv: list[str]) -> None:
-        t0 = time.monotonic()
-        lv = self.live[rec.runtime_id]
+    async def _prefetch_one(self, image: str, size: int) -> None:
         try:
-            await self._ensure_image(rec, req)
-            env = dict(req.environment)
-            multiline = sorted(k for k, v in env.items() if "\n" in v or "\r" in v)
-            if multiline:
-                log.warning("runtime %s: newlines in %s became spaces (podman env files hold one line "
-                            "per variable)", rec.runtime_id, ", ".join(multiline))
-            if "SESSION_API_KEY" in env:
-                log.warning("runtime %s: the request's SESSION_API_KEY is replaced by the server's own",
-                            rec.runtime_id)
-            env["SESSION_API_KEY"] = rec.session_api_key
-            env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-            user, extra = await self._user_decision(rec, req, env)
-            if req.runtime_class and req.runtime_class not in ("runc", "default"):
-                log.info("runtime %s: runtime_class %r ignored: this server runs podman with runc",
-                         rec.runtime_id, req.runtime_class)
-            factor = rec.resource_factor
-            spec = ContainerSpec(
-                name=rec.container, image=rec.prebuilt, argv=argv, env=env,
-                labels={LABEL: "1", LABEL_SERVER: self.server_id, LABEL_ID: rec.runtime_id,
-                        LABEL_SESSION: rec.session_id},
-                publish=[(self.config.publish_address, rec.host_port, rec.container_port)],
-                working_dir=req.working_dir or None, user=user,
-                cpus=min(self.config.cpus_per_factor * factor, float(os.cpu_count() or 1)),
-                memory=f"{int(self.config.memory_mib_per_factor * factor)}m",
-                pids_limit=self.config.pids_limit, extra=extra)
-            for attempt in range(3):
-                try:
-                    await self.backend.run(spec)
-                    break
-                except BackendError as exc:
-                    if exc.kind == BackendError.WORKDIR_MISSING and spec.working_dir and attempt < 2:
-                        await self.backend.remove(rec.container)
-                        log.info("runtime %s: working_dir %s does not exist in the image: the image's own "
-                                 "working directory is used", rec.runtime_id, spec.working_dir)
-                        spec.working_dir = None
-                        continue
-                    if spec.image in self._present and exc.kind == BackendError.IMAGE_UNKNOWN and attempt < 2:
-                        self._present.discard(spec.image)  # removed behind our back: pull again
-                        await self.backend.remove(rec.container)
-                        await self._ensure_image(rec, req)
-                        continue
-                    if exc.kind == BackendError.PORT_IN_USE and attempt < 2:
-                        await self.backend.remove(rec.container)
-                        rec.host_port = self._free_port()
-                        rec.url = f"http://{self.config.url_host}:{rec.host_port}"
-                        spec.publish = [(self.config.publish_address, rec.host_port, rec.container_port)]
-                        log.info("runtime %s: port taken, retrying on %d", rec.runtime_id, rec.host_port)
-                        continue
-                    raise
-            rec.pod_status = "running"
-            self._save(rec)
-            log.info("runtime %s: container created in %.2fs", rec.runtime_id, time.monotonic() - t0)
-            await self._wait_ready(rec, t0)
-        except asyncio.CancelledError:
-            raise
-        except RuntimeServerError as exc:
-            await self._fail(rec, str(exc))
-        except ImagefarmError as exc:
-            await self._fail(rec, str(exc))
-        except Exception as exc:  # noqa: BLE001 - a launch must never die silently
-            log.exception("runtime %s: launch failed", rec.runtime_id)
-            await self._fail(rec, f"internal error: {exc}")
-        finally:
-            if lv.task is asyncio.current_task():
-                lv.task = None
-
-    async def _user_decision(self, rec: Record, req: StartRequest, env: dict[str, str]) -> tuple[str | None, list[str]]:
-        image_user = await self._image_user(rec.prebuilt)
-        wanted = req.run_as_user
-        if self.config.user_policy == "requested" and wanted is not None:
-            gid = req.run_as_group if req.run_as_group is not None else (req.fs_group if req.fs_group is not None else wanted)
-            env.setdefault("HOME", "/tmp")
-            rec.user = f"{wanted}:{gid}"
-            extra = ["--group-add", str(req.fs_group)] if req.fs_group is not None and req.fs_group != gid else []
-            log.info("runtime %s: runs as %s as requested (policy requested, HOME=%s)",
-                     rec.runtime_id, rec.user, env["HOME"])
-            return rec.user, extra
-        rec.user = None
-        if wanted is not None and str(wanted) != (image_user or "0") and not (wanted == 0 and not image_user):
-            log.info("runtime %s: requested run_as_user %s not applied: runs as the image's own user %s "
-                     "(policy image: r2e images are root-owned with no user %s; only the image user can "
-                     "write the working tree, e.g. /testbed)",
-                     rec.runtime_id, wanted, image_user or "root", wanted)
-        return None, []
-
-    async def _probe(self, rec: Record) -> bool:
-        base = f"http://{self.config.probe_host}:{rec.host_port}"
-        try:
-            for path in ("/alive", "/health"):
-                r = await self._http.get(base + path, timeout=2.0)
-                if not 200 <= r.status_code < 300:
-                    return False
-            return True
-        except httpx.HTTPError:
-            return False
-
-    async def _wait_ready(self, rec: Record, t0: float) -> None:
-        """Probe until the agent server answers. A refused connect on the node costs
-        microseconds, so the first minute probes every 20 ms; whether the container
-        died is asked of podman (100+ ms) in a task beside the probes, never in their way."""
-        deadline = time.monotonic() + self.config.ready_timeout
-        last_check, inspecting = time.monotonic(), None
-        try:
-            while rec.runtime_id in self.records and rec.status == "running":
-                if await self._probe(rec):
-                    self._set_ready(rec, t0)
-                    return
-                now = time.monotonic()
-                if inspecting is not None and inspecting.done():
-                    c = inspecting.result()
-                    inspecting = None
-                    if c is None or c.state not in ("running", "paused", "created", "configured", "initialized"):
-                        await self._mark_exited(rec, c)
-                        return
-                if inspecting is None and now - last_check > 1.0:
-                    last_check = now
-                    inspecting = asyncio.create_task(self.backend.inspect(rec.container))
-                if now > deadline:
-                    await self._fail(rec, f"the agent server did not answer {rec.url}/alive within "
-                                          f"{self.config.ready_timeout:g}s", logs=True)
-                    return
-                await asyncio.sleep(0.02 if now - t0 < 60 else 0.5)
-        finally:
-            if inspecting is not None and not inspecting.done():
-                inspecting.cancel()
-
-    def _set_ready(self, rec: Record, t0: float | None) -> None:
-        if rec.pod_status == "ready":
-            return
-        rec.pod_status = "ready"
-        rec.ready_at = time.time()
-        self._save(rec)
-        lv = self.live.get(rec.runtime_id)
-        if lv:
-            lv.ready_event.set()
-        if t0 is not None:
-            log.info("runtime %s: ready in %.2fs after /start", rec.runtime_id, time.monotonic() - t0)
-
-    async def _mark_exited(self, rec: Record, c=None) -> None:
-        c = c or await self.backend.inspect(rec.container)
-        if c is None:
-            await self._fail(rec, "the container disappeared (removed outside this server?)", logs=False)
-            return
-        why = f"the container exited with code {c.exit_code}" + (f": {c.error}" if c.error else "")
-        oom = c.oom_killed
-        if not oom and c.exit_code == 137:
-            # SIGKILL under the memory limit: on cgroup v1 hosts (these) podman never sets
-            # OOMKilled, though the kernel logged an OOM kill; this server never SIGKILLs a
-            # runtime it still tracks, so an OOM kill is by far the likeliest cause
-            oom = True
-            why += (f" (SIGKILL under the {int(self.config.memory_mib_per_factor * rec.resource_factor)} MiB "
-                    "memory limit: most likely out of memory; podman here cannot tell for sure)")
-        await self._fail(rec, why, exit_code=c.exit_code, oom=oom)
-
-    async def _fail(self, rec: Record, reason: str, *, exit_code: int | None = None, oom: bool = False,
-                    logs: bool = True) -> None:
-        if rec.runtime_id not in self.records:
-            return
-        tail = ""
-        if logs:
-            try:
-                tail = await self.backend.logs(rec.container, self.config.log_tail)
-            except BackendError:
-                tail = ""
-        hint = ""
-        low = (reason + tail).lower()
-        if "executable file not found" in low or "no such file or directory" in low and "/openhands/" in low:
-            hint = (" (the command does not exist in this image: agent-server images serve SDK clients "
-                    "(APIRemoteWorkspace, command /usr/local/bin/openhands-agent-server); a V0 "
-                    "RemoteRuntime's action execution server is not in them)")
-        await self._remove_failed(rec)  # before the failure shows: a failed poll means it is gone
-        rec.status = "error"
-        rec.pod_status = "crashloopbackoff" if oom else "failed"
-        rec.reason = ("OOMKilled: " if oom else "") + reason + hint
-        rec.exit_code = exit_code
-        rec.pod_logs = (tail or reason).strip()[-8000:]
-        rec.last_activity = time.time()
-        self._save(rec)
-        lines = [ln for ln in tail.strip().splitlines() if ln][-5:]
-        log.warning("runtime %s failed: %s%s", rec.runtime_id, rec.reason,
-                    ("; last log lines:\n    " + "\n    ".join(lines)) if lines else "")
-
-    async def _remove_failed(self, rec: Record) -> None:
-        """A failed runtime's container goes at once (its logs are in the record); until
-        podman confirms, it keeps its slot and the reaper tries again."""
-        try:
-            await self.backend.remove(rec.container)
+            await self.images.ensure(image, size=size)
         except BackendError as exc:
-            log.warning("runtime %s: could not remove the failed container yet: %s", rec.runtime_id, exc)
-            return
-        rec.extra["removed"] = True
-        if rec.runtime_id in self.records:
-            self._save(rec)
-
-    def _watch(self, rec: Record) -> None:
-        """(Re)start readiness watching for a running, not yet ready runtime."""
-        lv = self.live.setdefault(rec.runtime_id, _Live())
-        if lv.task is None or lv.task.done():
-            rec.pod_status = "running"
-            self._save(rec)
-
-            async def watch() -> None:
-                try:
-                    await self._wait_ready(rec, None)
-                finally:
-                    if lv.task is asyncio.current_task():
-                        lv.task = None
-
-            lv.task = asyncio.create_task(watch(), name=f"watch-{rec.runtime_id}")
-
-    async def refresh(self, rec: Record) -> None:
-        """On a status poll: an immediate probe if running but not yet ready."""
-        if rec.status == "running" and rec.pod_status == "running" and await self._probe(rec):
-            self._set_ready(rec, None)
+            log.warning("prefetch of %s failed: %s", image, exc)
 
     # -- pause / resume / stop --------------------------------------------------------------
     async def pause(self, rid: str) -> Record:
@@ -629,7 +397,13 @@ class RuntimeManager:
             return rec
         if rec.status != "running" or rec.pod_status == "pending":
             raise RuntimeServerError(f"runtime {rid} cannot be paused while {rec.status}/{rec.pod_status}")
-        await self.backend.pause(rec.container)
+        try:
+            await self.backend.pause(rec.container)
+        except BackendError as exc:
+            # the cgroup freezer can give up on a busy container (runc: "unable to freeze"): once more
+            log.warning("runtime %s: pause failed, trying once more: %s", rid, exc)
+            await asyncio.sleep(0.5)
+            await self.backend.pause(rec.container)
         rec.status = "paused"
         self.touch(rec)
         log.info("runtime %s paused", rid)
@@ -662,130 +436,9 @@ class RuntimeManager:
         await self.backend.remove(rec.container)
         log.info("runtime %s (session %s) %s", rid, rec.session_id, why)
 
-    # -- background -------------------------------------------------------------------------
-    async def _monitor_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.monitor_interval)
-            try:
-                await self._monitor_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001
-                log.exception("runtime monitor tick failed")
-
-    async def _sweep_orphans(self) -> None:
-        """Remove containers of this server that no record owns (e.g. a start cancelled mid-way)."""
-        known = {r.container for r in self.records.values()}
-        orphans = [c.name for c in await self.backend.list({LABEL_SERVER: self.server_id})
-                   if c.name not in known and c.labels.get(LABEL_ID) not in self.records]
-        if orphans:
-            log.warning("removing %d container(s) of this server without a runtime record: %s",
-                        len(orphans), ", ".join(orphans))
-            await self.backend.remove(*orphans)
-
-    async def _monitor_once(self) -> None:
-        self._ticks += 1
-        if self._ticks % 60 == 0:
-            await self._sweep_orphans()
-        watched = [r for r in self.records.values()
-                   if r.status in LIVE and r.pod_status != "pending"
-                   and not (self.live.get(r.runtime_id) and self.live[r.runtime_id].task)]
-        if not watched:
-            return
-        containers = {c.labels.get(LABEL_ID, ""): c for c in await self.backend.list({LABEL_SERVER: self.server_id})}
-        for rec in watched:
-            if rec.runtime_id not in self.records:
-                continue
-            c = containers.get(rec.runtime_id)
-            if c is None or c.state in ("exited", "stopped", "dead", "removing"):
-                await self._mark_exited(rec, await self.backend.inspect(rec.container) if c else None)
-            elif c.state == "paused" and rec.status != "paused":
-                rec.status = "paused"
-                self._save(rec)
-            elif c.state == "running" and rec.status == "paused":
-                rec.status = "running"
-                self._watch(rec)
-
-    async def _reaper_loop(self) -> None:
-        idle = self.config.idle_timeout
-        interval = max(0.5, min(30.0, (idle / 4) if idle else 30.0, self.config.failed_ttl / 4))
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._reap_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001
-                log.exception("runtime reaper tick failed")
-
-    async def _agent_activity(self, rec: Record) -> float | None:
-        """When the agent server last did something, per its /server_info (None if unknown)."""
-        try:
-            r = await self._http.get(f"http://{self.config.probe_host}:{rec.host_port}/server_info", timeout=2.0)
-            if r.status_code == 200:
-                idle = r.json().get("idle_time")
-                if isinstance(idle, (int, float)):
-                    return time.time() - float(idle)
-        except (httpx.HTTPError, ValueError):
-            pass
-        return None
-
-    async def _reap_once(self) -> None:
-        now = time.time()
-        for rec in [r for r in self.records.values() if r.status == "error"]:
-            if now - rec.last_activity > self.config.failed_ttl:
-                await self.stop(rec.runtime_id, "removed (failed and untouched)")
-            elif not rec.extra.get("removed"):
-                await self._remove_failed(rec)
-        idle = self.config.idle_timeout
-        if not idle:
-            return
-        candidates = [r for r in self.records.values() if r.status in LIVE and now - r.last_activity > idle]
-        if not candidates:
-            return
-        need_cpu = []
-        for rec in candidates:
-            if rec.status == "running" and rec.pod_status == "ready":
-                seen = await self._agent_activity(rec)
-                if seen is not None:
-                    rec.last_activity = max(rec.last_activity, seen)
-                    continue
-            if rec.status == "running":
-                need_cpu.append(rec)
-        first_sample = set()
-        if need_cpu:
-            times = await self.backend.cpu_times([r.container for r in need_cpu])
-            for rec in need_cpu:
-                lv = self.live.setdefault(rec.runtime_id, _Live())
-                cpu = times.get(rec.container)
-                if lv.cpu is None:
-                    first_sample.add(rec.runtime_id)  # two samples are needed to see activity
-                elif cpu is not None and cpu - lv.cpu > 0.05:
-                    rec.last_activity = now
-                lv.cpu = cpu if cpu is not None else lv.cpu
-        for rec in candidates:
-            if rec.runtime_id in first_sample:
-                continue
-            if rec.runtime_id in self.records and now - rec.last_activity > idle:
-                await self.stop(rec.runtime_id, f"reaped after {now - rec.last_activity:.0f}s idle "
-                                                f"(--idle-timeout {idle:g}s)")
-
-
 def pinned_image(hit: Any) -> str:
     """``repo@sha256:...`` from a resolver hit (``.pinned`` if it has one, else ``.image``)."""
     image = getattr(hit, "pinned", None) or hit.image
     if "@" in image:
         return image
     return parse(image).with_digest(hit.digest).pinned
-
-
-def _bindable(address: str, port: int) -> bool:
-    host = "0.0.0.0" if address in ("", "::") else address
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
-    return True

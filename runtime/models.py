@@ -159,3 +159,9 @@ class Health(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
+
+
+class PrefetchRequest(BaseModel):
+    """``POST /prefetch``: images (bases or prebuilt references) to pull ahead of the trainer."""
+
+    images: list[str] = Field(min_length=1, max_length=10000)

@@ -14,12 +14,17 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from imagefarm.errors import ConfigError
 from imagefarm.settings import Settings
 
 from .manager import ServeConfig
 from .resolver import Resolver
+
+if TYPE_CHECKING:
+    from .fleet import FrontOptions
+    from .node import NodeConfig
 
 log = logging.getLogger("imagefarm.runtime")
 
@@ -47,7 +52,11 @@ def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -68,16 +77,38 @@ def advertised_url(host: str, port: int, public_host: str | None = None) -> str:
 def build_server(settings: Settings, config: ServeConfig, *, host: str = "127.0.0.1", port: int = 0,
                  resolver: Resolver | None = None, url_file: Path | None = None,
                  public_host: str | None = None, log_level: str = "info",
-                 on_ready: Callable[[str], None] | None = None):
-    """A ``uvicorn.Server`` (not yet running), its bound socket and its URL."""
+                 on_ready: Callable[[str], None] | None = None,
+                 front: "FrontOptions | None" = None, node: "NodeConfig | None" = None):
+    """A ``uvicorn.Server`` (not yet running), its bound socket and its URL.
+
+    By default the server is its own only node. ``front``: a fleet's front (runtimes on
+    the nodes that join it); ``node``: a node process joining ``node.join``."""
     import uvicorn
 
     from .app import create_app
     from .backend import PodmanBackend
+    from .manager import RuntimeManager
 
     sock = bind(host, port)
     url = advertised_url(host, sock.getsockname()[1], public_host)
-    app = create_app(settings, PodmanBackend(settings), resolver or default_resolver(settings), config)
+    resolver = resolver or default_resolver(settings)
+    if front is not None:
+        from .fleet import FRONT_PATHS, Fleet, add_front_routes
+
+        fleet = Fleet(settings, resolver, config, fleet_key=front.fleet_key, node_timeout=front.node_timeout,
+                      placement=front.placement)
+        app = create_app(settings, None, resolver, config, manager=fleet, open_paths=FRONT_PATHS)
+        add_front_routes(app, fleet)
+    elif node is not None:
+        from .node import NodeAgent, add_node_routes
+
+        node.url = advertised_url(host, sock.getsockname()[1], node.address)
+        manager = RuntimeManager(settings, PodmanBackend(settings), resolver, config)
+        app = create_app(settings, None, resolver, config, manager=manager)
+        add_node_routes(app, NodeAgent(manager, node))
+        url = node.url
+    else:
+        app = create_app(settings, PodmanBackend(settings), resolver, config)
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:  # type: ignore[override]
@@ -112,9 +143,9 @@ class ServerThread:
     """The real server in a thread of this process (tests, notebooks)."""
 
     def __init__(self, settings: Settings, config: ServeConfig, resolver: Resolver | None = None,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, **role) -> None:
         self.server, self.sock, self.url = build_server(settings, config, host=host, port=port,
-                                                        resolver=resolver, log_level="warning")
+                                                        resolver=resolver, log_level="warning", **role)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "ServerThread":

@@ -66,8 +66,9 @@ class Record:
 
 
 class Store:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, record: type = Record) -> None:
         self.root = private_dir(root)
+        self.record = record
         self._lock_fh = None
         path = self.root / "runtimes.sqlite"
         new = not path.exists()
@@ -114,8 +115,16 @@ class Store:
         self.db.execute("INSERT INTO meta (key, value) VALUES ('server_id', ?)", (sid,))
         return sid
 
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
     # -- records ------------------------------------------------------------------
-    def put(self, rec: Record) -> None:
+    def put(self, rec: Any) -> None:
         self.db.execute(
             "INSERT INTO runtimes (runtime_id, session_id, data) VALUES (?, ?, ?) "
             "ON CONFLICT(runtime_id) DO UPDATE SET session_id=excluded.session_id, data=excluded.data",
@@ -125,4 +134,4 @@ class Store:
         self.db.execute("DELETE FROM runtimes WHERE runtime_id=?", (runtime_id,))
 
     def all(self) -> list[Record]:
-        return [Record.from_json(r[0]) for r in self.db.execute("SELECT data FROM runtimes")]
+        return [self.record.from_json(r[0]) for r in self.db.execute("SELECT data FROM runtimes")]

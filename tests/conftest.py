@@ -77,7 +77,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Setti
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    with Registry.create(tmp_path_factory.mktemp("registry")) as reg:
+    """The session registry; its access log is on, so tests can count what pulls fetched."""
+    with Registry.create(tmp_path_factory.mktemp("registry"), access_log=True) as reg:
         yield reg
 
 

@@ -11,6 +11,7 @@ import typer
 from imagefarm.serve import launch as L
 from imagefarm.farm.catalog import load
 from imagefarm.farm.lockfile import Lockfile
+from imagefarm.errors import ConfigError
 from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
@@ -101,6 +102,9 @@ def sbatch_cmd(
     train_arg: list[str] = typer.Option([], "--train-sbatch-arg", help="extra sbatch flag for the training job (repeat)"),
     api_key: Optional[str] = typer.Option(None, envvar="ALLHANDS_API_KEY", help="runtime API key (default: generated)"),
     skip_preflight: bool = typer.Option(False, help="launch even if some instance has no verified image"),
+    prefetch_first: int = typer.Option(64, "--prefetch-first", help="images of the first N instances the "
+                                                                    "runtime job pulls onto its nodes as it "
+                                                                    "starts (0: none)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print what would be submitted, submit nothing"),
 ) -> None:
     """Submit the runtime-server job (CPU) and the training job (GPU); the training
@@ -112,6 +116,8 @@ def sbatch_cmd(
 
     from imagefarm.payload.recipe import recipe_for
 
+    if prefetch_first < 0:
+        raise ConfigError("--prefetch-first must be 0 or more")
     settings = Settings.load(to=to)
     train_cmd = list(ctx.args) or ["bash", "-c", "echo 'no training command given after --' >&2; exit 2"]
     lock = Lockfile.read(lockfile)
@@ -132,8 +138,11 @@ def sbatch_cmd(
                                        "IMAGEFARM_DATASET": str(run_dir / "data"),
                                        "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
     L.render_train_job(run_dir)
+    job_env = {"IMAGEFARM_TO": settings.to}
+    if prefetch_first:
+        job_env.update(RUNTIME_PREFETCH_DATASET=str(run_dir / "data"), RUNTIME_PREFETCH_FIRST=str(prefetch_first))
     sub = L.sbatch_commands(run_dir, train_cmd, runtime_args=list(runtime_arg), train_args=list(train_arg),
-                            env={"IMAGEFARM_TO": settings.to})
+                            env=job_env)
     runtime_env = {"IMAGEFARM_RUNTIME_API_KEY": key}
     if dry_run:
         out.print(f"# pinned dataset: {run_dir / 'data'}; env file: {run_dir / 'train.env'}", highlight=False)

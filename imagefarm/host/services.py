@@ -159,6 +159,11 @@ class Registry(_Service):
         those whose User-Agent contains it."""
         return [f"{a.method} {urllib.parse.unquote(a.path)}" for a in self.accesses() if agent in a.agent]
 
+    def blob_gets(self) -> list[str]:
+        """The blob digests served so far (GETs answered 200 or 307): what pulls really fetched."""
+        return [a.path.rsplit("/", 1)[1] for a in self.accesses()
+                if a.method == "GET" and "/blobs/sha256:" in a.path and a.status in (200, 307)]
+
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"

@@ -1,8 +1,12 @@
-"""A real single-node SLURM cluster in a temporary directory (Debian's slurm-wlm).
+"""A real SLURM cluster of one or more nodes in a temporary directory (Debian's slurm-wlm).
 
-munged, slurmctld and slurmd run as child processes with their own key, socket,
-ports, state and spool; client commands find the cluster through ``SLURM_CONF``
-(``.env``). Nothing under /etc is touched, and ``close()`` stops everything.
+munged, slurmctld and one slurmd per node run as child processes with their own key,
+socket, ports, state and spool; client commands find the cluster through
+``SLURM_CONF`` (``.env``). Nothing under /etc is touched, and ``close()`` stops
+everything. Several nodes share this host the way slurmd allows it: one ``NodeName``
+line per node with its own ``Port=`` and ``NodeAddr`` (node N at 127.0.1.N, so
+what a job on a node publishes on its address is told apart), spool, pid and log
+files named with ``%n``, and ``slurmd -N NAME`` per node.
 """
 
 from __future__ import annotations
@@ -24,16 +28,30 @@ from imagefarm.host.services import free_port
 NODE = "ifnode1"
 
 
+def node_name(i: int) -> str:
+    return f"ifnode{i}"
+
+
+def node_addr(i: int, nodes: int) -> str:
+    """127.0.0.1 for a single node (as before), else 127.0.1.i."""
+    return "127.0.0.1" if nodes == 1 else f"127.0.1.{i}"
+
+
 @dataclass
 class SlurmCluster:
     workdir: Path
+    nodes: int = 1
     procs: list[subprocess.Popen] = field(default_factory=list)
     _own: bool = False
 
     @classmethod
-    def create(cls, workdir: Path | None = None) -> "SlurmCluster":
+    def create(cls, workdir: Path | None = None, nodes: int = 1) -> "SlurmCluster":
         own = workdir is None
-        return cls(Path(workdir or tempfile.mkdtemp(prefix="imagefarm-slurm-")), _own=own)
+        return cls(Path(workdir or tempfile.mkdtemp(prefix="imagefarm-slurm-")), nodes=nodes, _own=own)
+
+    @property
+    def node_names(self) -> list[str]:
+        return [node_name(i) for i in range(1, self.nodes + 1)]
 
     @property
     def conf(self) -> Path:
@@ -45,7 +63,7 @@ class SlurmCluster:
 
     def _write_config(self) -> None:
         w = self.workdir
-        for d in ("state", "spool", "log", "munge"):
+        for d in ("state", "spool", "log", "munge", *(f"spool/{n}" for n in self.node_names)):
             (w / d).mkdir(parents=True, exist_ok=True)
         os.chmod(w / "munge", 0o700)
         key = w / "munge" / "munge.key"
@@ -54,7 +72,11 @@ class SlurmCluster:
             os.chmod(key, 0o400)
         host = socket.gethostname().split(".")[0]
         cpus = os.cpu_count() or 2
-        mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
+        mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8 / self.nodes)
+        nodes = [f"NodeName={node_name(i)} NodeHostname={host} NodeAddr={node_addr(i, self.nodes)} "
+                 f"Port={free_port()} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN"
+                 for i in range(1, self.nodes + 1)]
+        one = self.nodes == 1
         self.conf.write_text("\n".join([
             "ClusterName=imagefarm",
             f"SlurmctldHost={host}(127.0.0.1)",
@@ -64,13 +86,12 @@ class SlurmCluster:
             "SlurmUser=root",
             "SlurmdUser=root",
             f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
             f"StateSaveLocation={w / 'state'}",
-            f"SlurmdSpoolDir={w / 'spool'}",
+            f"SlurmdSpoolDir={w / 'spool' if one else w / 'spool' / '%n'}",
             f"SlurmctldPidFile={w / 'slurmctld.pid'}",
-            f"SlurmdPidFile={w / 'slurmd.pid'}",
+            f"SlurmdPidFile={w / ('slurmd.pid' if one else 'slurmd-%n.pid')}",
             f"SlurmctldLogFile={w / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={w / 'log' / 'slurmd.log'}",
+            f"SlurmdLogFile={w / 'log' / ('slurmd.log' if one else 'slurmd-%n.log')}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
@@ -83,8 +104,9 @@ class SlurmCluster:
             "SlurmctldTimeout=30",
             "SlurmdTimeout=30",
             "KillWait=5",
-            f"NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN",
-            f"PartitionName=cpu Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4",
+            *nodes,
+            f"PartitionName=cpu Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP "
+            "OverSubscribe=FORCE:4",
             "",
         ]))
 
@@ -105,13 +127,16 @@ class SlurmCluster:
                                f"--seed-file={m / 'munged.seed'}"])
         self._wait(lambda: (m / "munge.sock").exists(), "munged socket")
         self._spawn("slurmctld", [which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-        self._spawn("slurmd", [which("slurmd"), "-D", "-N", NODE, "-f", str(self.conf)])
-        self._wait(self._node_ready, "the SLURM node to become idle", timeout=60)
+        for name in self.node_names:
+            self._spawn(f"slurmd-{name}", [which("slurmd"), "-D", "-N", name, "-f", str(self.conf)])
+        self._wait(self._node_ready, "the SLURM nodes to become idle", timeout=60)
         return self
 
     def _node_ready(self) -> bool:
         out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=self.env)
-        return out.returncode == 0 and out.stdout.strip() in ("idle", "mixed", "allocated")
+        states = out.stdout.split()
+        return (out.returncode == 0 and len(states) == self.nodes
+                and all(s in ("idle", "mixed", "allocated") for s in states))
 
     def _wait(self, cond, what: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -131,8 +156,10 @@ class SlurmCluster:
             out.append(f"== {f.name}\n" + "\n".join(tail))
         return "\n".join(out)
 
-    def sbatch(self, script: Path, *args: str, env: dict[str, str] | None = None) -> str:
-        proc = subprocess.run(["sbatch", "--parsable", *args, str(script)], capture_output=True, text=True,
+    def sbatch(self, script: Path, *args: str, env: dict[str, str] | None = None,
+               script_args: tuple[str, ...] = ()) -> str:
+        """``sbatch [args] script [script_args]``; the job id."""
+        proc = subprocess.run(["sbatch", "--parsable", *args, str(script), *script_args], capture_output=True, text=True,
                               env={**self.env, **(env or {})})
         if proc.returncode != 0:
             raise ToolError(f"sbatch {script.name} failed: {proc.stderr.strip()}")

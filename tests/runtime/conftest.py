@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -154,3 +155,64 @@ def cli_server(rt_settings, tmp_path):
     yield make
     for srv in made:
         srv.kill(signal.SIGTERM)
+
+
+FLEET_KEY = "fleet-test-key-3c9a51d2e8"
+
+
+@pytest.fixture
+def fleet_factory(rt_settings, lookup, tmp_path):
+    """``with fleet_factory(nodes=2, slots=2) as (front, nodes):`` a front and node processes
+    in threads of this process, each node with its own podman storage and state
+    (``tmp_path/nodeN``), its API and runtimes on its own loopback address 127.0.1.N."""
+    from imagefarm.runtime import ServeConfig
+    from imagefarm.runtime.fleet import FrontOptions
+    from imagefarm.runtime.node import NodeConfig
+    from imagefarm.runtime.serve import ServerThread
+
+    class Running:
+        def __init__(self, front, nodes, front_cfg, opts):
+            self.front, self.nodes, self._cfg, self._opts = front, nodes, front_cfg, opts
+
+        def restart_front(self):
+            """Stop the front (its runtimes keep running on the nodes) and start it again
+            on the same port and state."""
+            port = int(self.front.url.rsplit(":", 1)[1])
+            self.front.__exit__(None, None, None)
+            self.front = ServerThread(rt_settings, self._cfg, resolver=lookup, port=port, front=self._opts)
+            self.front.__enter__()
+            return self.front
+
+    @contextlib.contextmanager
+    def make(nodes=2, slots=2, node_timeout=3.0, cache_gib=None, placement="image", prefetch=()):
+        front_cfg = ServeConfig(api_key=API_KEY, state_dir=tmp_path / "front", monitor_interval=0.5)
+        opts = FrontOptions(fleet_key=FLEET_KEY, node_timeout=node_timeout, placement=placement)
+        with contextlib.ExitStack() as stack:
+            front = ServerThread(rt_settings, front_cfg, resolver=lookup, front=opts).__enter__()
+            made = []
+            for i in range(1, nodes + 1):
+                addr = f"127.0.1.{i}"
+                st = rt_settings.model_copy(update={"state_dir": tmp_path / f"node{i}"})
+                lo = 20000 + (os.getpid() * 7 + i * 331) % 20000
+                cfg = ServeConfig(api_key=FLEET_KEY, max_runtimes=slots, port_range=(lo, lo + 49),
+                                  publish_address=addr, public_host=addr, monitor_interval=0.5,
+                                  memory_mib_per_factor=512, stop_on_exit=True, clean_start=True,
+                                  image_cache_gib=cache_gib)
+                node = NodeConfig(join=front.url, fleet_key=FLEET_KEY, address=addr, slots=slots,
+                                  heartbeat=0.5, prefetch=list(prefetch))
+                made.append(stack.enter_context(ServerThread(st, cfg, resolver=lookup,
+                                                             host=addr, node=node)))
+            running = Running(front, made, front_cfg, opts)
+            deadline = time.monotonic() + 60
+            while len([n for n in front.manager.nodes.values() if n.ready]) < nodes:
+                assert time.monotonic() < deadline, "nodes did not join the front"
+                time.sleep(0.05)
+            try:
+                yield running
+            finally:
+                for rid in list(running.front.manager.records):
+                    httpx.post(f"{running.front.url}/stop", json={"runtime_id": rid},
+                               headers={"X-API-Key": API_KEY}, timeout=60)
+                running.front.__exit__(None, None, None)
+
+    return make

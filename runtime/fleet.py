@@ -1,0 +1,522 @@
+"""The front of a fleet: one runtime API, runtimes placed on node processes that joined it.
+
+The trainer talks to the front only (``imagefarm runtime serve --fleet``); node
+processes (``imagefarm runtime node --join URL``, one per SLURM node) run podman and
+join with their capacity. The front
+
+* places each ``/start`` (``placement.place``: a node holding the image, else the
+  least loaded) and forwards it to the node (``POST /node/start``; ``/stop``,
+  ``/pause``, ``/resume`` likewise), with the image already resolved and pinned;
+* answers status polls from its own state, which nodes keep fresh: a node pushes a
+  report of all its runtimes on every change (a runtime turning ready reaches the
+  front in one request) and at least every ``heartbeat`` seconds;
+* declares a node lost after ``node_timeout`` seconds without a report: its runtimes
+  turn ``failed`` with the reason at once, a client never waits for its own timeout;
+* keeps records and nodes in sqlite (``state_dir/fleet``): a restarted front finds
+  its runtimes, and its nodes find it (they keep reporting; a node is given
+  ``node_timeout`` from the front's start to do so).
+
+Front and nodes authenticate each other with the fleet key (``IMAGEFARM_FLEET_KEY``
+or a key file), never the clients' key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import secrets
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, Field
+
+from imagefarm.serve.apikey import HEADER
+from imagefarm.settings import Settings
+
+from .errors import BackendError, CapacityFull, RuntimeServerError, UnknownRuntime
+from .manager import LIVE, Resolving, ServeConfig, pinned_image
+from .models import RuntimeInfo, StartRequest
+from .placement import NodeView, place, slots_needed
+from .resolver import Resolver
+from .state import Store
+
+log = logging.getLogger("imagefarm.runtime.fleet")
+
+
+@dataclass(frozen=True)
+class FrontOptions:
+    fleet_key: str
+    node_timeout: float = 5.0     #: seconds without a node report before its runtimes are failed
+    placement: str = "image"      #: image | random (random: for comparison only)
+
+
+@dataclass
+class FrontRecord:
+    """A runtime as the front knows it: where it runs and what its node last said."""
+
+    runtime_id: str
+    session_id: str
+    node_id: str
+    image: str
+    prebuilt: str
+    base: str | None
+    resource_factor: float
+    created_at: float
+    last_activity: float
+    info: dict[str, Any] = field(default_factory=dict)  #: the node's RuntimeInfo
+    status: str = "running"
+    pod_status: str = "pending"
+    reason: str = ""
+    seen: bool = False            #: a node report has named it
+    ready_at: float | None = None
+
+    @property
+    def url(self) -> str:
+        return self.info.get("url", "")
+
+    @property
+    def session_api_key(self) -> str:
+        return self.info.get("session_api_key", "")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FrontRecord":
+        data = json.loads(text)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class Node:
+    node_id: str
+    url: str
+    address: str
+    slots: int
+    boot: str = ""
+    ready: bool = False
+    state: str = "up"              #: up | lost | left
+    last_seen: float = 0.0         #: monotonic
+    images: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def persist(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("last_seen")
+        return d
+
+
+class Fleet(Resolving):
+    """What ``create_app`` needs of a manager, over the nodes of a fleet."""
+
+    def __init__(self, settings: Settings, resolver: Resolver, config: ServeConfig, *, fleet_key: str,
+                 node_timeout: float = 5.0, placement: str = "image") -> None:
+        self.settings, self.resolver, self.config = settings, resolver, config
+        self.fleet_key = fleet_key
+        self.node_timeout = node_timeout
+        self.placement = placement
+        self.to = str(settings.prefix)
+        self.store = Store(config.state_dir or settings.state_dir / "fleet", record=FrontRecord)
+        self.server_id = ""
+        self.records: dict[str, FrontRecord] = {}
+        self.by_session: dict[str, str] = {}
+        self.nodes: dict[str, Node] = {}
+        self._touched: dict[str, set[str]] = {}
+        self._http: httpx.AsyncClient | None = None
+        self._bg: list[asyncio.Task] = []
+        self._sizes: dict[str, int] = {}
+        self._registry: Any = None
+        self._rng = random.Random(0)
+        self._chores: set[asyncio.Task] = set()
+        self.on_ready: list = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.store.lock()
+        self.server_id = self.store.server_id()
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=2.0), trust_env=False,
+                                       headers={HEADER: self.fleet_key})
+        now = time.monotonic()
+        for d in json.loads(self.store.meta("nodes") or "{}").values():
+            node = Node(**d, last_seen=now)  # a grace of node_timeout to report again
+            self.nodes[node.node_id] = node
+        for rec in self.store.all():
+            self.records[rec.runtime_id] = rec
+            self.by_session[rec.session_id] = rec.runtime_id
+        self._bg = [asyncio.create_task(self._watch_nodes(), name="fleet-watch")]
+        log.info("fleet front %s: %d node(s) and %d runtime(s) found again; node timeout %gs, placement %s",
+                 self.server_id, len(self.nodes), len(self.records), self.node_timeout, self.placement)
+
+    async def shutdown(self) -> None:
+        for t in self._bg:
+            t.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+        if self.config.stop_on_exit and self.records:
+            log.info("stopping %d runtime(s) on exit (--stop-on-exit)", len(self.records))
+            await asyncio.gather(*[self._forward_stop(r) for r in list(self.records.values())],
+                                 return_exceptions=True)
+        if self._http:
+            await self._http.aclose()
+        if self._registry is not None:
+            self._registry.close()
+        self._save_nodes()
+        self.store.close()
+
+    def _chore(self, coro) -> None:
+        """A background task kept referenced until done (a bare create_task may be collected)."""
+        task = asyncio.create_task(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    def _save(self, rec: FrontRecord) -> None:
+        self.store.put(rec)
+
+    def _save_nodes(self) -> None:
+        self.store.set_meta("nodes", json.dumps({n.node_id: n.persist() for n in self.nodes.values()}))
+
+    def _forget(self, rid: str) -> None:
+        rec = self.records.pop(rid, None)
+        if rec and self.by_session.get(rec.session_id) == rid:
+            del self.by_session[rec.session_id]
+        self.store.delete(rid)
+
+    # -- the manager surface the app uses --------------------------------------------------
+    def live_count(self) -> int:
+        return sum(1 for r in self.records.values() if r.status in LIVE)
+
+    def get(self, runtime_id: str) -> FrontRecord:
+        rec = self.records.get(runtime_id)
+        if rec is None:
+            raise UnknownRuntime(f"no runtime {runtime_id!r} on this server (stopped, reaped or never started)")
+        return rec
+
+    def by_session_id(self, session_id: str) -> FrontRecord:
+        rid = self.by_session.get(session_id)
+        if rid is None:
+            raise UnknownRuntime(f"no runtime for session {session_id!r}")
+        return self.records[rid]
+
+    def touch(self, rec: FrontRecord) -> None:
+        rec.last_activity = time.time()
+        self._touched.setdefault(rec.node_id, set()).add(rec.runtime_id)
+
+    async def refresh(self, rec: FrontRecord) -> None:
+        """Polls are answered from the nodes' reports: nothing to ask here."""
+
+    def info(self, rec: FrontRecord) -> RuntimeInfo:
+        data = dict(rec.info) or {
+            "runtime_id": rec.runtime_id, "session_id": rec.session_id, "url": "", "session_api_key": "",
+            "run_as_user": "image", "created_at": rec.created_at, "last_activity": rec.last_activity}
+        data.update(image=rec.image, prebuilt_image=rec.prebuilt, base_image=rec.base,
+                    status=rec.status, pod_status=rec.pod_status, last_activity=rec.last_activity,
+                    resource_factor=rec.resource_factor)
+        if rec.status == "error" and rec.reason:
+            data["restart_reasons"] = [rec.reason]
+            data["pod_logs"] = data.get("pod_logs") or rec.reason
+            for cs in data.get("container_statuses") or []:
+                cs.update(state="terminated", ready=False, reason=rec.reason)
+        return RuntimeInfo(**data)
+
+    # -- placement ---------------------------------------------------------------------------
+    def views(self) -> list[NodeView]:
+        used: dict[str, float] = {}
+        images: dict[str, set[str]] = {n: set(node.images) for n, node in self.nodes.items()}
+        for r in self.records.values():
+            if r.status in LIVE:
+                used[r.node_id] = used.get(r.node_id, 0.0) + slots_needed(r.resource_factor)
+                images.setdefault(r.node_id, set()).add(r.prebuilt)
+        return [NodeView(n.node_id, n.slots, used.get(n.node_id, 0.0), frozenset(images.get(n.node_id, ())),
+                         ready=n.ready and n.state == "up") for n in self.nodes.values()]
+
+    def _place(self, image: str, need: float, exclude: set[str]) -> Node | None:
+        views = [v for v in self.views() if v.node_id not in exclude]
+        chosen = place(views, image, need, policy=self.placement, rng=self._rng)  # type: ignore[arg-type]
+        return self.nodes[chosen.node_id] if chosen else None
+
+    # -- start / stop / pause / resume ---------------------------------------------------------
+    async def start(self, req: StartRequest) -> FrontRecord:
+        existing = self.by_session.get(req.session_id)
+        if existing and self.records[existing].status in LIVE:
+            rec = self.records[existing]
+            self.touch(rec)
+            return rec
+        hit = await self.resolve(req.image)
+        size = await self.image_size(hit)
+        prebuilt = pinned_image(hit)
+        need = slots_needed(float(req.resource_factor))
+        tried: set[str] = set()
+        while True:
+            existing = self.by_session.get(req.session_id)
+            if existing:
+                if self.records[existing].status in LIVE:
+                    return self.records[existing]
+                old = self.records[existing]
+                self._forget(existing)
+                self._chore(self._forward_stop(old))
+            node = self._place(prebuilt, need, tried)
+            if node is None:
+                free = {v.node_id: v.free for v in self.views()}
+                raise CapacityFull(
+                    f"every node of the fleet is full ({len(self.nodes)} node(s), free slots {free}; this start "
+                    f"needs {need:g}): retry later, or add nodes (`imagefarm runtime node --join ...`)")
+            now = time.time()
+            rec = FrontRecord(runtime_id=secrets.token_hex(8), session_id=req.session_id, node_id=node.node_id,
+                              image=req.image, prebuilt=prebuilt, base=getattr(hit, "base", None) or None,
+                              resource_factor=float(req.resource_factor), created_at=now, last_activity=now)
+            # the slot is held from here (no await before this line), so concurrent starts see it taken
+            self.records[rec.runtime_id] = rec
+            self.by_session[rec.session_id] = rec.runtime_id
+            body = {"request": req.model_dump(mode="json"), "runtime_id": rec.runtime_id, "prebuilt": prebuilt,
+                    "base": rec.base, "size": size}
+            try:
+                r = await self._http.post(f"{node.url}/node/start", json=body)
+            except httpx.HTTPError as exc:
+                self._forget(rec.runtime_id)
+                log.warning("node %s (%s) did not take runtime %s: %s; placing it elsewhere",
+                            node.node_id, node.url, rec.runtime_id, exc)
+                tried.add(node.node_id)
+                continue
+            if r.status_code == 429:
+                self._forget(rec.runtime_id)
+                tried.add(node.node_id)
+                continue
+            if r.status_code != 200:
+                self._forget(rec.runtime_id)
+                raise BackendError(f"node {node.node_id} refused the start ({r.status_code}): {_detail(r)}")
+            if rec.runtime_id in self.records:
+                self._merge(rec, r.json(), reported=False)
+                self._save(rec)
+            log.info("runtime %s: session %s, image %s -> node %s (%s)", rec.runtime_id, rec.session_id,
+                     prebuilt, node.node_id, node.address)
+            return rec
+
+    async def _forward(self, rec: FrontRecord, verb: str) -> dict[str, Any]:
+        node = self.nodes.get(rec.node_id)
+        if node is None or node.state != "up":
+            raise RuntimeServerError(f"runtime {rec.runtime_id} cannot be {verb}d: its node {rec.node_id} "
+                                     f"is {node.state if node else 'gone'} ({rec.reason})")
+        try:
+            r = await self._http.post(f"{node.url}/{verb}", json={"runtime_id": rec.runtime_id})
+        except httpx.HTTPError as exc:
+            raise BackendError(f"node {node.node_id} ({node.url}) did not answer /{verb}: {exc}") from None
+        if r.status_code != 200:
+            log.warning("node %s answered /%s of %s with %d: %s", node.node_id, verb, rec.runtime_id,
+                        r.status_code, _detail(r))
+            err = RuntimeServerError(f"node {node.node_id}: {_detail(r)}")
+            err.status_code = r.status_code if 400 <= r.status_code < 500 else 502
+            raise err
+        return r.json()
+
+    async def _forward_stop(self, rec: FrontRecord) -> None:
+        node = self.nodes.get(rec.node_id)
+        if node is None or node.state != "up":
+            return  # the node removes it when it reports again (answered with `remove`)
+        try:
+            await self._http.post(f"{node.url}/stop", json={"runtime_id": rec.runtime_id})
+        except httpx.HTTPError as exc:
+            log.warning("node %s did not answer /stop of %s: %s (removed when it reports again)",
+                        node.node_id, rec.runtime_id, exc)
+
+    async def stop(self, rid: str, why: str = "stopped") -> None:
+        rec = self.get(rid)
+        self._forget(rid)
+        await self._forward_stop(rec)
+        log.info("runtime %s (session %s) %s", rid, rec.session_id, why)
+
+    async def pause(self, rid: str) -> FrontRecord:
+        rec = self.get(rid)
+        await self._forward(rec, "pause")
+        rec.status = "paused"
+        self.touch(rec)
+        return rec
+
+    async def resume(self, rid: str) -> FrontRecord:
+        rec = self.get(rid)
+        await self._forward(rec, "resume")
+        rec.status, rec.pod_status = "running", "running"
+        self.touch(rec)
+        return rec
+
+    # -- prefetch ----------------------------------------------------------------------------
+    async def prefetch(self, images: list[str]) -> list[dict[str, Any]]:
+        """Pull images onto nodes ahead of the trainer: each to the node placement would
+        choose for its first sample (a node holding it already: nothing to do)."""
+        planned: dict[str, set[str]] = {}
+        out = []
+        for image in images:
+            hit = await self.resolve(image)
+            pinned, size = pinned_image(hit), await self.image_size(hit)
+            views = [NodeView(v.node_id, v.slots, v.used, v.images | planned.get(v.node_id, set()), v.ready)
+                     for v in self.views()]
+            holder = next((v for v in views if pinned in v.images), None)
+            if holder is not None:
+                out.append({"image": image, "prebuilt_image": pinned, "node": holder.node_id, "pull": False})
+                continue
+            ready = [v for v in views if v.ready]
+            if not ready:
+                raise CapacityFull("no node has joined the fleet yet: nothing to prefetch onto")
+            # spread: the node with the fewest images (planned included), then the most free slots
+            chosen = min(ready, key=lambda v: (len(v.images), -v.free, v.node_id))
+            planned.setdefault(chosen.node_id, set()).add(pinned)
+            out.append({"image": image, "prebuilt_image": pinned, "node": chosen.node_id, "pull": True,
+                        "size": size})
+        by_node: dict[str, list[dict[str, Any]]] = {}
+        for item in out:
+            if item["pull"]:
+                by_node.setdefault(item["node"], []).append({"image": item["prebuilt_image"], "size": item["size"]})
+        for node_id, items in by_node.items():
+            node = self.nodes[node_id]
+            try:
+                r = await self._http.post(f"{node.url}/node/prefetch", json={"images": items})
+                r.raise_for_status()
+            except httpx.HTTPError as exc:
+                raise BackendError(f"node {node_id} ({node.url}) did not take the prefetch: {exc}") from None
+        return out
+
+    # -- reports from nodes ------------------------------------------------------------------
+    def report(self, data: dict[str, Any]) -> dict[str, Any]:
+        """A node's report (join, heartbeat or change): merge, answer what it should do."""
+        nid = data["node_id"]
+        node = self.nodes.get(nid)
+        restarted = node is not None and node.boot and node.boot != data["boot"]
+        if node is None or restarted or node.state != "up":
+            log.info("node %s %s at %s (API %s): %d slot(s)%s", nid,
+                     "joined" if node is None else ("restarted" if restarted else "is back"),
+                     data["address"], data["url"], data["slots"], "" if data.get("ready") else ", prefetching")
+        if node is None:
+            node = self.nodes[nid] = Node(node_id=nid, url=data["url"], address=data["address"], slots=data["slots"])
+        node.url, node.address, node.slots = data["url"], data["address"], int(data["slots"])
+        node.boot, node.ready, node.state = data["boot"], bool(data.get("ready")), "up"
+        node.last_seen = time.monotonic()
+        node.images = list(data.get("images") or [])
+        node.stats = dict(data.get("stats") or {})
+        self._save_nodes()
+        reported = {r["runtime_id"]: r for r in data.get("runtimes") or []}
+        remove = []
+        for rid, info in reported.items():
+            rec = self.records.get(rid)
+            if rec is None or rec.node_id != nid or (rec.status == "error" and rec.reason.startswith("node ")):
+                remove.append(rid)  # stopped while the node was away, or failed with its node: not wanted
+                continue
+            self._merge(rec, info, reported=True)
+        stale = time.time() - 10
+        for rec in [r for r in self.records.values() if r.node_id == nid and r.runtime_id not in reported]:
+            if rec.status in LIVE and (rec.seen or restarted or rec.created_at < stale):
+                self._fail(rec, f"node {nid} ({node.address}) no longer has this runtime"
+                                + (" (the node process restarted)" if restarted else ""))
+        touched = sorted(self._touched.pop(nid, set()))
+        return {"remove": remove, "touched": touched, "front_id": self.server_id}
+
+    def leave(self, node_id: str) -> None:
+        node = self.nodes.get(node_id)
+        if node is None:
+            return
+        node.state = "left"
+        for rec in [r for r in self.records.values() if r.node_id == node_id and r.status in LIVE]:
+            self._fail(rec, f"node {node_id} ({node.address}) left the fleet (its job ended)")
+        log.info("node %s left the fleet", node_id)
+        self._save_nodes()
+
+    def _merge(self, rec: FrontRecord, info: dict[str, Any], *, reported: bool) -> None:
+        was = rec.pod_status
+        rec.info = {k: v for k, v in info.items() if k in RuntimeInfo.model_fields}
+        rec.seen = rec.seen or reported
+        rec.status, rec.pod_status = info["status"], info["pod_status"]
+        rec.reason = "; ".join(info.get("restart_reasons") or [])
+        if rec.pod_status == "ready" and was != "ready" and rec.ready_at is None:
+            rec.ready_at = time.time()
+            for fn in self.on_ready:
+                fn(rec, rec.ready_at - rec.created_at)
+        if was != rec.pod_status:
+            self._save(rec)
+
+    def _fail(self, rec: FrontRecord, reason: str) -> None:
+        rec.status, rec.pod_status, rec.reason = "error", "failed", reason
+        self._save(rec)
+        log.warning("runtime %s (session %s) failed: %s", rec.runtime_id, rec.session_id, reason)
+
+    async def _watch_nodes(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.5, self.node_timeout / 4))
+            now = time.monotonic()
+            for node in list(self.nodes.values()):
+                if node.state == "up" and now - node.last_seen > self.node_timeout:
+                    node.state = "lost"
+                    why = (f"node {node.node_id} ({node.address}) stopped answering: no report for "
+                           f"{now - node.last_seen:.1f}s (node timeout {self.node_timeout:g}s)")
+                    log.warning("%s", why)
+                    for rec in [r for r in self.records.values() if r.node_id == node.node_id and r.status in LIVE]:
+                        self._fail(rec, why)
+                    self._save_nodes()
+            # failed runtimes nobody polls are forgotten after failed_ttl, as on one node
+            ttl = self.config.failed_ttl
+            for rec in [r for r in self.records.values() if r.status == "error" and time.time() - r.last_activity > ttl]:
+                self._forget(rec.runtime_id)
+                self._chore(self._forward_stop(rec))
+
+    # -- what GET /nodes and the metrics show ----------------------------------------------------
+    def node_rows(self) -> list[dict[str, Any]]:
+        views = {v.node_id: v for v in self.views()}
+        now = time.monotonic()
+        rows = []
+        for n in self.nodes.values():
+            v = views[n.node_id]
+            states: dict[str, int] = {}
+            for r in self.records.values():
+                if r.node_id == n.node_id:
+                    k = "paused" if r.status == "paused" else r.pod_status
+                    states[k] = states.get(k, 0) + 1
+            rows.append({"node_id": n.node_id, "url": n.url, "address": n.address, "state": n.state,
+                         "ready": n.ready, "slots": n.slots, "free_slots": v.free if n.state == "up" else 0,
+                         "runtimes": states, "images": len(n.images),
+                         "last_report_s": round(now - n.last_seen, 2), **{"stats": n.stats}})
+        return rows
+
+
+def _detail(r: httpx.Response) -> str:
+    try:
+        return str(r.json().get("detail"))
+    except ValueError:
+        return r.text[:500]
+
+
+class NodeReport(BaseModel):
+    node_id: str = Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z_.-]+$")
+    boot: str = Field(min_length=1, max_length=64)
+    url: str = Field(min_length=1, max_length=1024, pattern=r"^https?://")
+    address: str = Field(min_length=1, max_length=255)
+    slots: int = Field(ge=0, le=100000)
+    ready: bool = True
+    images: list[str] = Field(default_factory=list, max_length=100000)
+    runtimes: list[dict[str, Any]] = Field(default_factory=list, max_length=100000)
+    stats: dict[str, Any] = Field(default_factory=dict)
+
+
+class NodeLeave(BaseModel):
+    node_id: str = Field(min_length=1, max_length=64)
+
+
+#: what nodes call on the front: open to the app's guard, checked against the fleet key instead
+FRONT_PATHS = ("/fleet/report", "/fleet/leave")
+
+
+def add_front_routes(app: FastAPI, fleet: Fleet) -> None:
+    """``/fleet/report`` and ``/fleet/leave``: what nodes call, with the fleet key."""
+    from .node import read_body
+
+    @app.post("/fleet/report", tags=["fleet"])
+    async def fleet_report(request: Request) -> dict[str, Any]:
+        body = await read_body(request, fleet.fleet_key, NodeReport)
+        return fleet.report(body.model_dump())
+
+    @app.post("/fleet/leave", tags=["fleet"])
+    async def fleet_leave(request: Request) -> dict[str, str]:
+        body = await read_body(request, fleet.fleet_key, NodeLeave)
+        fleet.leave(body.node_id)
+        return {"node_id": body.node_id, "state": "left"}
