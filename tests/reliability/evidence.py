@@ -18,7 +18,8 @@ from pathlib import Path
 import redis
 
 from imagefarm.farm.lockfile import Lockfile
-from imagefarm.names.reference import parse
+from imagefarm.derive.append import PAYLOAD_REPO
+from imagefarm.names.reference import Prefix, parse
 from imagefarm.host.services import Access, Registry
 
 _MANIFEST = re.compile(r"^/v2/(.+)/manifests/([^/?]+)$")
@@ -58,6 +59,7 @@ class Evidence:
     accesses: list[Access]
     to_repo: str                                                 #: repository prefix of ``to``
     tag_puts: Counter = field(default_factory=Counter)           #: (repo, tag) -> 201 PUTs of the tag
+    payload_puts: Counter = field(default_factory=Counter)       #: the payload's own tag (``payload push``)
     record_puts: Counter = field(default_factory=Counter)        #: (repo, digest) -> verification records
     uploads: Counter = field(default_factory=Counter)            #: (repo, digest) -> completed uploads
     finished_uploads: set[str] = field(default_factory=set)      #: upload session ids completed
@@ -66,7 +68,8 @@ class Evidence:
     @classmethod
     def read(cls, reg: Registry, to: str, mark: int = 0) -> "Evidence":
         """From the access log (from byte ``mark`` on: ``reg.mark()`` taken earlier)."""
-        ev = cls(reg.accesses(mark), parse(f"{to}/x:y").repository.rsplit("/", 1)[0])
+        ev = cls(reg.accesses(mark), Prefix.parse(to).path)
+        payload_repo = Prefix.parse(to).repository(PAYLOAD_REPO).path
         for a in ev.accesses:
             if a.method == "POST" and a.status == 202 and a.path.startswith(f"/v2/{ev.to_repo}/"):
                 ev.started_uploads += 1
@@ -74,7 +77,9 @@ class Evidence:
                 m = _MANIFEST.match(a.path)
                 if m and m.group(1).startswith(ev.to_repo + "/"):
                     repo, ref = m.groups()
-                    if ref.endswith(".verified"):
+                    if repo == payload_repo:  # published before the batch: not a base's image
+                        ev.payload_puts[(repo, ref)] += 1
+                    elif ref.endswith(".verified"):
                         ev.record_puts[(repo, ref[:-len(".verified")].replace("-", ":", 1))] += 1
                     elif not ref.startswith("sha256:"):
                         ev.tag_puts[(repo, ref)] += 1
