@@ -35,11 +35,14 @@ def task_records(url: str) -> dict[str, dict[str, str]]:
     return out
 
 
-def open_uploads(reg: Registry) -> set[str]:
-    """Upload sessions the registry holds open with bytes already received (their ids)."""
+def open_uploads(reg: Registry, *, skip: str = "") -> set[str]:
+    """Upload sessions the registry holds open with bytes already received (their ids);
+    ``skip``: not those into repositories whose path ends so."""
     repos = reg.workdir / "data" / "docker" / "registry" / "v2" / "repositories"
     out = set()
     for data in repos.glob("**/_uploads/*/data"):
+        if skip and data.parent.parent.parent.name == skip:
+            continue
         try:
             if data.stat().st_size > 0:
                 out.add(data.parent.name)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from imagefarm.derive.append import PAYLOAD_REPO
 from imagefarm.farm.lockfile import Lockfile
 from tests.conftest import imagefarm_cli
 from tests.reliability.conftest import assert_batch_complete, wait_for
@@ -90,7 +91,9 @@ def test_worker_sigkilled_mid_upload(farm, fixtures, own_redis, payload, tmp_pat
     lockfile = tmp_path / "lock.json"
     proc = _prebuild(env, _dataset(tmp_path, bases), lockfile)
     try:
-        cut = wait_for(lambda: open_uploads(target) or proc.poll() is not None, "an upload with bytes in it")
+        # a worker's upload: the driver publishes the payload itself before its tasks (#16)
+        cut = wait_for(lambda: open_uploads(target, skip=PAYLOAD_REPO) or proc.poll() is not None,
+                       "an upload with bytes in it")
         assert proc.poll() is None, "the batch ended before an upload was seen: " + proc.stderr.read()[-3000:]
         [pid] = workers.pool(w)
         running = [tid for tid, r in task_records(own_redis.url).items() if r.get("pid") == str(pid)]

@@ -194,8 +194,7 @@ def test_runtime_server_started_by_the_user_serves_api_remote_workspace(as_user,
     env = {**env, "IMAGEFARM_TO": f"{rreg.host}/team", "IMAGEFARM_RUNTIME_API_KEY": key}
     log = as_user.work / "server.log"
     proc = as_user.popen([str(as_user.bin / "imagefarm"), "runtime", "serve", "--port", str(port),
-                          "--port-range", "38600-38699", "--resolver", "registry",
-                          "--url-file", str(url_file)], env, log)
+                          "--port-range", "38600-38699", "--url-file", str(url_file)], env, log)
     try:
         deadline = time.monotonic() + 120
         while not url_file.exists():
@@ -205,8 +204,9 @@ def test_runtime_server_started_by_the_user_serves_api_remote_workspace(as_user,
         # a loaded 2-core machine: the first start of an image in rootless storage took 79 s once
         _sdk_exec(sdk_python, url_file.read_text().strip(), key, base.ref, startup=600)
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(60)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(60)
 
 
 def _wait_job(cluster, job, timeout=600):
