@@ -21,7 +21,8 @@ import time
 from typing import Any
 
 import redis
-from celery.exceptions import Ignore
+from celery import Task
+from celery.exceptions import Ignore, Reject
 
 from imagefarm.farm import jobs
 from imagefarm.errors import ImagefarmError
@@ -33,6 +34,27 @@ from .semaphore import RedisSemaphore
 
 RETRY = dict(autoretry_for=(ImagefarmError, ConnectionError, OSError), retry_backoff=2, retry_backoff_max=120,
              retry_jitter=True, max_retries=8)
+#: how long a retry waits for a broker that is away before Celery's rejection stands
+BROKER_PATIENCE = 300.0
+
+
+class FarmTask(Task):
+    """A task whose retry outlasts a broker outage.
+
+    Celery sends a retry as a new message and, when the broker cannot take it, rejects
+    the task for good (``Reject(requeue=False)``): a transient error that meets a Redis
+    restart would fail its base. Here the retry waits for the broker instead."""
+
+    def retry(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - raises Retry, as Celery's does
+        deadline, delay = time.monotonic() + BROKER_PATIENCE, 0.5
+        while True:
+            try:
+                return super().retry(*args, **kwargs)
+            except Reject:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 RECORD_TTL = 7 * 24 * 3600
 _client: tuple[int, redis.Redis] | None = None
 
@@ -96,7 +118,7 @@ def _gate() -> None:
         ratelimit.install(RedisGate.from_url(app.conf.broker_url))
 
 
-@app.task(name="imagefarm.derive", bind=True, **RETRY)
+@app.task(name="imagefarm.derive", bind=True, base=FarmTask, **RETRY)
 def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None = None,
            publish: bool = True) -> dict[str, Any]:
     _record_delivery(self)
@@ -115,7 +137,7 @@ def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None =
         raise Ignore() from None
 
 
-@app.task(name="imagefarm.verify", bind=True, **RETRY)
+@app.task(name="imagefarm.verify", bind=True, base=FarmTask, **RETRY)
 def verify(self, image: str, digest: str, to: str, recipe: str, timeout: float = 120.0) -> dict[str, Any]:
     _record_delivery(self)
     settings = Settings.load(to=to, recipe=recipe)

@@ -204,6 +204,7 @@ def redis_rounds(farm, fixtures, own_redis, tmp_path, outages: list[float], n_ba
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # not in make test: it fails about one run in three, see docs/RELIABILITY.md
 def test_redis_sigkilled_rounds(farm, fixtures, own_redis, payload, tmp_path):
     """Three SIGKILLs of Redis (5, 15, 30 s down), each once a further quarter of the
     bases is tagged. The 120 s outage is run by hand, with the outages in FAULT_OUTAGES:
