@@ -78,16 +78,7 @@ def show_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Show the cached payload of a recipe (version, size, digest); exit 1 if not built."""
-    from imagefarm.payload import load_payload
-    from imagefarm.payload.recipe import recipe_for
-
-    settings = Settings.load(recipe=recipe)
-    rec = recipe_for(settings)
-    p = load_payload(settings, rec)
-    if p is None:
-        console.print(f"no payload built for recipe {rec.name} ({rec.digest[:19]}): "
-                      f"run `imagefarm payload build --recipe {rec.name}`", highlight=False)
-        raise typer.Exit(1)
+    p = _cached(Settings.load(recipe=recipe))
     if as_json:
         emit_json(_summary(p))
     else:
@@ -106,18 +97,11 @@ def push_cmd(
     Machines without the payload (a cluster user cannot build it as root) then find it
     there: `derive` and `prebuild` mount the blob from it and download nothing.
     """
-    from imagefarm.payload import load_payload
-    from imagefarm.payload.recipe import recipe_for
     from imagefarm.payload.remote import push
     from imagefarm.registry import RegistryClient
 
     settings = Settings.load(to=to, recipe=recipe)
-    rec = recipe_for(settings)
-    p = load_payload(settings, rec)
-    if p is None:
-        console.print(f"no payload built for recipe {rec.name} ({rec.digest[:19]}) on this machine: "
-                      f"run `imagefarm payload build --recipe {rec.name}` first", highlight=False)
-        raise typer.Exit(1)
+    p = _cached(settings)
     with RegistryClient(settings) as client:
         ref, digest, sent = push(client, p, settings.to)
     if as_json:
@@ -127,3 +111,17 @@ def push_cmd(
         out.print(f"{ref}@{digest}", highlight=False, soft_wrap=True)
         console.print(f"payload {p.layer.digest[:19]} ({p.layer.size / 1e6:.0f} MB) "
                       f"{'uploaded' if sent else 'already there'}", highlight=False)
+
+
+def _cached(settings: Settings):
+    """The cached payload of the settings' recipe, or exit 1 saying how to build it."""
+    from imagefarm.payload import load_payload
+    from imagefarm.payload.recipe import recipe_for
+
+    rec = recipe_for(settings)
+    p = load_payload(settings, rec)
+    if p is None:
+        console.print(f"no payload built for recipe {rec.name} ({rec.digest[:19]}) on this machine: "
+                      f"run `imagefarm payload build --recipe {rec.name}`", highlight=False)
+        raise typer.Exit(1)
+    return p
