@@ -9,6 +9,14 @@ import typer
 from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
+#: the one ``--agent-server-version`` option (payload, prebuild, derive, lookup, runtime serve)
+VERSION_HELP = ("openhands-agent-server version from PyPI (IMAGEFARM_AGENT_SERVER_VERSION); "
+                "building: the recipe at it (own digest, tags); serving: the images at it")
+
+
+def version_option() -> str | None:
+    return typer.Option(None, "--agent-server-version", metavar="VERSION", help=VERSION_HELP)
+
 payload_app = typer.Typer(help="The agent-server payload: one layer that runs on any x86_64 base.",
                           no_args_is_help=True)
 app.add_typer(payload_app, name="payload")
@@ -39,6 +47,7 @@ def _print(p, cached: bool | None = None) -> None:
 @friendly
 def build_cmd(
     recipe: str = typer.Option(None, "--recipe", help="recipe name or path (IMAGEFARM_RECIPE)"),
+    agent_server_version: str = version_option(),
     force: bool = typer.Option(False, "--force", help="rebuild even when cached"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     mirror: str = typer.Option(
@@ -53,7 +62,7 @@ def build_cmd(
     from imagefarm.payload import build_payload, load_payload
     from imagefarm.payload.recipe import recipe_for
 
-    settings = Settings.load(recipe=recipe)
+    settings = Settings.load(recipe=recipe, agent_server_version=agent_server_version)
     rec = recipe_for(settings)
     cached = not force and load_payload(settings, rec) is not None
     t0 = time.monotonic()
@@ -75,10 +84,11 @@ def build_cmd(
 @friendly
 def show_cmd(
     recipe: str = typer.Option(None, "--recipe", help="recipe name or path (IMAGEFARM_RECIPE)"),
+    agent_server_version: str = version_option(),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Show the cached payload of a recipe (version, size, digest); exit 1 if not built."""
-    p = _cached(Settings.load(recipe=recipe))
+    p = _cached(Settings.load(recipe=recipe, agent_server_version=agent_server_version))
     if as_json:
         emit_json(_summary(p))
     else:
@@ -90,6 +100,7 @@ def show_cmd(
 def push_cmd(
     to: str = typer.Option(None, "--to", metavar="PREFIX", help="registry prefix (IMAGEFARM_TO)"),
     recipe: str = typer.Option(None, "--recipe", help="recipe name or path (IMAGEFARM_RECIPE)"),
+    agent_server_version: str = version_option(),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Publish the cached payload in a registry, named by its recipe digest.
@@ -100,7 +111,7 @@ def push_cmd(
     from imagefarm.payload.remote import push
     from imagefarm.registry import RegistryClient
 
-    settings = Settings.load(to=to, recipe=recipe)
+    settings = Settings.load(to=to, recipe=recipe, agent_server_version=agent_server_version)
     p = _cached(settings)
     with RegistryClient(settings) as client:
         ref, digest, sent = push(client, p, settings.to)
@@ -122,6 +133,6 @@ def _cached(settings: Settings):
     p = load_payload(settings, rec)
     if p is None:
         console.print(f"no payload built for recipe {rec.name} ({rec.digest[:19]}) on this machine: "
-                      f"run `imagefarm payload build --recipe {rec.name}`", highlight=False)
+                      f"run `imagefarm payload build --recipe {rec.name} --agent-server-version {rec.agent_server_version}`", highlight=False)
         raise typer.Exit(1)
     return p
