@@ -6,6 +6,7 @@ import time
 
 import typer
 
+from imagefarm.errors import ImagefarmError
 from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 
@@ -136,3 +137,63 @@ def _cached(settings: Settings):
                       f"run `imagefarm payload build --recipe {rec.name} --agent-server-version {rec.agent_server_version}`", highlight=False)
         raise typer.Exit(1)
     return p
+
+
+@payload_app.command("list")
+@friendly
+def list_cmd(
+    to: str = typer.Option(None, "--to", metavar="PREFIX",
+                           help="also list the payloads published under this registry prefix"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """The payloads built on this machine (cache) and pushed (under --to), one per
+    recipe digest: which agent-server versions are there. ``current`` says whether the
+    digest is still its recipe's at that version (false: stale, built from an older
+    recipe; null: no recipe of that name in the recipes directory)."""
+    from imagefarm.payload.cache import cached_payloads
+    from imagefarm.payload.recipe import load_recipe
+
+    settings = Settings.load(to=to)
+    recipes: dict[str, object] = {}
+
+    def current(name: str, version: str, digest: str) -> bool | None:
+        if name not in recipes:
+            try:
+                recipes[name] = load_recipe(name, settings.recipes_dir)
+            except ImagefarmError:
+                recipes[name] = None
+        rec = recipes[name]
+        if rec is None:
+            return None  # no recipe of that name here
+        try:
+            return rec.at_version(version).digest == digest
+        except ImagefarmError:
+            return False
+
+    rows: dict[str, dict] = {}
+    for p in cached_payloads(settings):
+        rows[p.recipe_digest] = {"recipe_name": p.recipe_name, "agent_server_version": p.agent_server_version,
+                                 "recipe_digest": p.recipe_digest, "digest": p.layer.digest,
+                                 "built": True, "pushed": None}
+    if to is not None:
+        from imagefarm.payload.remote import published
+        from imagefarm.registry import RegistryClient
+
+        for r in rows.values():
+            r["pushed"] = False
+        with RegistryClient(settings) as client:
+            for got in published(client, settings.to):
+                row = rows.setdefault(got["recipe_digest"], {**got, "built": False})
+                row.update(pushed=True, artifact=got["artifact"])
+    from imagefarm.settings import version_key
+
+    table = sorted(rows.values(), key=lambda r: (r["recipe_name"], version_key(r["agent_server_version"])))
+    for r in table:
+        r["current"] = current(r["recipe_name"], r["agent_server_version"], r["recipe_digest"])
+    if as_json:
+        emit_json(table)
+        return
+    for r in table:
+        where = ", ".join(w for w, on in (("built", r["built"]), ("pushed", r["pushed"])) if on) or "-"
+        out.print(f"{r['recipe_name']:<10} {r['agent_server_version']:<10} {r['recipe_digest'][:19]}  "
+                  f"{where:<14} {({True: 'current', False: 'stale'}).get(r['current'], 'no recipe here')}", highlight=False)
