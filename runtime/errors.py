@@ -25,14 +25,16 @@ class RuntimeServerError(ImagefarmError):
 class NoPrebuiltImage(RuntimeServerError):
     status_code = 404
 
-    def __init__(self, image: str, base: str, to: str, why: str = "") -> None:
+    def __init__(self, image: str, base: str, to: str, why: str = "", version: str | None = None) -> None:
         self.image, self.base, self.to = image, base, to
+        at = f" --agent-server-version {version}" if version else ""
         super().__init__(
             f"no prebuilt agent-server image for {base} under {to}"
+            + (f" at openhands-agent-server {version}" if version else "")
             + (f" ({why})" if why else "")
             + ": this runtime server starts prebuilt images only and never builds. "
-            f"Build it with `imagefarm derive {base} --to {to}` "
-            f"(or a whole dataset with `imagefarm prebuild --to {to} ...`), then start again."
+            f"Build it with `imagefarm derive {base} --to {to}{at}` "
+            f"(or a whole dataset with `imagefarm prebuild --to {to}{at} ...`), then start again."
         )
 
 

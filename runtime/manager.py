@@ -113,12 +113,14 @@ class Resolving:
     """Resolution and image sizes, shared by a node's manager and a fleet's front
     (needs ``resolver``, ``to``, ``settings``, ``_sizes`` and ``_registry``)."""
 
-    async def resolve(self, image: str):
-        """The resolver's hit for ``image``; ``NoPrebuiltImage`` without one."""
+    async def resolve(self, image: str, *, version: str | None = None):
+        """The resolver's hit for ``image`` (at agent-server ``version``, if one is asked);
+        ``NoPrebuiltImage`` without one."""
         parse(image)  # InvalidReference (400) before any registry traffic
-        hit = await asyncio.to_thread(self.resolver.resolve, image)
+        ask = {"version": version} if version else {}
+        hit = await asyncio.to_thread(self.resolver.resolve, image, **ask)
         if hit is None:
-            raise NoPrebuiltImage(image, describe_base(image), self.to)
+            raise NoPrebuiltImage(image, describe_base(image), self.to, version=version)
         return hit
 
     async def image_size(self, hit: Any) -> int:
@@ -318,7 +320,7 @@ class RuntimeManager(Launching, Upkeep, Resolving):
                      rec.runtime_id, rec.session_id)
             self.touch(rec)
             return rec
-        hit = hit or await self.resolve(req.image)
+        hit = hit or await self.resolve(req.image, version=req.agent_server_version)
         # from here to the record being indexed there is no await: check and reserve atomically
         existing = self.by_session.get(req.session_id)
         if existing:

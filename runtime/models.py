@@ -14,6 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from imagefarm.settings import check_version
+from .resolver import VERSION_ENV
+
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 #: ``resource_factor`` the clients send (1, 2, 4, 8) and the bound of the rest
 FACTORS = (1, 8)
@@ -53,6 +56,22 @@ class StartRequest(BaseModel):
             raise ValueError(f"invalid environment variable names (expected {ENV_NAME.pattern}): "
                              f"{[k[:64] for k in bad[:5]]}")
         return env
+
+    @field_validator("environment")
+    @classmethod
+    def _version(cls, env: dict[str, str]) -> dict[str, str]:
+        """The agent-server version a client asks for is checked like the flag (empty: not asked)."""
+        if env.get(VERSION_ENV):
+            try:
+                check_version(env[VERSION_ENV])
+            except ValueError as exc:
+                raise ValueError(f"environment {VERSION_ENV}: {str(exc)[:120]}") from None
+        return env
+
+    @property
+    def agent_server_version(self) -> str | None:
+        """The version asked for in ``environment`` (``VERSION_ENV``), or None."""
+        return self.environment.get(VERSION_ENV) or None
 
     @field_validator("resource_factor")
     @classmethod

@@ -18,9 +18,16 @@ from typing import Any, Protocol
 from imagefarm.names.reference import parse
 
 
+#: the ``/start`` environment variable a client sets to ask for images of one
+#: openhands-agent-server version (else the server's ``--agent-server-version``, else
+#: the newest verified version of the base)
+VERSION_ENV = "IMAGEFARM_AGENT_SERVER_VERSION"
+
+
 class Resolver(Protocol):
-    def resolve(self, image: str) -> Any:
-        """The prebuilt image serving ``image`` (a base or a derived reference), or None."""
+    def resolve(self, image: str, *, recipe: str | None = None, version: str | None = None) -> Any:
+        """The prebuilt image serving ``image`` (a base or a derived reference) of
+        ``recipe`` at ``version`` (None: the resolver's defaults), or None."""
 
 
 def describe_base(image: str) -> str:

@@ -19,11 +19,15 @@ def lookup(
     base: list[str] = typer.Argument(..., help="base reference(s), e.g. namanjain12/pandas_final:<commit>"),
     to: Optional[str] = typer.Option(None, help="registry prefix prebuilt images live under (IMAGEFARM_TO)"),
     recipe: Optional[str] = typer.Option(None, help="recipe name or path (IMAGEFARM_RECIPE)"),
+    agent_server_version: Optional[str] = typer.Option(
+        None, "--agent-server-version", metavar="VERSION",
+        help="images of this openhands-agent-server version (IMAGEFARM_AGENT_SERVER_VERSION); "
+             "default: the newest verified one of each base"),
     lockfile: Optional[Path] = typer.Option(None, help="answer from this lockfile first"),
     json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Which prebuilt image serves this base? Exit 1 if any base has none."""
-    settings = Settings.load(to=to, recipe=recipe)
+    settings = Settings.load(to=to, recipe=recipe, agent_server_version=agent_server_version)
     lk = Lookup(settings, lockfile=lockfile)
     try:
         answers = lk.resolve_many(base)
@@ -36,10 +40,11 @@ def lookup(
         if a is None:
             missing += 1
             ref = str(normalise_query(q))
-            results.append({"base": ref, "found": False, "build": build_command(ref, lk.to)})
+            build = build_command(ref, lk.to, lk.version)
+            results.append({"base": ref, "found": False, "build": build})
             if not json_out:
-                console.print(f"[red]no prebuilt image[/] for {ref}; build it with: {build_command(ref, lk.to)}",
-                              highlight=False)
+                at = f" at openhands-agent-server {lk.version}" if lk.version else ""
+                console.print(f"[red]no prebuilt image[/] for {ref}{at}; build it with: {build}", highlight=False)
         else:
             results.append({"found": True, **a.to_json()})
             if not json_out:
@@ -57,6 +62,10 @@ def serve_lookup(
     port: int = typer.Option(8780, help="port to listen on"),
     to: Optional[str] = typer.Option(None, help="registry prefix (IMAGEFARM_TO)"),
     recipe: Optional[str] = typer.Option(None, help="recipe name or path (IMAGEFARM_RECIPE)"),
+    agent_server_version: Optional[str] = typer.Option(
+        None, "--agent-server-version", metavar="VERSION",
+        help="the version a request without `agent_server_version` gets (IMAGEFARM_AGENT_SERVER_VERSION); "
+             "default: the newest verified one of each base"),
     lockfile: Optional[Path] = typer.Option(None, help="answer from this lockfile first"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="IMAGEFARM_LOOKUP_API_KEY", show_envvar=True,
                                           help="key clients send as X-API-Key (prefer the variable: argv is visible)"),
@@ -73,7 +82,7 @@ def serve_lookup(
 
     check_key_config(api_key, disable_auth, "IMAGEFARM_LOOKUP_API_KEY")  # before anything starts: exit 2 with the fix
     os.environ.pop("IMAGEFARM_LOOKUP_API_KEY", None)
-    settings = Settings.load(to=to, recipe=recipe)
+    settings = Settings.load(to=to, recipe=recipe, agent_server_version=agent_server_version)
     lk = Lookup(settings, lockfile=lockfile, ttl=ttl)
     app_ = create_app(lk, api_key, disable_auth=disable_auth)
     if disable_auth:

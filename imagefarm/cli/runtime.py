@@ -34,6 +34,10 @@ def serve_cmd(
                                 help="key clients send as X-API-Key (prefer the variable: argv is visible)"),
     disable_auth: bool = typer.Option(False, "--disable-auth", help="accept requests without a key (loudly logged)"),
     to: str = typer.Option(None, "--to", help="registry prefix of prebuilt images (IMAGEFARM_TO)"),
+    agent_server_version: str = typer.Option(
+        None, "--agent-server-version", metavar="VERSION",
+        help="start images of this openhands-agent-server version unless a /start asks for another in its "
+             "environment (IMAGEFARM_AGENT_SERVER_VERSION); default: the newest verified one of each base"),
     max_runtimes: int = typer.Option(32, "--max-runtimes", help="cap on concurrent runtimes (429 beyond)"),
     port_range: str = typer.Option("30000-39999", "--port-range", help="host ports runtimes are published on"),
     idle_timeout: float = typer.Option(3600, "--idle-timeout", help="remove runtimes idle this many seconds (0: never)"),
@@ -75,7 +79,7 @@ def serve_cmd(
         raise ConfigError(f"--placement {placement!r}: expected image or random")
     if not node_timeout > 0:
         raise ConfigError("--node-timeout must be a positive number of seconds")
-    settings = Settings.load(to=to)
+    settings = Settings.load(to=to, agent_server_version=agent_server_version)
     config = ServeConfig(
         api_key=api_key, disable_auth=disable_auth, max_runtimes=max_runtimes,
         port_range=_port_range(port_range), idle_timeout=idle_timeout, publish_address=publish_address,

@@ -146,7 +146,7 @@ class Lookup:
         ``version`` (None: the settings', else the newest verified the base has), or
         None; ``InvalidRequest`` (``InvalidReference``) for bad input."""
         base = normalise_query(query)
-        rec, version = self._wanted(recipe, version)
+        rec, version = self.wanted(recipe, version)
         key: Key = (str(base), rec.name, version)
         now = time.monotonic()
         with self._lock:
@@ -197,8 +197,9 @@ class Lookup:
                 self._tags.pop(self._target_repo(ref), None)
 
     # -- what is asked for ----------------------------------------------------------------
-    def _wanted(self, recipe: str | None, version: str | None) -> tuple[Any, str | None]:
-        """The recipe (loaded once per name) and version a question asks for."""
+    def wanted(self, recipe: str | None, version: str | None) -> tuple[Any, str | None]:
+        """The recipe (loaded once per name) and version a question asks for, the
+        defaults filled in; ``InvalidRequest`` for a bad version or recipe name."""
         if version is not None:
             try:
                 check_version(version)

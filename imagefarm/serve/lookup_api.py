@@ -1,7 +1,9 @@
 """The lookup service: base image -> prebuilt image over HTTP (FastAPI).
 
-``GET /v1/lookup?image=`` answers one base (200 with the prebuilt reference, 404
-naming the base and the command that builds it, 400 for a malformed reference);
+``GET /v1/lookup?image=[&agent_server_version=][&recipe=]`` answers one base (200 with the prebuilt reference, 404
+naming the base and the command that builds it, 400 for a malformed reference,
+version or recipe name; without a version: the server's ``--agent-server-version``,
+else the newest verified version the base has);
 ``POST /v1/lookup`` answers thousands at once; ``POST /v1/invalidate`` drops cached
 answers (a publisher calls it); ``/healthz``; Prometheus ``/metrics``; OpenAPI at
 ``/openapi.json``. An API key (``X-API-Key``) guards all but health, metrics and the
@@ -23,7 +25,7 @@ from pydantic import BaseModel, Field
 from imagefarm import __version__
 from .apikey import check_key_config, protect
 from imagefarm.farm.catalog import image_of
-from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, http_status
+from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, InvalidRequest, http_status
 from .lookup import Lookup, build_command, normalise_query
 
 MAX_BATCH = 20_000
@@ -50,9 +52,16 @@ class Missing(BaseModel):
     build: str = Field(description="the command that would build it")
 
 
+#: the selection fields (query parameters of GET, body fields of POST)
+VERSION_DOC = "openhands-agent-server version wanted (default: the server's, else the newest verified)"
+RECIPE_DOC = "recipe name (default: the server's)"
+
+
 class BatchRequest(BaseModel):
     images: list[str | dict[str, Any]] = Field(max_length=MAX_BATCH,
                                                 description="base references or dataset rows")
+    agent_server_version: str | None = Field(None, max_length=64, description=VERSION_DOC)
+    recipe: str | None = Field(None, max_length=64, description=RECIPE_DOC)
 
 
 class BatchAnswer(BaseModel):
@@ -90,9 +99,11 @@ def create_app(lookup: Lookup, api_key: str | None = None, *, disable_auth: bool
     latency = Histogram("imagefarm_lookup_seconds", "lookup latency", registry=metrics,
                         buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
 
-    def missing(base: str) -> Missing:
-        return Missing(base=base, message=f"no prebuilt image for {base} under {lookup.to}",
-                       build=build_command(base, lookup.to))
+    def missing(base: str, version: str | None) -> Missing:
+        version = version or lookup.version
+        at = f" at openhands-agent-server {version}" if version else ""
+        return Missing(base=base, message=f"no prebuilt image for {base}{at} under {lookup.to}",
+                       build=build_command(base, lookup.to, version))
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:
@@ -107,14 +118,17 @@ def create_app(lookup: Lookup, api_key: str | None = None, *, disable_auth: bool
                         409: {"description": "a derived image that must not be served (stale recipe, "
                                              "no boot check passed)"}})
     async def lookup_one(image: str = Query(..., max_length=4096,
-                                            description="base reference, e.g. namanjain12/pandas_final:<commit>")) -> Any:
+                                            description="base reference, e.g. namanjain12/pandas_final:<commit>"),
+                         agent_server_version: str | None = Query(None, max_length=64, description=VERSION_DOC),
+                         recipe: str | None = Query(None, max_length=64, description=RECIPE_DOC)) -> Any:
         t0 = time.perf_counter()
-        hit = lookup.peek(image)  # warm: a dict hit on the event loop, no thread hop
+        ask = {"recipe": recipe, "version": agent_server_version}
+        hit = lookup.peek(image, **ask)  # warm: a dict hit on the event loop, no thread hop
         if hit is None:
             try:
                 base = normalise_query(image)
-                hit = await run_in_threadpool(lookup.resolve, str(base))  # cold: registry I/O
-            except InvalidReference as exc:
+                hit = await run_in_threadpool(lambda: lookup.resolve(str(base), **ask))  # cold: registry I/O
+            except InvalidRequest as exc:
                 requests.labels("invalid").inc()
                 raise HTTPException(http_status(exc), detail=str(exc)) from None
             except ImageRefused as exc:
@@ -127,7 +141,7 @@ def create_app(lookup: Lookup, api_key: str | None = None, *, disable_auth: bool
                 latency.observe(time.perf_counter() - t0)
             if hit is None:
                 requests.labels("miss").inc()
-                return JSONResponse(status_code=404, content=missing(str(base)).model_dump())
+                return JSONResponse(status_code=404, content=missing(str(base), agent_server_version).model_dump())
         else:
             latency.observe(time.perf_counter() - t0)
         requests.labels("hit").inc()
@@ -136,16 +150,20 @@ def create_app(lookup: Lookup, api_key: str | None = None, *, disable_auth: bool
     @app.post("/v1/lookup", response_model=BatchAnswer)
     def lookup_batch(body: BatchRequest) -> BatchAnswer:
         t0 = time.perf_counter()
-        answers = lookup.resolve_many(body.images)
+        try:  # the selection once, before thousands of lookups: a bad one is a 400 for all
+            lookup.wanted(body.recipe, body.agent_server_version)
+        except InvalidRequest as exc:
+            raise HTTPException(http_status(exc), detail=str(exc)) from None
+        answers = lookup.resolve_many(body.images, recipe=body.recipe, version=body.agent_server_version)
         found, miss, invalid = {}, {}, {}
         for i, (q, a) in enumerate(zip(body.images, answers)):
             key = _key(q, i)
-            if isinstance(a, (InvalidReference, ImageRefused)):
+            if isinstance(a, (InvalidRequest, ImageRefused)):
                 invalid[key] = str(a)
             elif isinstance(a, ImagefarmError):
                 invalid[key] = f"target registry: {a}"
             elif a is None:
-                miss[key] = missing(str(normalise_query(q)))
+                miss[key] = missing(str(normalise_query(q)), body.agent_server_version)
             else:
                 found[key] = Prebuilt(**a.to_json())
         requests.labels("batch").inc()
