@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from imagefarm.serve import launch as L
 from imagefarm.farm.catalog import load
@@ -29,13 +31,20 @@ def preflight_cmd(
     recipe: Optional[str] = typer.Option(None, help="recipe the images must be built with (IMAGEFARM_RECIPE)"),
     check_registry: bool = typer.Option(True, help="also check each pinned digest is still in the registry"),
     allow_unverified: bool = typer.Option(False, help="accept images that were built but not boot-checked"),
+    trainer_python: Optional[str] = typer.Option(
+        None, "--trainer-python", metavar="CMD",
+        help="the interpreter the training command runs (e.g. /venv/bin/python): its openhands-sdk, "
+             "openhands-workspace and openhands-agent-server must match the images' version"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Every training and validation instance has a verified prebuilt image; exit 1 if not."""
+    """Every training and validation instance has a verified prebuilt image (at the
+    trainer's OpenHands version, with --trainer-python); exit 1 if not."""
     from imagefarm.payload.recipe import recipe_for
 
     settings = Settings.load(to=to, recipe=recipe)
     cat, lock = load(dataset), Lockfile.read(lockfile)
+    python = _python_argv(trainer_python)
+    trainer = L.trainer_versions(python) if python else None
     exists = None
     client = None
     if check_registry:
@@ -44,22 +53,58 @@ def preflight_cmd(
         client = RegistryClient(settings)
         exists = L.registry_exists(client)
     try:
-        res = L.preflight(cat, lock, recipe_digest=recipe_for(settings).digest, to=settings.to, exists=exists,
-                          require_verified=not allow_unverified)
+        res = L.preflight(cat, lock, recipe=recipe_for(settings), to=settings.to, exists=exists,
+                          require_verified=not allow_unverified, trainer=trainer,
+                          python=shlex.join(python or ["python"]),
+                          rebuild=_rebuild(dataset, settings.to, lockfile))
     finally:
         if client:
             client.close()
     if json_out:
-        emit_json({"ok": res.ok, "checked": res.checked, "problems": [p.__dict__ for p in res.problems]})
+        v = res.versions
+        emit_json({"ok": res.ok, "checked": res.checked, "problems": [p.__dict__ for p in res.problems],
+                   "versions": None if v is None else {"python": v.python, "trainer": v.trainer, "images": v.images,
+                                                      "ok": v.ok, "problem": v.problem}})
     else:
         for p in res.problems[:500]:
             out.print(f"{p.reason:18} {p.base}  ->  {p.fix}", markup=False, highlight=False)
         if len(res.problems) > 500:
             out.print(f"... and {len(res.problems) - 500} more (--json lists all)")
+        _print_versions(res.versions, trainer_python)
         msg = f"{res.checked} instances checked, {len(res.problems)} without a usable prebuilt image"
         console.print(("[green]ready:[/] " if res.ok else "[red]not ready:[/] ") + msg)
     if not res.ok:
         raise typer.Exit(1)
+
+
+def _python_argv(cmd: str | None) -> list[str] | None:
+    if cmd is None:
+        return None
+    try:
+        argv = shlex.split(cmd)
+    except ValueError as exc:
+        raise ConfigError(f"--trainer-python {cmd!r}: {exc}") from None
+    if not argv:
+        raise ConfigError("--trainer-python: empty command")
+    return argv
+
+
+def _rebuild(dataset: str, to: str, lockfile: Path) -> str:
+    """The prebuild line that (re)builds this dataset's images into this lockfile."""
+    return shlex.join(["imagefarm", "prebuild", "--dataset", dataset, "--to", to, "--lockfile", str(lockfile)])
+
+
+def _print_versions(v, asked: str | None) -> None:
+    if v is None:
+        if asked is None:
+            console.print("OpenHands versions not compared: give --trainer-python (the training command's interpreter)")
+        return
+    have = ", ".join(f"{n} {x}" for n, x in v.trainer.items() if x) or "no OpenHands SDK"
+    images = ", ".join(f"{x} ({n})" for x, n in v.images.items()) or "none"
+    console.print(f"trainer {v.python}: {have}; images: openhands-agent-server {images}", highlight=False,
+                  soft_wrap=True)
+    if v.problem:
+        console.print(f"[red]version mismatch:[/] {escape(v.problem)}", highlight=False, soft_wrap=True)
 
 
 @launch_app.command("prepare")
@@ -105,6 +150,10 @@ def sbatch_cmd(
     prefetch_first: int = typer.Option(64, "--prefetch-first", help="images of the first N instances the "
                                                                     "runtime job pulls onto its nodes as it "
                                                                     "starts (0: none)"),
+    trainer_python: Optional[str] = typer.Option(
+        None, "--trainer-python", metavar="CMD",
+        help="the training command's interpreter, for the version check (default: the command's own "
+             "python, if it starts with one)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print what would be submitted, submit nothing"),
 ) -> None:
     """Submit the runtime-server job (CPU) and the training job (GPU); the training
@@ -121,18 +170,23 @@ def sbatch_cmd(
     settings = Settings.load(to=to)
     train_cmd = list(ctx.args) or ["bash", "-c", "echo 'no training command given after --' >&2; exit 2"]
     lock = Lockfile.read(lockfile)
+    python = _python_argv(trainer_python) or L.trainer_python_of(train_cmd)
+    trainer = L.trainer_versions(python) if python else None
+    version = L.VersionCheck("", trainer, {}).wanted if trainer else None
     if not skip_preflight:
-        res = L.preflight(load(dataset), lock, recipe_digest=recipe_for(settings).digest, to=settings.to)
+        res = L.preflight(load(dataset), lock, recipe=recipe_for(settings), to=settings.to, trainer=trainer,
+                          python=shlex.join(python or ["python"]), rebuild=_rebuild(dataset, settings.to, lockfile))
         if not res.ok:
             for p in res.problems[:50]:
                 out.print(f"{p.reason:18} {p.base}  ->  {p.fix}", markup=False, highlight=False)
+            _print_versions(res.versions, "")
             console.print(f"[red]not ready:[/] {len(res.problems)} of {res.checked} instances lack a usable "
                           "image (run `imagefarm launch preflight` for all; --skip-preflight to launch anyway)")
             raise typer.Exit(1)
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     key = api_key or secrets.token_urlsafe(32)
-    L.rewrite_dataset(dataset, lock, run_dir / "data")
+    L.rewrite_dataset(dataset, lock, run_dir / "data", version=version)
     L.env_file(run_dir / "train.env", {"ALLHANDS_API_KEY": key, "SANDBOX_API_KEY": key,
                                        "IMAGEFARM_LOCKFILE": str(Path(lockfile).resolve()),
                                        "IMAGEFARM_DATASET": str(run_dir / "data"),

@@ -8,7 +8,10 @@ so the server binds 0.0.0.0), published on a free loopback port. It passes when
 2. a real command sent through the server's own API
    (``POST /api/bash/execute_bash_command``, cwd ``/testbed`` when it exists) runs
    in the *base's* environment: ``python`` there is the base's venv (the image
-   config's ``VIRTUAL_ENV``), never the payload's own interpreter.
+   config's ``VIRTUAL_ENV``), never the payload's own interpreter;
+3. ``GET /server_info`` names the openhands-agent-server version the image's label
+   (``dev.imagefarm.agent-server.version``, written by derive) says it holds: a
+   payload built from another version than its recipe digest claims is caught here.
 
 Otherwise ``VerifyError`` says why: timeout, crash (with the container's last log
 lines), wrong python. The container is always removed.
@@ -25,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from imagefarm import oci
 from imagefarm.host.containers import run
 from imagefarm.errors import ToolError, VerifyError
 from imagefarm.names.reference import parse
@@ -47,6 +51,7 @@ class VerifyResult:
     output: str
     expected_prefix: str | None    #: the base's VIRTUAL_ENV, when it has one
     checks: list[str] = field(default_factory=list)
+    agent_server_version: str = ""  #: what the running server's /server_info says
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +113,8 @@ def verify(
     """
     info = pull(settings, image_ref, pull_timeout)
     env = _env_of(info)
+    labels = info.get("Labels") or (info.get("Config") or {}).get("Labels") or {}
+    claimed = labels.get(oci.ANN_AGENT_VERSION, "")
     venv = env.get("VIRTUAL_ENV") or None
     key = secrets.token_urlsafe(24)
     port = _free_port()
@@ -134,6 +141,13 @@ def verify(
             _wait(settings, http, name, image_ref, f"{base}/health", t0, timeout)
             checks.append("/health 2xx")
             headers = {"X-Session-API-Key": key}
+            served = _server_version(http, f"{base}/server_info", headers, image_ref)
+            if claimed and served != claimed:
+                raise VerifyError(f"{image_ref}: /server_info says openhands-agent-server {served}, but the image's "
+                                  f"label {oci.ANN_AGENT_VERSION} says {claimed}: the payload is not the one its "
+                                  "recipe names; rebuild it (`imagefarm payload build --force`)")
+            checks.append(f"/server_info: openhands-agent-server {served}"
+                          + (" (= the image's label)" if claimed else ""))
 
             def sh(command: str, cwd: str | None) -> tuple[int, str, str]:
                 body: dict[str, Any] = {"command": command, "timeout": 60}
@@ -177,9 +191,21 @@ def verify(
                 raise VerifyError(f"{image_ref}: `{command}` printed nothing")
             checks.append(f"agent shell sees {got[0]}")
             return VerifyResult(image_ref, True, round(alive, 2), round(time.monotonic() - t0, 2),
-                                cwd or "(server default)", command, out.strip(), venv, checks)
+                                cwd or "(server default)", command, out.strip(), venv, checks, served)
     finally:
         run(settings, ["podman", "rm", "-f", "-t", "0", name], check=False, timeout=60)
+
+
+def _server_version(http: httpx.Client, url: str, headers: dict[str, str], image_ref: str) -> str:
+    """The ``version`` field of the agent server's ``/server_info``."""
+    try:
+        r = http.get(url, headers=headers, timeout=30)
+        version = r.json().get("version") if r.status_code // 100 == 2 else None
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        raise VerifyError(f"{image_ref}: /server_info failed: {exc}") from None
+    if not isinstance(version, str) or not version:
+        raise VerifyError(f"{image_ref}: /server_info answered {r.status_code} without a version: {r.text[:300]}")
+    return version
 
 
 def _wait(settings: Settings, http: httpx.Client, name: str, image_ref: str, url: str,

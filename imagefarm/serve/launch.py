@@ -1,7 +1,9 @@
 """The last mile: training runs exactly the prebuilt images the lockfile pins.
 
 * ``preflight``: every training and validation instance has a verified prebuilt
-  image under the current recipe, still present in the registry;
+  image under the current recipe, still present in the registry, and (given the
+  trainer's interpreter, ``trainer_versions``) at the openhands-agent-server version
+  the trainer's openhands-sdk / openhands-workspace speak;
 * ``rewrite_dataset``: a copy of SkyRL's parquet whose image fields point at the
   pinned prebuilt references (SkyRL reads ``instance.instance_id`` for R2E rows);
 * ``env_file``: what the training job exports (runtime URL and key);
@@ -15,6 +17,7 @@ import importlib.resources
 import os
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, MutableMapping
@@ -24,6 +27,7 @@ from imagefarm.errors import ConfigError, ImagefarmError
 from imagefarm.farm.lockfile import Entry, Lockfile
 from .lookup import build_command
 from imagefarm.names.reference import parse
+from imagefarm.settings import version_key
 
 RUNTIME_ENV_VARS = ("SANDBOX_REMOTE_RUNTIME_API_URL", "ALLHANDS_API_KEY", "SANDBOX_API_KEY",
                     "IMAGEFARM_LOCKFILE", "LITELLM_LOCAL_MODEL_COST_MAP")
@@ -38,29 +42,128 @@ class Problem:
     fix: str
 
 
+#: what the trainer talks to the agent server with (released in step, one version)
+TRAINER_PACKAGES = ("openhands-sdk", "openhands-workspace", "openhands-agent-server")
+_PROBE = ("import importlib.metadata as m, json\n"
+          "def v(n):\n"
+          "    try:\n        return m.version(n)\n"
+          "    except m.PackageNotFoundError:\n        return None\n"
+          f"print(json.dumps({{n: v(n) for n in {TRAINER_PACKAGES!r}}}))")
+
+
+def trainer_versions(python: list[str], timeout: float = 120) -> dict[str, str | None]:
+    """The OpenHands packages installed where the training command runs: asked of that
+    very interpreter (``python`` is its command line, e.g. a venv's python or a
+    ``chroot ROOT /env/bin/python``), since the one running imagefarm may differ."""
+    import json
+
+    where = shlex.join(python)
+    try:
+        proc = subprocess.run([*python, "-c", _PROBE], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"--trainer-python {where}: cannot run it ({exc})") from None
+    try:
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        return {n: got.get(n) for n in TRAINER_PACKAGES}
+    except (ValueError, IndexError, AttributeError):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"--trainer-python {where}: not a Python that reports its packages "
+                          f"(exit {proc.returncode}: {tail[:200]})") from None
+
+
+@dataclass(frozen=True)
+class VersionCheck:
+    """The trainer's OpenHands versions against the images the lockfile gives the dataset."""
+
+    python: str                          #: the interpreter's command line, for messages
+    trainer: dict[str, str | None]       #: package -> installed version (None: not installed)
+    images: dict[str, int]               #: agent-server version -> instances whose image holds it
+    problem: str = ""                    #: one paragraph: both versions and the fixing commands
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+    @property
+    def wanted(self) -> str | None:
+        """The version the trainer speaks: its SDK's, else its workspace's, else its server's."""
+        return next((self.trainer[n] for n in TRAINER_PACKAGES if self.trainer.get(n)), None)
+
+
 @dataclass(frozen=True)
 class Preflight:
     checked: int
     problems: tuple[Problem, ...] = field(default=())
+    versions: VersionCheck | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and (self.versions is None or self.versions.ok)
 
 
-def preflight(cat: Catalog, lock: Lockfile, *, recipe_digest: str | None, to: str,
-              exists=None, require_verified: bool = True) -> Preflight:
-    """Check every instance; ``exists(entry) -> bool`` asks the registry (optional)."""
+def check_versions(python: str, trainer: dict[str, str | None], images: dict[str, int], *,
+                   rebuild: str, pin_with: str) -> VersionCheck:
+    """``problem`` names the trainer's and the images' versions and both fixes: build
+    the images at the trainer's version (``rebuild``, the prebuild line without its
+    version) or pin the trainer to the images' (``pin_with``: how to run its pip)."""
+    have = {n: v for n, v in trainer.items() if v}
+    said = ", ".join(f"{n} {v}" for n, v in have.items())
+    if not have:
+        return VersionCheck(python, trainer, images)  # no OpenHands SDK there (a V0 trainer): nothing to compare
+    if len(set(have.values())) > 1:
+        newest = max(have.values(), key=version_key)
+        pins = " ".join(f"{n}=={newest}" for n in have)
+        return VersionCheck(python, trainer, images, (
+            f"the trainer ({python}) mixes versions: {said}; they are released together and must be equal: "
+            f"`{pin_with} {pins}`"))
+    want = next(iter(have.values()))
+    other = {v: n for v, n in images.items() if v != want}
+    if not other:
+        return VersionCheck(python, trainer, images)
+    shown = ", ".join(f"{v} ({n} instance{'s' if n != 1 else ''})" for v, n in other.items())
+    pin = max(other, key=lambda v: (other[v], version_key(v)))
+    pins = " ".join(f"{n}=={pin}" for n in have)
+    return VersionCheck(python, trainer, images, (
+        f"the trainer ({python}) has {said}, but the lockfile's images hold openhands-agent-server {shown}: "
+        f"build the images at the trainer's version: `{rebuild} --agent-server-version {want}`, "
+        f"or pin the trainer to the images': `{pin_with} {pins}`"))
+
+
+def preflight(cat: Catalog, lock: Lockfile, *, recipe_digest: str | None = None, to: str, recipe: Any = None,
+              exists=None, require_verified: bool = True, trainer: dict[str, str | None] | None = None,
+              python: str = "python", rebuild: str = "imagefarm prebuild ...") -> Preflight:
+    """Check every instance; ``exists(entry) -> bool`` asks the registry (optional).
+
+    ``recipe`` (a ``Recipe``): each image's recipe digest must be that recipe's at the
+    image's own version (``recipe_digest``: one fixed digest instead). ``trainer``
+    (``trainer_versions`` of ``python``): each instance must have an image at the
+    trainer's version; the ``versions`` answer names both sides and the fixes."""
     problems: list[Problem] = []
     seen_digest: dict[str, bool] = {}
+    name = getattr(recipe, "name", None)
+    want = VersionCheck(python, trainer, {}).wanted if trainer else None
+    images: dict[str, int] = {}
     for inst in cat.instances:
         base = str(inst.base)
-        entry = lock.for_instance(inst.instance_id) or lock.for_base(inst.base)
-        fix = build_command(base, to)
+        entry = None
+        if want:  # the trainer's version first; another one is a problem below
+            entry = (lock.for_instance(inst.instance_id, recipe=name, version=want)
+                     or lock.for_base(inst.base, recipe=name, version=want))
+        entry = entry or lock.for_instance(inst.instance_id, recipe=name) or lock.for_base(inst.base, recipe=name)
+        if entry is not None:
+            images[entry.agent_server_version] = images.get(entry.agent_server_version, 0) + 1
+            if want and entry.agent_server_version != want:
+                problems.append(Problem(inst.instance_id, base, "other-version", build_command(base, to, want)))
+                continue
+        fix = build_command(base, to, entry.agent_server_version if entry else want)
         if entry is None:
             problems.append(Problem(inst.instance_id, base, "missing", fix))
             continue
-        if recipe_digest and entry.recipe_digest != recipe_digest:
+        if recipe is not None:
+            expected = recipe.at_version(entry.agent_server_version).digest
+        else:
+            expected = recipe_digest
+        if expected and entry.recipe_digest != expected:
             problems.append(Problem(inst.instance_id, base, "stale-recipe", fix))
             continue
         if require_verified and not entry.verified:
@@ -71,7 +174,16 @@ def preflight(cat: Catalog, lock: Lockfile, *, recipe_digest: str | None, to: st
                 seen_digest[entry.image_digest] = bool(exists(entry))
             if not seen_digest[entry.image_digest]:
                 problems.append(Problem(inst.instance_id, base, "gone-from-registry", fix))
-    return Preflight(len(cat.instances), tuple(problems))
+    versions = None
+    if trainer:
+        versions = check_versions(python, trainer, dict(sorted(images.items(), key=lambda kv: version_key(kv[0]))),
+                                  rebuild=rebuild, pin_with=f"{python} -m pip install")
+    return Preflight(len(cat.instances), tuple(problems), versions)
+
+
+def trainer_python_of(train_cmd: list[str]) -> list[str] | None:
+    """The interpreter a training command runs (``python -m ...``, ``/venv/bin/python3 x.py``), or None."""
+    return [train_cmd[0]] if train_cmd and re.fullmatch(r"python[0-9.]*", Path(train_cmd[0]).name) else None
 
 
 def registry_exists(client) -> Any:
@@ -82,15 +194,15 @@ def registry_exists(client) -> Any:
 
 
 # -- dataset rewrite -----------------------------------------------------------------------
-def _pin_row(row: dict[str, Any], lock: Lockfile) -> tuple[dict[str, Any], bool]:
+def _pin_row(row: dict[str, Any], lock: Lockfile, version: str | None = None) -> tuple[dict[str, Any], bool]:
     try:
         image, iid, _ = image_of(row)
     except ImagefarmError:
         return row, False
     if not image:
         return row, False
-    entry = lock.for_instance(iid) if iid else None
-    entry = entry or lock.for_base(parse(image))
+    entry = lock.for_instance(iid, version=version) if iid else None
+    entry = entry or lock.for_base(parse(image), version=version)
     if entry is None:
         return row, False
     row = dict(row)
@@ -110,8 +222,9 @@ def _pin_row(row: dict[str, Any], lock: Lockfile) -> tuple[dict[str, Any], bool]
     return row, True
 
 
-def rewrite_dataset(spec: str, lock: Lockfile, out_dir: Path) -> list[tuple[Path, int, int]]:
-    """Copy every parquet file of ``spec`` into ``out_dir`` with images pinned.
+def rewrite_dataset(spec: str, lock: Lockfile, out_dir: Path, *, version: str | None = None) -> list[tuple[Path, int, int]]:
+    """Copy every parquet file of ``spec`` into ``out_dir`` with images pinned (those
+    at agent-server ``version``, the trainer's; None: each instance's newest verified).
 
     Returns (file, rows, rows pinned). Rows the lockfile lacks are kept as they are;
     ``preflight`` is what refuses to launch with them.
@@ -127,7 +240,7 @@ def rewrite_dataset(spec: str, lock: Lockfile, out_dir: Path) -> list[tuple[Path
         table = pq.read_table(path)
         rows, pinned = [], 0
         for row in table.to_pylist():
-            new, ok = _pin_row(row, lock)
+            new, ok = _pin_row(row, lock, version)
             rows.append(new)
             pinned += ok
         out = out_dir / path.name
