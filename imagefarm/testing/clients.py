@@ -23,7 +23,16 @@ from imagefarm.settings import Settings
 
 INSIDE = "/opt/imagefarm-clients"
 
-#: the client sets tests use, pinned
+
+
+def sdk_at(version: str) -> tuple[str, ...]:
+    """The SDK client set at one version, as a trainer pins it: openhands-workspace does not
+    pin openhands-agent-server, so without the third pin an older workspace pulls the
+    newest server package and the environment mixes versions (preflight refuses that)."""
+    return (f"openhands-workspace=={version}", f"openhands-sdk=={version}", f"openhands-agent-server=={version}")
+
+
+#: the client sets tests use, pinned (1.58.2 is the newest release: no third pin needed)
 SDK = ("openhands-workspace==1.58.2", "openhands-sdk==1.58.2")
 V0 = ("openhands-ai==0.59.0",)
 
@@ -37,14 +46,20 @@ class ClientPython:
     def python(self) -> str:
         return f"{INSIDE}/{self.name}/bin/python"
 
+    @property
+    def command(self) -> list[str]:
+        """This Python as a command line run from the host (what a trainer's interpreter is
+        to ``imagefarm launch preflight --trainer-python``)."""
+        return ["chroot", str(self.root), "/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "HOME=/tmp",
+                "LANG=C.UTF-8", "PYTHONDONTWRITEBYTECODE=1", "LITELLM_LOCAL_MODEL_COST_MAP=True",
+                "OPENHANDS_SUPPRESS_BANNER=1", self.python]
+
     def argv(self, script: Path, *args: str) -> list[str]:
         """The command that runs ``script`` (copied into the rootfs) with this Python."""
         scripts = self.root / INSIDE.lstrip("/") / "scripts"
         scripts.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(script, scripts / script.name)
-        return ["chroot", str(self.root), "/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "HOME=/tmp",
-                "LANG=C.UTF-8", "PYTHONDONTWRITEBYTECODE=1", "LITELLM_LOCAL_MODEL_COST_MAP=True",
-                "OPENHANDS_SUPPRESS_BANNER=1", self.python, f"{INSIDE}/scripts/{script.name}", *args]
+        return [*self.command, f"{INSIDE}/scripts/{script.name}", *args]
 
     def run(self, script: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(script, *args), capture_output=True, text=True, timeout=timeout)
