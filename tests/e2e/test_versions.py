@@ -15,7 +15,10 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from imagefarm.farm import attest
 from imagefarm.farm.lockfile import Lockfile
+from imagefarm.names.reference import parse
+from imagefarm.registry import RegistryClient
 from imagefarm.host.samples import R2E_REPOS
 from imagefarm.runtime import ServeConfig
 from imagefarm.runtime.serve import ServerThread
@@ -78,6 +81,9 @@ def test_two_versions_prebuilt_looked_up_and_started(two, sdk_python, sdk_old_py
     old, new = two.entry[OLD], two.entry[NEW]
     assert old.verified and new.verified and old.image_digest != new.image_digest
     assert f"-oh{OLD}-" in old.image and f"-oh{NEW}-" in new.image
+    with RegistryClient(two.st) as c:  # each boot check read the version from the running server
+        for e in (old, new):
+            assert attest.read(c, parse(e.image), e.image_digest)["agent_server_version"] == e.agent_server_version
     listed = json.loads(imagefarm_cli("payload", "list", "--to", two.to, "--json", env=two.env).stdout)
     shown = {(r["agent_server_version"], r["built"], r["pushed"], r["current"]) for r in listed
              if r["recipe_name"] == "default"}
