@@ -63,8 +63,8 @@ def preflight_cmd(
     if json_out:
         v = res.versions
         emit_json({"ok": res.ok, "checked": res.checked, "problems": [p.__dict__ for p in res.problems],
-                   "versions": None if v is None else {"python": v.python, "trainer": v.trainer, "images": v.images,
-                                                      "ok": v.ok, "problem": v.problem}})
+                   **({} if v is None else {"versions": {"python": v.python, "trainer": v.trainer,
+                                                          "images": v.images, "ok": v.ok, "problem": v.problem}})})
     else:
         for p in res.problems[:500]:
             out.print(f"{p.reason:18} {p.base}  ->  {p.fix}", markup=False, highlight=False)
