@@ -110,7 +110,7 @@ class Lookup:
         self._own_client = client is None
         #: the recipe a question without one asks for (at the settings' version, if any)
         self.recipe = recipe or recipe_for(settings)
-        #: the version a question without one asks for; None: the newest verified
+        #: the version a question about ``recipe`` without one asks for; None: the newest verified
         self.version: str | None = settings.agent_server_version
         self._recipes: dict[str, Any] = {self.recipe.name: self.recipe}
         self._digests: dict[tuple[str, str], str] = {}
@@ -134,7 +134,8 @@ class Lookup:
     def peek(self, query: str, *, recipe: str | None = None, version: str | None = None) -> LookupHit | None:
         """A cached answer for exactly this query text, recipe and version, without
         parsing or I/O (the warm path of the HTTP service); None means "ask ``resolve``"."""
-        cached = self._hits.get((query, recipe or self.recipe.name, version or self.version))
+        name = recipe or self.recipe.name
+        cached = self._hits.get((query, name, version or self._default_version(name)))
         if cached and cached[0] > time.monotonic():
             self.stats["cache_hits"] += 1
             self.stats["hits"] += 1
@@ -205,8 +206,8 @@ class Lookup:
                 check_version(version)
             except ValueError as exc:
                 raise InvalidRequest(f"agent-server version {exc}") from None
-        version = version if version is not None else self.version
         name = recipe or self.recipe.name
+        version = version if version is not None else self._default_version(name)
         rec = self._recipes.get(name)
         if rec is None:
             from imagefarm.payload.recipe import load_recipe
@@ -220,6 +221,11 @@ class Lookup:
             with self._lock:
                 self._recipes[name] = rec
         return rec, version
+
+    def _default_version(self, recipe: str) -> str | None:
+        """The settings' version is the settings' recipe's: another recipe (V0's) asked
+        without a version gets its newest verified one."""
+        return self.version if recipe == self.recipe.name else None
 
     def digest_at(self, recipe: str, version: str) -> str | None:
         """The digest of recipe ``recipe`` at agent-server ``version`` (None: no such

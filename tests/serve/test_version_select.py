@@ -12,6 +12,7 @@ from imagefarm.errors import ImageRefused, InvalidRequest
 from imagefarm.farm import attest
 from imagefarm.farm.lockfile import Entry, Lockfile
 from imagefarm.names.reference import parse
+from imagefarm.payload.recipe import load_recipe
 from imagefarm.serve.lookup import Lookup
 from imagefarm.serve.launch import check_versions, trainer_versions
 from imagefarm.settings import Settings
@@ -115,8 +116,14 @@ def test_registry_two_versions_side_by_side(settings, fixtures, registry, small_
         lk.resolve(made[NEW].image, version=OLD)
     lk.close()
     # the settings' version (--agent-server-version) is the default question
-    lk2 = Lookup(Settings(**{**settings.model_dump(), "to": to, "agent_server_version": NEW}))
-    assert lk2.resolve(base).digest == made[NEW].digest
+    lk2 = Lookup(Settings(**{**settings.model_dump(), "to": to, "agent_server_version": OLD}), miss_ttl=0)
+    assert lk2.resolve(base).digest == made[OLD].digest
+    # another recipe (V0's, here the test one) is not held to the settings' version
+    other = load_recipe("broken", settings.recipes_dir)
+    theirs = derive_versions(settings, dataclasses.replace(small_payload, recipe_name=other.name), other, base, to,
+                             [NEW])[NEW]
+    assert lk2.resolve(base, recipe="broken").digest == theirs.digest
+    assert lk2.resolve(base, recipe="broken", version=OLD) is None
     lk2.close()
 
 
