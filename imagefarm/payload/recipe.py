@@ -34,7 +34,8 @@ PAYLOAD_FORMAT = 2
 #: how the launcher and layer are made from the tree (in the recipe digest, not the tree's)
 LAUNCHER_FORMAT = 2
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+#: what a recipe name looks like (a name from a request is checked with it: never a path)
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
@@ -105,8 +106,8 @@ class Recipe(_Frozen):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"recipe name {v!r} must match {_NAME.pattern}")
+        if not NAME_RE.match(v):
+            raise ValueError(f"recipe name {v!r} must match {NAME_RE.pattern}")
         return v
 
     @field_validator("env")

@@ -11,8 +11,9 @@ the newest verified version the base has) only if its annotations name that reci
 and its recipe digest equals that recipe's digest at the image's own version, so a
 stale build (an old recipe, or a payload built another way) is never served.
 
-Caches: a hit is kept for ``ttl`` seconds, under (query, recipe, version); a miss re-lists the repository's tags (at
-most once per ``miss_ttl``), so an image published a moment ago is found at once.
+Caches: a hit is kept for ``ttl`` seconds, under (query, recipe, version); a miss
+re-lists the repository's tags (at most once per ``miss_ttl``), so an image published
+a moment ago is found at once.
 Manifests are cached by (repository, tag); verification records once seen. Every
 cache holds at most ``max_entries`` entries (least recently used go first).
 """
@@ -20,7 +21,6 @@ cache holds at most ``max_entries`` entries (least recently used go first).
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -71,9 +71,6 @@ class LookupHit:
     def json_bytes(self) -> bytes:
         """The HTTP answer, serialised once per hit (the warm path sends these bytes)."""
         return json.dumps(self.to_json(), separators=(",", ":")).encode()
-
-
-_RECIPE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  #: a name from a request, never a path
 
 
 def normalise_query(query: Any) -> Reference:
@@ -210,9 +207,9 @@ class Lookup:
         version = version if version is not None else self._default_version(name)
         rec = self._recipes.get(name)
         if rec is None:
-            from imagefarm.payload.recipe import load_recipe
+            from imagefarm.payload.recipe import NAME_RE, load_recipe
 
-            if recipe is not None and not _RECIPE_NAME.match(recipe):
+            if recipe is not None and not NAME_RE.match(recipe):
                 raise InvalidRequest(f"recipe {recipe[:80]!r} is not a recipe name")
             try:
                 rec = load_recipe(name, self.settings.recipes_dir)
@@ -351,10 +348,12 @@ class Lookup:
                 found.append((score, self._hit(ref, manifest)))
         if not found:
             return None
-        # the base's own name first, then verified, then the newest version
+        # the base's own name first, then verified, then the newest version, then by name
         best = max(sh[0] for sh in found)
-        return max((h for score, h in found if score == best),
-                   key=lambda h: (h.verified, version_key(h.agent_server_version), h.image))
+        cands = [h for score, h in found if score == best]
+        rank = {id(h): (h.verified, version_key(h.agent_server_version)) for h in cands}
+        top = max(rank.values())
+        return min((h for h in cands if rank[id(h)] == top), key=lambda h: h.image)
 
     def _manifest(self, ref: Reference) -> Manifest | None:
         key = (ref.name, ref.tag or "")
