@@ -170,8 +170,15 @@ def sbatch_cmd(
     settings = Settings.load(to=to)
     train_cmd = list(ctx.args) or ["bash", "-c", "echo 'no training command given after --' >&2; exit 2"]
     lock = Lockfile.read(lockfile)
-    python = _python_argv(trainer_python) or L.trainer_python_of(train_cmd)
+    python = _python_argv(trainer_python)
     trainer = L.trainer_versions(python) if python else None
+    if python is None and (python := L.trainer_python_of(train_cmd)):
+        try:  # the command's own python may exist only on the compute nodes: then unchecked, said so
+            trainer = L.trainer_versions(python)
+        except ConfigError as exc:
+            console.print(f"[yellow]OpenHands versions not compared:[/] {escape(str(exc))} (give --trainer-python)",
+                          highlight=False, soft_wrap=True)
+            python = None
     version = L.VersionCheck("", trainer, {}).wanted if trainer else None
     if not skip_preflight:
         res = L.preflight(load(dataset), lock, recipe=recipe_for(settings), to=settings.to, trainer=trainer,

@@ -15,10 +15,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from imagefarm.farm import attest
 from imagefarm.farm.lockfile import Lockfile
-from imagefarm.names.reference import parse
-from imagefarm.registry import RegistryClient
 from imagefarm.host.samples import R2E_REPOS
 from imagefarm.runtime import ServeConfig
 from imagefarm.runtime.serve import ServerThread
@@ -81,9 +78,6 @@ def test_two_versions_prebuilt_looked_up_and_started(two, sdk_python, sdk_old_py
     old, new = two.entry[OLD], two.entry[NEW]
     assert old.verified and new.verified and old.image_digest != new.image_digest
     assert f"-oh{OLD}-" in old.image and f"-oh{NEW}-" in new.image
-    with RegistryClient(two.st) as c:  # each boot check read the version from the running server
-        for e in (old, new):
-            assert attest.read(c, parse(e.image), e.image_digest)["agent_server_version"] == e.agent_server_version
     listed = json.loads(imagefarm_cli("payload", "list", "--to", two.to, "--json", env=two.env).stdout)
     shown = {(r["agent_server_version"], r["built"], r["pushed"], r["current"]) for r in listed
              if r["recipe_name"] == "default"}
@@ -146,3 +140,23 @@ def test_preflight_compares_the_trainer_with_the_images(two, sdk_python, sdk_old
     bad = imagefarm_cli("launch", "preflight", "--dataset", str(two.dataset), "--lockfile", str(two.lock),
                         "--trainer-python", "/nonexistent/python", env=two.env)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_verify_reports_server_info_and_refuses_a_mislabelled_payload(two, settings, payload):
+    """The 1.58.2 payload labelled as 1.57.0 (what a payload built from the wrong
+    version would be): the boot check reads /server_info and fails naming both."""
+    import dataclasses
+
+    from imagefarm.derive import Appender, AppendPayload
+    from imagefarm.payload.recipe import recipe_for
+
+    liar = dataclasses.replace(AppendPayload.of(payload, recipe_for(settings)), agent_server_version=OLD,
+                               recipe_digest=recipe_for(settings).at_version(OLD).digest)
+    with Appender(two.st) as appender:
+        bad = appender.derive(two.base, liar, to=f"{two.to}-liar")
+    p = imagefarm_cli("verify", bad.ref, "--json", env=two.env, timeout=600)
+    assert p.returncode == 2, p.stdout + p.stderr
+    text = " ".join(p.stderr.split())
+    assert f"/server_info says openhands-agent-server {NEW}, but the image's label" in text and f"says {OLD}" in text
+    good = imagefarm_cli("verify", two.entry[OLD].pinned, "--json", env=two.env, timeout=600)
+    assert good.returncode == 0 and json.loads(good.stdout)["agent_server_version"] == OLD, good.stderr
