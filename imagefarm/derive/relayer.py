@@ -262,9 +262,10 @@ class Relayerer:
             with self.client.track() as st:
                 digest = self._put(g, lower, common_layer, own[g.manifest.digest], payload, to, gid)
                 proofs[g.manifest.digest] = self._prove(layers, g, digest, bases_tree[g.manifest.digest], payload)
-                if publish:
-                    self.a.publish(g.target, digest)
             results[g.manifest.digest] = self._result(g, digest, False, publish, st)
+        if publish:  # last, once every image of the group is in and proven: a crash leaves no tag
+            for g in order:
+                self.a.publish(g.target, results[g.manifest.digest].digest)
         return GroupResult(gid, tuple(results[g.manifest.digest] for g in group),
                            tuple(proofs[g.manifest.digest] for g in group), lower, common_layer,
                            tuple(own[g.manifest.digest] for g in group), layers.bytes_read)

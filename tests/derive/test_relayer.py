@@ -1,0 +1,169 @@
+"""Re-layering (#18) on R2E-shaped bases of one repository, in a real registry.
+
+Six commits of one git repository (shared OS layer, then checkout and venv layers of
+their own) are re-layered once per module; what the tests check is read back from
+the registry (manifests, blobs, its access log) and from podman's pulls.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from imagefarm import oci
+from imagefarm.derive import Appender
+from imagefarm.derive.relayer import Relayerer, prove
+from imagefarm.derive.tree import Entry, Spool, read_ops, write_layer
+from imagefarm.errors import DeriveError
+from imagefarm.host.containers import run
+from imagefarm.names.reference import parse
+from imagefarm.registry import RegistryClient
+
+N, FILES = 6, 120
+
+
+@pytest.fixture(scope="module")
+def history(fixtures):
+    return fixtures.r2e_history(n=N, files=FILES)
+
+
+@pytest.fixture(scope="module")
+def rl_settings(settings, registry):
+    return settings.model_copy(update={"to": f"{registry.host}/relayered"})
+
+
+@pytest.fixture(scope="module")
+def rl(rl_settings):
+    with Appender(rl_settings, RegistryClient(rl_settings, credentials={})) as a:
+        yield Relayerer(a)
+
+
+@pytest.fixture(scope="module")
+def group(rl, history, payload):
+    return rl.relayer([h.ref for h in history], payload)
+
+
+def manifest(client, ref: str, digest: str):
+    return client.get_manifest(parse(ref).with_digest(digest))
+
+
+def test_images_share_lower_and_common_layers_and_keep_small_own_layers(group, history, rl, payload):
+    client = rl.client
+    assert [r.base for r in group.results] == [str(parse(h.ref)) for h in history]
+    own_sizes = []
+    for r, h in zip(group.results, history):
+        m = manifest(client, r.image, r.digest)
+        base = client.get_manifest(parse(h.ref))
+        assert [d.digest for d in m.layers] == [base.layers[0].digest, group.common.digest,
+                                                m.layers[2].digest, payload.layer.digest]
+        assert m.annotations[oci.ANN_RELAYER_COMMON] == group.common.digest
+        assert m.annotations[oci.ANN_RELAYER_GROUP] == group.group
+        assert m.annotations[oci.ANN_BASE_DIGEST] == base.digest == r.base_digest
+        assert client.head_manifest(parse(r.image)).digest == r.digest  # tagged: lookups find it
+        cfg = json.loads(client.get_blob_bytes(parse(r.image), m.config.digest))
+        assert cfg["rootfs"]["diff_ids"][1] == group.common.diff_id
+        assert len(cfg["history"]) == 4 and cfg["history"][0]["created_by"] == "debootstrap bookworm"
+        upper = sum(d.size for d in base.layers[1:])
+        own_sizes.append(m.layers[2].size)
+        assert m.layers[2].size * 50 < upper, (m.layers[2].size, upper)
+    assert group.common.size > 10 * max(own_sizes)
+
+
+def test_tree_comparison_passes_on_every_image(group, history, rl, tmp_path):
+    assert len(group.proofs) == N and all(p.paths > 10_000 for p in group.proofs)
+    for r, h in zip(group.results, history):  # stand-alone, every layer streamed again
+        proof = prove(rl.client, parse(h.ref).with_digest(r.base_digest), parse(r.image).with_digest(r.digest),
+                      tmp_path)
+        assert proof.paths == group.proofs[group.results.index(r)].paths
+
+
+def test_own_layers_hold_whiteouts_for_deleted_common_files(group, rl):
+    """The history deletes a file every 4th commit: those images' own layers hide it."""
+    seen = []
+    for layer in group.own:
+        with rl.client.open_blob(parse(group.results[0].image), layer.digest) as chunks:
+            ops = read_ops(chunks, layer.descriptor, layer.diff_id, below={}, spool=None, where="own")
+        seen += [p for op, p, _ in ops if op == "wh"]
+    assert any(p.startswith("testbed/relayer/mod_") for p in seen), seen
+
+
+def test_altered_image_fails_naming_the_path(group, history, rl, tmp_path):
+    client, r, h = rl.client, group.results[1], history[1]
+    ref = parse(r.image)
+    m = manifest(client, r.image, r.digest)
+    own = m.layers[2]
+    spool = Spool(tmp_path / "spool")
+    with client.open_blob(ref, own.digest) as chunks:
+        ops = read_ops(chunks, own, None, below={}, spool=spool, where="own")
+    digest, size = spool.put(io.BytesIO(b"#!/bin/bash\nexit 0  # tampered\n"))
+    items = [(p, e) for op, p, e in ops if op == "add"] + [(p, None) for op, p, _ in ops if op == "wh"]
+    items = [(p, e) for p, e in items if p != "testbed/run_tests.sh"]
+    items.append(("testbed/run_tests.sh", Entry("f", 0o755, 0, 0, digest=digest, size=size)))
+    bad = write_layer(items, tmp_path / "layers", spool)
+    cfg = json.loads(client.get_blob_bytes(ref, m.config.digest))
+    cfg["rootfs"]["diff_ids"][2] = bad.diff_id
+    cfg_blob = oci.canonical_json(cfg)
+    doc = json.loads(m.raw)
+    doc["layers"][2] = bad.descriptor.to_json()
+    doc["config"] = {"mediaType": oci.OCI_CONFIG, "digest": oci.sha256_digest(cfg_blob), "size": len(cfg_blob)}
+    raw = oci.canonical_json(doc)
+    client.upload_blob(ref, bad.digest, bad.path)
+    client.upload_blob(ref, oci.sha256_digest(cfg_blob), cfg_blob)
+    altered = client.put_manifest(ref.with_digest(oci.sha256_digest(raw)), raw, oci.OCI_MANIFEST)
+    with pytest.raises(DeriveError, match=r"differs from its base plus the payload at /testbed/run_tests\.sh: "):
+        prove(client, parse(h.ref).with_digest(r.base_digest), ref.with_digest(altered), tmp_path)
+
+
+def test_same_group_same_digests_and_a_rerun_uploads_no_layer_again(group, history, rl, registry, payload):
+    """Into another prefix: the layers are the same blobs (deterministic). A first run
+    stopped before its tags (as a crash after the uploads leaves it) is finished by a
+    second run that uploads no layer again and puts the tags last."""
+    to = f"{registry.host}/again"
+    refs = [h.ref for h in history]
+    first = rl.relayer(refs, payload, to=to, publish=False)
+    assert first.common.digest == group.common.digest
+    assert [l.digest for l in first.own] == [l.digest for l in group.own]
+    assert [r.digest for r in first.results] == [r.digest for r in group.results]  # no manifest names its target
+    assert all(rl.client.head_manifest(parse(r.image)) is None for r in first.results)  # no tag yet
+    mark = registry.mark()
+    second = Relayerer(Appender(rl.a.settings, RegistryClient(rl.a.settings, credentials={}))).relayer(
+        refs, payload, to=to)
+    log = registry.accesses(mark)
+    layer_digests = {first.common.digest, *(l.digest for l in first.own)}
+    put_layers = [a for a in log if a.method == "PUT" and "/blobs/uploads/" in a.path
+                  and any(d in a.path for d in layer_digests)]
+    assert put_layers == []
+    assert [r.digest for r in second.results] == [r.digest for r in first.results]
+    tag_puts = [a for a in log if a.method == "PUT" and "/manifests/" in a.path and "sha256:" not in a.path]
+    assert len(tag_puts) == N
+    last_blob = max(i for i, a in enumerate(log) if "/blobs/" in a.path)
+    assert all(log.index(a) > last_blob for a in tag_puts)  # tags last
+
+
+def test_pull_on_a_node_holding_a_sibling_fetches_only_the_own_layer(group, rl_settings, registry):
+    """podman (the node's image store) pulls one re-layered image, then a sibling: the
+    second pull fetches that image's own layer and its config, nothing else."""
+    a, b = group.results[2], group.results[3]
+    run(rl_settings, ["podman", "pull", "--tls-verify=false", f"{a.image}@{a.digest}"], timeout=300)
+    mark = registry.mark()
+    run(rl_settings, ["podman", "pull", "--tls-verify=false", f"{b.image}@{b.digest}"], timeout=300)
+    got = [x.path.rsplit("/", 1)[1] for x in registry.accesses(mark)
+           if x.method == "GET" and "/blobs/sha256:" in x.path and x.status in (200, 307)]
+    cfg = manifest(RegistryClient(rl_settings, credentials={}), b.image, b.digest).config.digest
+    assert sorted(got) == sorted([group.own[3].digest, cfg]), got
+
+
+def test_bad_share_is_refused(rl):
+    with pytest.raises(DeriveError, match="share 1.5"):
+        Relayerer(rl.a, share=1.5)
+
+
+def test_tar_members_are_checked_against_the_layer_digest(group, rl):
+    """A blob read back under a wrong descriptor is refused, not trusted."""
+    layer = group.own[0]
+    wrong = oci.Descriptor(layer.media_type, "sha256:" + "0" * 64, layer.size)
+    with rl.client.open_blob(parse(group.results[0].image), layer.digest) as chunks:
+        with pytest.raises(DeriveError, match="another digest"):
+            read_ops(chunks, wrong, None, below={}, spool=None, where="own")
