@@ -78,6 +78,8 @@ def _record_delivery(task, patience: float = 300.0) -> None:
     req = task.request
     info = req.delivery_info or {}
     key = task_key(req.id)
+    arg = (req.args or [""])[0]
+    arg = " ".join(arg) if isinstance(arg, list) else arg  # a re-layering group: its bases
     deadline, delay = time.monotonic() + patience, 0.2
     while True:
         try:
@@ -85,7 +87,7 @@ def _record_delivery(task, patience: float = 300.0) -> None:
                 .hincrby(key, "deliveries", 1) \
                 .hincrby(key, "redelivered", 1 if info.get("redelivered") else 0) \
                 .hset(key, mapping={"pid": os.getpid(), "retries": req.retries or 0, "name": task.name,
-                                    "arg": (req.args or [""])[0], "host": req.hostname or socket.gethostname()}) \
+                                    "arg": arg, "host": req.hostname or socket.gethostname()}) \
                 .expire(key, RECORD_TTL) \
                 .execute()
             return
@@ -135,6 +137,17 @@ def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None =
         self.apply_async(args=self.request.args, kwargs=self.request.kwargs, task_id=self.request.id,
                          countdown=wait, retries=self.request.retries)
         raise Ignore() from None
+
+
+@app.task(name="imagefarm.relayer", bind=True, base=FarmTask, **RETRY)
+def relayer(self, bases: list[str], to: str, recipe: str, layer: dict[str, Any] | None = None,
+            publish: list[str] | None = None) -> dict[str, Any]:
+    """One repository's group of bases, re-layered on one worker (they share layers)."""
+    _record_delivery(self)
+    settings = Settings.load(to=to, recipe=recipe)
+    _gate()
+    with _slots(settings).slot():
+        return jobs.relayer_group(settings, bases, recipe, layer, publish)
 
 
 @app.task(name="imagefarm.verify", bind=True, base=FarmTask, **RETRY)

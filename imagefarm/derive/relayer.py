@@ -256,18 +256,16 @@ class Relayerer:
         common_layer = write_layer(common.items(), out, spool)
         own = {g.manifest.digest: write_layer(own_items(common_tree, f), out, spool) for g, f in zip(order, fulls)}
         bases_tree = {g.manifest.digest: f for g, f in zip(order, fulls)}
-        results: dict[str, DeriveResult] = {}
-        proofs: dict[str, Proof] = {}
-        for g in order:
+        results, proofs = [], []
+        for g in group:  # in the order asked (two tags of one digest are two images)
             with self.client.track() as st:
                 digest = self._put(g, lower, common_layer, own[g.manifest.digest], payload, to, gid)
-                proofs[g.manifest.digest] = self._prove(layers, g, digest, bases_tree[g.manifest.digest], payload)
-            results[g.manifest.digest] = self._result(g, digest, False, publish, st)
+                proofs.append(self._prove(layers, g, digest, bases_tree[g.manifest.digest], payload))
+            results.append(self._result(g, digest, False, publish, st))
         if publish:  # last, once every image of the group is in and proven: a crash leaves no tag
-            for g in order:
-                self.a.publish(g.target, results[g.manifest.digest].digest)
-        return GroupResult(gid, tuple(results[g.manifest.digest] for g in group),
-                           tuple(proofs[g.manifest.digest] for g in group), lower, common_layer,
+            for g, r in zip(group, results):
+                self.a.publish(g.target, r.digest)
+        return GroupResult(gid, tuple(results), tuple(proofs), lower, common_layer,
                            tuple(own[g.manifest.digest] for g in group), layers.bytes_read)
 
     def _put(self, g: _Base, lower: int, common: oci.Layer, own: oci.Layer, payload: PayloadLike, to: Prefix,
@@ -333,9 +331,11 @@ def prove_tree(layers: Layers, derived: Reference, want: Tree) -> Proof:
     return Proof(str(derived), len(want), moved)
 
 
-def prove(client: RegistryClient, base: Reference, derived: Reference, work: Path) -> Proof:
+def prove(client: RegistryClient, base: Reference, derived: Reference, work: Path,
+          layers: Layers | None = None) -> Proof:
     """Stand-alone proof: ``derived`` (pinned) against ``base`` (pinned) plus the payload
-    layer the derived image records, every layer streamed from the registry."""
+    layer the derived image records, every layer streamed from the registry (once per
+    digest for the ``layers`` cache given: pass one to prove a group's images)."""
     m = client.get_manifest(derived)
     b = client.get_manifest(base)
     if not isinstance(m, Manifest) or not isinstance(b, Manifest):
@@ -347,7 +347,7 @@ def prove(client: RegistryClient, base: Reference, derived: Reference, work: Pat
     dcfg = json.loads(client.get_blob_bytes(derived, m.config.digest))
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        layers = Layers(client, Spool(Path(tmp)))
+        layers = layers or Layers(client, Spool(Path(tmp)))
         want = layers.tree(base, b.layers, (bcfg.get("rootfs") or {}).get("diff_ids") or [])
         apply(want, layers.ops(derived, m.layers[-1], dcfg["rootfs"]["diff_ids"][-1], want))
         return prove_tree(layers, derived, want)

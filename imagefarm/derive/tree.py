@@ -80,23 +80,36 @@ class Spool:
         return self.root / digest.split(":", 1)[1]
 
     def put(self, fh: io.BufferedIOBase | None) -> tuple[str, int]:
-        """Hash ``fh`` to its end while keeping it here once; (digest, size)."""
-        h, n = hashlib.sha256(), 0
+        """Hash ``fh`` to its end while keeping it here once; (digest, size). A small
+        file is hashed in memory first (most are kept already: siblings share them)."""
+        head = fh.read(CHUNK) if fh is not None else b""
+        if len(head) < CHUNK:
+            digest = "sha256:" + hashlib.sha256(head).hexdigest()
+            if not self.path(digest).exists():
+                self._keep(digest, [head])
+            return digest, len(head)
+        h, n = hashlib.sha256(head), len(head)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".in-")
         try:
             with os.fdopen(fd, "wb") as out:
-                while fh is not None and (chunk := fh.read(CHUNK)):
+                out.write(head)
+                while chunk := fh.read(CHUNK):
                     h.update(chunk)
                     n += len(chunk)
                     out.write(chunk)
             digest = "sha256:" + h.hexdigest()
-            final = self.path(digest)
-            if not final.exists():
-                os.replace(tmp, final)
+            os.replace(tmp, self.path(digest))
             return digest, n
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def _keep(self, digest: str, chunks: list[bytes]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".in-")
+        with os.fdopen(fd, "wb") as out:
+            for c in chunks:
+                out.write(c)
+        os.replace(tmp, self.path(digest))
 
 
 def _hash_only(fh: io.BufferedIOBase | None) -> tuple[str, int]:
@@ -111,7 +124,7 @@ class _Chunks(io.RawIOBase):
     """A readable file over an iterator of byte chunks, hashing what passes through."""
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._it, self._buf = iter(chunks), b""
+        self._it, self._buf = iter(chunks), memoryview(b"")
         self.hash, self.size = hashlib.sha256(), 0
 
     def readable(self) -> bool:
@@ -120,13 +133,14 @@ class _Chunks(io.RawIOBase):
     def readinto(self, b) -> int:  # type: ignore[override]
         while not self._buf:
             try:
-                self._buf = next(self._it)
+                chunk = next(self._it)
             except StopIteration:
                 return 0
+            self.hash.update(chunk)
+            self.size += len(chunk)
+            self._buf = memoryview(chunk)
         n = min(len(b), len(self._buf))
         b[:n], self._buf = self._buf[:n], self._buf[n:]
-        self.hash.update(b[:n])
-        self.size += n
         return n
 
     def drain(self) -> None:
