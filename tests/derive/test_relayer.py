@@ -168,3 +168,55 @@ def test_tar_members_are_checked_against_the_layer_digest(group, rl):
     with rl.client.open_blob(parse(group.results[0].image), layer.digest) as chunks:
         with pytest.raises(DeriveError, match="another digest"):
             read_ops(chunks, wrong, None, below={}, spool=None, where="own")
+
+
+CRASHING = """
+import json, sys
+from imagefarm import oci
+from imagefarm.derive import Appender, AppendPayload
+from imagefarm.derive.relayer import Relayerer
+from imagefarm.settings import Settings
+a = json.loads(sys.argv[1])
+p = a["payload"]
+payload = AppendPayload(oci.Layer.from_json(p["layer"]), p["name"], p["digest"], p["version"], tuple(p["env"]))
+with Appender(Settings(state_dir=a["state"], cache_dir=a["cache"])) as ap:
+    Relayerer(ap).relayer(a["bases"], payload, to=a["to"])
+"""
+
+
+def test_sigkill_mid_group_then_rerun_finishes_without_uploading_again(group, history, rl, registry, payload,
+                                                                         tmp_path):
+    """SIGKILL once the common layer has landed (its digest is known: the same group
+    gives the same blobs): no tag is left behind, and the rerun uploads that layer no
+    more and puts every tag."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    to = f"{registry.host}/crash"
+    arg = {"payload": {"layer": payload.layer.to_json(), "name": payload.recipe_name,
+                       "digest": payload.recipe_digest, "version": payload.agent_server_version,
+                       "env": list(payload.env)},
+           "state": str(tmp_path / "state"), "cache": str(rl.a.settings.cache_dir), "to": to,
+           "bases": [h.ref for h in history]}
+    mark = registry.mark()
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING, json.dumps(arg)])
+    common_put = lambda log: [a for a in log if a.method == "PUT" and a.status == 201
+                              and group.common.digest.split(":")[1] in a.path]
+    deadline = time.monotonic() + 300
+    while not common_put(registry.accesses(mark)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+    landed = registry.accesses(mark)
+    assert len(common_put(landed)) == 1
+    assert all(rl.client.head_manifest(parse(r.image.replace("/relayered/", "/crash/"))) is None
+               for r in group.results)  # no tag survived the crash
+    mark = registry.mark()
+    again = rl.relayer([h.ref for h in history], payload, to=to)
+    log = registry.accesses(mark)
+    assert common_put(log) == []
+    assert [r.digest for r in again.results] == [r.digest for r in group.results]
+    assert all(rl.client.head_manifest(parse(r.image)).digest == r.digest for r in again.results)
