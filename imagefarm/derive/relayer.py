@@ -65,15 +65,9 @@ class GroupResult:
     own: tuple[oci.Layer, ...] = ()
     bytes_read: int = 0          #: layer bytes read from the registry
 
-    def to_json(self) -> dict[str, Any]:
-        return {"group": self.group, "lower": self.lower, "bytes_read": self.bytes_read,
-                "common": self.common.to_json() if self.common else None,
-                "own": [l.to_json() for l in self.own], "results": [r.to_json() for r in self.results],
-                "proofs": [{"image": p.image, "paths": p.paths, "mtime_differs": p.mtime_differs}
-                           for p in self.proofs]}
-
 
 def group_id(base_digests: Sequence[str], share: float) -> str:
+    """Names what was re-layered: the set of base digests, the share and the algorithm."""
     return oci.sha256_digest(oci.canonical_json({"algorithm": ALGORITHM, "bases": sorted(set(base_digests)),
                                                  "share": share}))
 
