@@ -247,8 +247,14 @@ class Relayerer:
         common = choose_common(lower_tree, fulls, self.share)
         common_tree = apply(dict(lower_tree), [("add", p, e) for p, e in sorted(common.items())])
         out = work / "layers"
+        owns = {g.manifest.digest: own_items(common_tree, f) for g, f in zip(order, fulls)}
+        # an image may keep a lower file the common layer replaces (or hard-link one): only
+        # then are the lower layers read again, to keep those contents too
+        need = {e.digest for items in owns.values() for _, e in items if e is not None and e.type == "f"}
+        if any(not spool.path(d).exists() for d in need):
+            layers.tree(first.source, first.manifest.layers[:lower], first.diff_ids[:lower], keep=True)
         common_layer = write_layer(common.items(), out, spool)
-        own = {g.manifest.digest: write_layer(own_items(common_tree, f), out, spool) for g, f in zip(order, fulls)}
+        own = {d: write_layer(items, out, spool) for d, items in owns.items()}
         bases_tree = {g.manifest.digest: f for g, f in zip(order, fulls)}
         results, proofs = [], []
         for g in group:  # in the order asked (two tags of one digest are two images)

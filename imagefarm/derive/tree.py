@@ -267,7 +267,11 @@ def write_layer(items: Iterable[tuple[str, Entry | None]], out_dir: Path, spool:
             info.pax_headers = dict(e.xattrs)
             if e.type == "f":
                 info.size = e.size
-                with open(spool.path(e.digest), "rb") as fh:
+                try:
+                    fh = open(spool.path(e.digest), "rb")
+                except FileNotFoundError:
+                    raise DeriveError(f"/{path}: its content {e.digest[:19]} was not kept while reading") from None
+                with fh:
                     tar.addfile(info, fh)
             else:
                 tar.addfile(info)

@@ -20,6 +20,7 @@ from imagefarm.derive.tree import Entry, Spool, read_ops, write_layer
 from imagefarm.errors import DeriveError
 from imagefarm.names.reference import parse
 from imagefarm.registry import RegistryClient
+from derivekit import BUSYBOX, push_base
 
 N, FILES = 6, 120
 
@@ -196,3 +197,31 @@ def test_sigkill_mid_group_then_rerun_finishes_without_uploading_again(group, hi
                 and "sha256:" not in a.path.rsplit("/", 1)[1]]
     assert len(tag_puts) == N
     assert min(tag_puts) > max(i for i, a in enumerate(log) if "/blobs/" in a.path)  # tags last
+
+
+def test_an_image_keeping_a_lower_file_the_common_layer_replaces(rl, registry, payload, tmp_path):
+    """Three of four images rewrite a lower file (it goes into the common layer); the
+    fourth keeps the lower one and hard-links a lower file: its own layer carries both
+    contents, read again from the lower layer, and every image proves equal."""
+    import tarfile
+
+    blobs = tmp_path / "blobs"
+    lower = oci.write_layer([oci.dir_entry("bin"), ("bin/busybox", BUSYBOX, None), oci.symlink_entry("bin/sh", "busybox"),
+                             oci.dir_entry("etc"), oci.file_entry("etc/motd", b"lower\n")], blobs)
+    link = tarfile.TarInfo("testbed/busybox-link")
+    link.type, link.linkname, link.mode = tarfile.LNKTYPE, "bin/busybox", 0o755
+    uppers = [oci.write_layer([oci.file_entry("etc/motd", b"upper\n"), oci.dir_entry("testbed"),
+                               oci.file_entry(f"testbed/f{i}", b"%d" % i)], blobs) for i in range(3)]
+    uppers.append(oci.write_layer([oci.dir_entry("testbed"), ("testbed/busybox-link", None, link)], blobs))
+    refs = []
+    for i, up in enumerate(uppers):
+        ref = f"{registry.host}/fixtures/keeps-lower:{i}"
+        push_base(tmp_path / f"img{i}", ref, [lower, up])
+        refs.append(ref)
+    got = rl.relayer(refs, payload, to=f"{registry.host}/keeps")
+    assert len(got.proofs) == 4
+    with rl.client.open_blob(parse(got.results[3].image), got.own[3].digest) as chunks:
+        ops = read_ops(chunks, got.own[3].descriptor, None, below={}, spool=None, where="own")
+    paths = {p for op, p, _ in ops if op == "add"}
+    assert {"etc/motd", "testbed/busybox-link"} <= paths
+
