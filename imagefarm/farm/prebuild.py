@@ -446,7 +446,13 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
             for handle, res in ex.wait(set(pending), timeout=0.5):
                 stage, base = pending.pop(handle)
                 last_result = time.monotonic()
-                for b, r in (_spread(groups[base], res) if stage == "relayer" else [(base, res)]):
+                if stage == "relayer" and not res.get("ok"):  # nothing lost: the plain path
+                    log(f"re-layering the {len(groups[base])} bases of {base.rsplit(':', 1)[0]} failed "
+                        f"({res.get('error', 'unknown error')}): deriving them one by one")
+                    for b in groups[base]:
+                        submit("derive", b)
+                    continue
+                for b, r in (zip(groups[base], res["results"]) if stage == "relayer" else [(base, res)]):
                     _apply(state, outcomes[b], "verify" if stage == "verify" else "derive", r)
                     if stage != "verify" and outcomes[b].ok and b in to_verify:
                         submit("verify", b)
@@ -499,14 +505,6 @@ def threading_main() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def _spread(group: list[str], res: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """A group's result as one derive result per base (a failed group fails each)."""
-    if not res.get("ok"):
-        return [(b, {"ok": False, "error": f"re-layering its group failed: {res.get('error', 'unknown error')}"})
-                for b in group]
-    return list(zip(group, res["results"]))
 
 
 def _apply(state: BatchState, o: Outcome, stage: str, res: dict[str, Any]) -> None:

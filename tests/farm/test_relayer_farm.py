@@ -63,3 +63,19 @@ def test_prebuild_relayer_through_celery(cli_env, fixtures, registry, workers, p
     assert again["derived"] == 0 and again["skipped"] == N + 1
     assert Lockfile.read(lockfile).entries == lock.entries
 
+
+
+def test_a_group_that_cannot_be_relayered_is_derived_one_by_one(cli_env, fixtures, registry, payload, tmp_path):
+    """One base of the group is missing: the group fails as a whole, then every base
+    takes the plain path, so the others are derived and only the missing one fails."""
+    group = [h.ref for h in fixtures.r2e_history(n=N, files=FILES)][:2]
+    missing = f"{registry.host}/namanjain12/relayer_final:{'8' * 40}"
+    ds = tmp_path / "list.txt"
+    ds.write_text("".join(f"{b}\n" for b in [*group, missing]))
+    proc = imagefarm_cli("prebuild", "--dataset", str(ds), "--to", f"{registry.host}/farm-relayer-fallback",
+                         "--relayer", "--verify", "none", "--json", env=cli_env, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    state = json.loads(proc.stdout)
+    assert state["derived"] == 2 and state["failed"] == 1
+    assert [f["base"] for f in state["failures"]] == [str(parse(missing))]
+    assert "deriving them one by one" in proc.stderr
