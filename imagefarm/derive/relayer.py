@@ -18,7 +18,7 @@ gives the same digests, and a rerun after a crash uploads nothing the registry
 already has (blobs are HEAD-skipped, tags are put last). The tag is the one a plain
 derive of the base gets: lookups find re-layered images exactly as plain ones.
 
-Limits: each image's merged tree is held in memory (metadata only, about 200 bytes a
+Limits: each image's merged tree is held in memory (metadata only: one small value a
 path), file contents are kept on disk once per digest while the group runs; tar and
 tar+gzip layers only (zstd is refused); mtimes and hard links as ``tree`` says.
 """
