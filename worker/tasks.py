@@ -125,17 +125,23 @@ def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None =
            publish: bool = True) -> dict[str, Any]:
     _record_delivery(self)
     settings = Settings.load(to=to, recipe=recipe)
+    return _paced(self, settings, lambda: jobs.derive_base(settings, base, recipe, layer, publish))
+
+
+def _paced(task, settings: Settings, work) -> dict[str, Any]:
+    """Run ``work`` in a registry slot behind the farm's rate-limit gate; a spent pull
+    budget puts the task back instead of failing it."""
     _gate()
     try:
         with _slots(settings).slot():
-            return jobs.derive_base(settings, base, recipe, layer, publish)
+            return work()
     except ratelimit.RateLimited as exc:
         # sent again under the same id (the driver's handle stays valid) with the same
         # retry count: waiting for a window uses up none of the retries for real errors
         wait = max(0.0, min(MAX_COUNTDOWN, exc.until - time.time()))
-        _count(self, "paused")
-        self.apply_async(args=self.request.args, kwargs=self.request.kwargs, task_id=self.request.id,
-                         countdown=wait, retries=self.request.retries)
+        _count(task, "paused")
+        task.apply_async(args=task.request.args, kwargs=task.request.kwargs, task_id=task.request.id,
+                         countdown=wait, retries=task.request.retries)
         raise Ignore() from None
 
 
@@ -145,9 +151,7 @@ def relayer(self, bases: list[str], to: str, recipe: str, layer: dict[str, Any] 
     """One repository's group of bases, re-layered on one worker (they share layers)."""
     _record_delivery(self)
     settings = Settings.load(to=to, recipe=recipe)
-    _gate()
-    with _slots(settings).slot():
-        return jobs.relayer_group(settings, bases, recipe, layer, publish)
+    return _paced(self, settings, lambda: jobs.relayer_group(settings, bases, recipe, layer, publish))
 
 
 @app.task(name="imagefarm.verify", bind=True, base=FarmTask, **RETRY)
