@@ -15,4 +15,4 @@ at 512 concurrent sandboxes, image-aware vs random: a model fed with the runtime
 section's measured costs).
 """
 
-SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "ratelimit", "fleet")
+SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "ratelimit", "fleet", "relayer")

@@ -48,6 +48,9 @@ def _runner(name: str) -> Callable[[Bench], dict[str, Any]]:
     if name == "fleet":
         from .fleet import run_fleet
         return run_fleet
+    if name == "relayer":
+        from .relayer import run_relayer
+        return run_relayer
     raise ValueError(name)
 
 

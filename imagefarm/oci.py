@@ -7,6 +7,7 @@ always gives the same blob and a layer is never held in memory.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -17,7 +18,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from imagefarm.errors import ConfigError
 
@@ -59,6 +60,9 @@ ANN_RECIPE = "dev.imagefarm.recipe"
 ANN_RECIPE_DIGEST = "dev.imagefarm.recipe.digest"
 ANN_AGENT_VERSION = "dev.imagefarm.agent-server.version"
 ANN_PAYLOAD_DIGEST = "dev.imagefarm.payload.digest"
+#: a re-layered image (derive.relayer): its group's id and the group-common layer
+ANN_RELAYER_GROUP = "dev.imagefarm.relayer.group"
+ANN_RELAYER_COMMON = "dev.imagefarm.relayer.common"
 
 #: the fixed timestamp of every layer entry and history item (reproducible builds)
 EPOCH = 0
@@ -140,6 +144,31 @@ def _normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
+@contextlib.contextmanager
+def layer_writer(out_dir: Path, *, level: int = 6) -> Iterator[tuple[tarfile.TarFile, list[Layer]]]:
+    """A reproducible tar+gzip layer being written into ``out_dir``: yields the open
+    tar stream and a list that holds the content-addressed ``Layer`` once the block
+    ends (gzip with no name and mtime 0, both digests computed while writing)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".layer-", suffix=".tmp")
+    tmp = Path(tmp_name)
+    done: list[Layer] = []
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            outer = _HashingWriter(raw)
+            with gzip.GzipFile(fileobj=outer, mode="wb", compresslevel=level, mtime=0, filename="") as gz:
+                inner = _HashingWriter(gz)  # type: ignore[arg-type]
+                with tarfile.open(fileobj=inner, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    yield tar, done
+        diff_id = "sha256:" + inner.hash.hexdigest()
+        digest = "sha256:" + outer.hash.hexdigest()
+        final = out_dir / digest.replace(":", "-")
+        tmp.replace(final)
+        done.append(Layer(final, digest, outer.size, diff_id))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_layer(
     entries: Iterable[tuple[str, Path | None, tarfile.TarInfo | None]] | None,
     out_dir: Path,
@@ -157,25 +186,11 @@ def write_layer(
     ``owner`` forces uid/gid (None keeps the files' own); ``exclude`` lists paths
     relative to ``root`` left out with everything under them.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".layer-", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            outer = _HashingWriter(raw)
-            with gzip.GzipFile(fileobj=outer, mode="wb", compresslevel=level, mtime=0, filename="") as gz:
-                inner = _HashingWriter(gz)  # type: ignore[arg-type]
-                with tarfile.open(fileobj=inner, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    items = _walk(root, arc_prefix, exclude) if root is not None else entries or []
-                    for name, src, template in items:
-                        _add(tar, name, src, template, owner)
-        diff_id = "sha256:" + inner.hash.hexdigest()
-        digest = "sha256:" + outer.hash.hexdigest()
-        final = out_dir / digest.replace(":", "-")
-        tmp.replace(final)
-        return Layer(final, digest, outer.size, diff_id)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with layer_writer(out_dir, level=level) as (tar, done):
+        items = _walk(root, arc_prefix, exclude) if root is not None else entries or []
+        for name, src, template in items:
+            _add(tar, name, src, template, owner)
+    return done[0]
 
 
 def _walk(root: Path, prefix: str, exclude: frozenset[str] = frozenset()):

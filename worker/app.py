@@ -80,6 +80,7 @@ def make_app(broker_url: str | None = None) -> Celery:
         result_backend_max_sleep_between_retries_ms=10_000,
         task_routes={
             "imagefarm.derive": {"queue": DERIVE_QUEUE},
+            "imagefarm.relayer": {"queue": DERIVE_QUEUE},
             "imagefarm.verify": {"queue": VERIFY_QUEUE},
         },
         worker_hijack_root_logger=False,

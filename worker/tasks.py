@@ -78,6 +78,8 @@ def _record_delivery(task, patience: float = 300.0) -> None:
     req = task.request
     info = req.delivery_info or {}
     key = task_key(req.id)
+    arg = (req.args or [""])[0]
+    arg = " ".join(arg) if isinstance(arg, list) else arg  # a re-layering group: its bases
     deadline, delay = time.monotonic() + patience, 0.2
     while True:
         try:
@@ -85,7 +87,7 @@ def _record_delivery(task, patience: float = 300.0) -> None:
                 .hincrby(key, "deliveries", 1) \
                 .hincrby(key, "redelivered", 1 if info.get("redelivered") else 0) \
                 .hset(key, mapping={"pid": os.getpid(), "retries": req.retries or 0, "name": task.name,
-                                    "arg": (req.args or [""])[0], "host": req.hostname or socket.gethostname()}) \
+                                    "arg": arg, "host": req.hostname or socket.gethostname()}) \
                 .expire(key, RECORD_TTL) \
                 .execute()
             return
@@ -123,18 +125,33 @@ def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None =
            publish: bool = True, version: str | None = None) -> dict[str, Any]:
     _record_delivery(self)
     settings = Settings.load(to=to, recipe=recipe, agent_server_version=version)
+    return _paced(self, settings, lambda: jobs.derive_base(settings, base, recipe, layer, publish))
+
+
+def _paced(task, settings: Settings, work) -> dict[str, Any]:
+    """Run ``work`` in a registry slot behind the farm's rate-limit gate; a spent pull
+    budget puts the task back instead of failing it."""
     _gate()
     try:
         with _slots(settings).slot():
-            return jobs.derive_base(settings, base, recipe, layer, publish)
+            return work()
     except ratelimit.RateLimited as exc:
         # sent again under the same id (the driver's handle stays valid) with the same
         # retry count: waiting for a window uses up none of the retries for real errors
         wait = max(0.0, min(MAX_COUNTDOWN, exc.until - time.time()))
-        _count(self, "paused")
-        self.apply_async(args=self.request.args, kwargs=self.request.kwargs, task_id=self.request.id,
-                         countdown=wait, retries=self.request.retries)
+        _count(task, "paused")
+        task.apply_async(args=task.request.args, kwargs=task.request.kwargs, task_id=task.request.id,
+                         countdown=wait, retries=task.request.retries)
         raise Ignore() from None
+
+
+@app.task(name="imagefarm.relayer", bind=True, base=FarmTask, **RETRY)
+def relayer(self, bases: list[str], to: str, recipe: str, layer: dict[str, Any] | None = None,
+            publish: list[str] | None = None, version: str | None = None) -> dict[str, Any]:
+    """One repository's group of bases, re-layered on one worker (they share layers)."""
+    _record_delivery(self)
+    settings = Settings.load(to=to, recipe=recipe, agent_server_version=version)
+    return _paced(self, settings, lambda: jobs.relayer_group(settings, bases, recipe, layer, publish))
 
 
 @app.task(name="imagefarm.verify", bind=True, base=FarmTask, **RETRY)

@@ -36,6 +36,9 @@ def prebuild(
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     plan: bool = typer.Option(False, "--plan", help="print what the batch would do and cost; write nothing"),
     bandwidth: str = typer.Option("100MB/s", help="--plan: the copy's bandwidth for the time estimate"),
+    relayer: bool = typer.Option(False, "--relayer",
+                                 help="re-layer the bases of each repository together: their shared files "
+                                      "are pulled once (one common layer, a small layer per image)"),
 ) -> None:
     """Turn every base image of a dataset into a verified agent-server image.
 
@@ -69,7 +72,8 @@ def prebuild(
         with progress:
             result = run_batch(settings, dataset, executor=executor, limit=limit, verify=verify,
                                lockfile=lockfile, workers=workers, verify_timeout=verify_timeout,
-                               on_progress=on_progress, log=lambda m: console.print(m, highlight=False))
+                               on_progress=on_progress, log=lambda m: console.print(m, highlight=False),
+                               relayer=relayer)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: run the same command again to resume; finished images are kept")
         raise typer.Exit(130)

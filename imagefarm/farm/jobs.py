@@ -76,6 +76,31 @@ def derive_base(settings: Settings, base: str, recipe: str, layer: dict[str, Any
     return {"ok": True, **result.to_json()}
 
 
+def relayer_group(settings: Settings, bases: list[str], recipe: str, layer: dict[str, Any] | None = None,
+                  publish: list[str] | None = None) -> dict[str, Any]:
+    """Re-layer one repository's bases as one unit (``derive.relayer``): every image is
+    pushed by digest and proven; those named in ``publish`` (not boot-checked in this
+    batch) are tagged at once, the others by ``verify_image`` once they boot. A permanent
+    failure fails the whole group (``ok: False``): its bases share the common layer."""
+    from imagefarm.derive.relayer import Relayerer
+
+    a = appender(settings)
+    try:
+        group = Relayerer(a).relayer([parse(b) for b in bases], payload_for(settings, recipe, layer), publish=False)
+        results = []
+        for r in group.results:
+            now = r.base in set(publish or ()) and not r.skipped
+            if now:
+                a.publish(parse(r.image), r.digest)
+            results.append({"ok": True, **r.to_json(), "published": r.published or now})
+    except ImagefarmError as exc:
+        if exc.transient:
+            raise
+        return {"ok": False, "bases": bases, "error": str(exc), "error_type": type(exc).__name__}
+    return {"ok": True, "group": group.group, "common": group.common.digest if group.common else None,
+            "results": results}
+
+
 def verify_image(settings: Settings, image: str, digest: str, timeout: float = 120.0) -> dict[str, Any]:
     """Boot-check one derived image; if it boots, publish its tag, then record the
     result in the registry (in that order: a crash in between only costs a re-verify).

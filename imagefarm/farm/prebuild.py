@@ -110,6 +110,7 @@ class Executor(Protocol):
     name: str
 
     def derive(self, base: str, publish: bool) -> Any: ...
+    def relayer(self, bases: list[str], publish: list[str]) -> Any: ...
     def verify(self, image: str, digest: str) -> Any: ...
     def wait(self, handles: set[Any], timeout: float) -> Iterator[tuple[Any, dict[str, Any]]]: ...
     def close(self) -> None: ...
@@ -129,6 +130,10 @@ class LocalExecutor:
     def derive(self, base: str, publish: bool) -> Future:
         return _deferring(self._derive_pool, lambda: _retrying(lambda: jobs.derive_base(
             self.settings, base, self.settings.recipe, self.layer, publish), base))
+
+    def relayer(self, bases: list[str], publish: list[str]) -> Future:
+        return _deferring(self._derive_pool, lambda: _retrying(lambda: jobs.relayer_group(
+            self.settings, bases, self.settings.recipe, self.layer, publish), bases[0]))
 
     def verify(self, image: str, digest: str) -> Future:
         return _deferring(self._verify_pool, lambda: _retrying(lambda: jobs.verify_image(
@@ -215,6 +220,12 @@ class CeleryExecutor:
 
         return self._sent(tasks.derive.apply_async(
             args=[base, self.settings.to, self.settings.recipe, self.layer, publish], kwargs=self._version))
+
+    def relayer(self, bases: list[str], publish: list[str]):
+        from imagefarm.worker import tasks
+
+        return self._sent(tasks.relayer.apply_async(
+            args=[bases, self.settings.to, self.settings.recipe, self.layer, publish], kwargs=self._version))
 
     def verify(self, image: str, digest: str):
         from imagefarm.worker import tasks
@@ -341,6 +352,26 @@ def choose_verify(bases: list[str], verify: str) -> set[str]:
     return set(sorted(bases, key=lambda b: hash_of(b))[:max(0, n)])
 
 
+#: the most bases one re-layering task takes (its trees are held in memory)
+RELAYER_GROUP_MAX = 32
+
+
+def relayer_groups(bases: list[str]) -> list[list[str]]:
+    """The bases of one repository (registry and path), in dataset order, in groups of
+    at most ``RELAYER_GROUP_MAX``: what ``--relayer`` re-layers together."""
+    from imagefarm.names.reference import parse
+
+    by_repo: dict[str, list[str]] = {}
+    for b in bases:
+        ref = parse(b)
+        by_repo.setdefault(f"{ref.registry}/{ref.repository}", []).append(b)
+    return [bs[i:i + RELAYER_GROUP_MAX] for bs in by_repo.values() for i in range(0, len(bs), RELAYER_GROUP_MAX)]
+
+
+def _queue(stage: str) -> str:
+    return "derive" if stage == "relayer" else stage
+
+
 def hash_of(text: str) -> str:
     import hashlib
 
@@ -350,7 +381,10 @@ def hash_of(text: str) -> str:
 def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limit: int | None = None,
               verify: str = "all", lockfile: Path | None = None, workers: int = 8,
               verify_timeout: float = 120.0, on_progress: Callable[[BatchState], None] | None = None,
-              log: Callable[[str], None] = lambda m: None) -> BatchResult:
+              log: Callable[[str], None] = lambda m: None, relayer: bool = False) -> BatchResult:
+    """``relayer``: the bases of one repository are re-layered together (``derive.relayer``,
+    one task per group) instead of derived one by one; a repository with one base is
+    derived as usual."""
     from imagefarm.payload.recipe import recipe_for
     from imagefarm.payload.remote import locate, push
     from imagefarm.registry import RegistryClient
@@ -380,6 +414,7 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
     to_verify = choose_verify(bases, verify)
     outcomes = {b: Outcome(b) for b in bases}
     pending: dict[Any, tuple[str, str]] = {}
+    groups = {g[0]: g for g in relayer_groups(bases) if len(g) > 1} if relayer else {}
     interrupted = False
     old_handler = signal.getsignal(signal.SIGTERM)
 
@@ -390,8 +425,11 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
         signal.signal(signal.SIGTERM, _term)
     def submit(stage: str, base: str) -> None:
         o = outcomes[base]
-        handle = (ex.derive(base, base not in to_verify) if stage == "derive"  # verify first, then tag
-                  else ex.verify(o.image, o.digest))
+        if stage == "relayer":  # ``base`` names the group by its first base
+            handle = ex.relayer(groups[base], [b for b in groups[base] if b not in to_verify])
+        else:
+            handle = (ex.derive(base, base not in to_verify) if stage == "derive"  # verify first, then tag
+                      else ex.verify(o.image, o.digest))
         pending[handle] = (stage, base)
 
     # Tasks come back through the broker when a worker is lost (acks_late, leases).
@@ -403,25 +441,35 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
     stall = max(120.0, 2 * verify_timeout) if executor == "celery" else None
     check = 20.0
     try:
+        grouped = {b for g in groups.values() for b in g}
         for b in bases:
-            submit("derive", b)
+            if b in groups:
+                submit("relayer", b)
+            elif b not in grouped:
+                submit("derive", b)
         last_save, last_result, last_check = 0.0, time.monotonic(), time.monotonic()
         while pending:
             for handle, res in ex.wait(set(pending), timeout=0.5):
                 stage, base = pending.pop(handle)
                 last_result = time.monotonic()
-                _apply(state, outcomes[base], stage, res)
-                o = outcomes[base]
-                if stage == "derive" and o.ok and base in to_verify:
-                    submit("verify", base)
+                if stage == "relayer" and not res.get("ok"):  # nothing lost: the plain path
+                    log(f"re-layering the {len(groups[base])} bases of {base.rsplit(':', 1)[0]} failed "
+                        f"({res.get('error', 'unknown error')}): deriving them one by one")
+                    for b in groups[base]:
+                        submit("derive", b)
+                    continue
+                for b, r in (zip(groups[base], res["results"]) if stage == "relayer" else [(base, res)]):
+                    _apply(state, outcomes[b], "verify" if stage == "verify" else "derive", r)
+                    if stage != "verify" and outcomes[b].ok and b in to_verify:
+                        submit("verify", b)
             now = time.monotonic()
             idle = now - last_result
             if stall and pending and idle > check and now - last_check > check:
                 last_check = now
-                waiting = {stage for stage, _ in pending.values()}
+                waiting = {_queue(stage) for stage, _ in pending.values()}
                 missing = ex.unconsumed(waiting)  # None: the broker is away, nothing to do now
                 for q in missing or []:
-                    n = sum(1 for stage, _ in pending.values() if stage == q)
+                    n = sum(1 for stage, _ in pending.values() if _queue(stage) == q)
                     log(f"no worker consumes queue {q!r} on {_redacted(settings.broker_url)}: {n} task(s) wait "
                         f"there; start one with `{ex.start_hint(q)}`")
                 if missing:

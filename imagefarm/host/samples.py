@@ -152,15 +152,118 @@ class FixtureFactory:
                     n = min(left, 1 << 20)
                     fh.write(rnd.randbytes(n))
                     left -= n
-        git = which("git")
-        env = {**os.environ, "GIT_AUTHOR_NAME": "r2e", "GIT_AUTHOR_EMAIL": "r2e@example.invalid",
-               "GIT_COMMITTER_NAME": "r2e", "GIT_COMMITTER_EMAIL": "r2e@example.invalid",
-               "GIT_AUTHOR_DATE": "2020-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2020-01-01T00:00:00Z"}
         for cmd in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", f"{repo} {commit}"]):
-            subprocess.run([git, *cmd], cwd=tb, env=env, check=True, capture_output=True)
+            _git(tb, *cmd)
         layer = oci.write_layer(None, self.layers_dir, root=tb, arc_prefix="testbed")
         shutil.rmtree(work, ignore_errors=True)
         return layer
+
+    # -- one repository's history (re-layering fixtures) -----------------------------
+    def history_repo(self, repo: str, commits: int, files: int) -> tuple[Path, list[str]]:
+        """A git repository of ``files`` seeded source files over ``commits`` commits (each
+        rewrites a few files, adds one, now and then deletes one), cached; its commit ids."""
+        name = f"{repo.replace('/', '_')}-{commits}-{files}"
+        final = self.cache / "repos" / name
+        if not (final / ".complete").exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(dir=final.parent, prefix=".repo-"))
+            try:
+                self._make_history(work, repo, commits, files)
+                (work / ".complete").write_text("\n".join(_git(work, "rev-list", "--reverse", "HEAD").split()))
+                shutil.rmtree(final, ignore_errors=True)
+                work.rename(final)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return final, (final / ".complete").read_text().split()
+
+    def _make_history(self, work: Path, repo: str, commits: int, files: int) -> None:
+        rnd = random.Random(repo)
+        pkg = repo.split("/")[-1].replace("_final", "").replace("-", "_")
+        words = [f"{a}{b}" for a in ("data", "frame", "index", "series", "block", "array") for b in range(40)]
+
+        def module(i: int, rev: int) -> str:
+            body = "\n".join(f"def {rnd.choice(words)}_{i}_{k}(x):\n    return x * {rnd.randint(1, 99)} + {rev}\n"
+                             for k in range(rnd.randint(20, 80)))
+            return f'"""{pkg} module {i} (revision {rev})."""\n\n{body}'
+        src = work / pkg
+        (src).mkdir()
+        (work / "tests").mkdir()
+        (src / "__init__.py").write_text(f'"""Fixture package {repo}."""\n')
+        (work / "tests" / "__init__.py").write_text("")
+        (work / "tests" / "test_basic.py").write_text(
+            f"import unittest\nimport {pkg}\n\n\nclass T(unittest.TestCase):\n"
+            f"    def test_import(self):\n        self.assertTrue({pkg}.__doc__)\n")
+        (work / "run_tests.sh").write_bytes(RUN_TESTS)
+        (work / "run_tests.sh").chmod(0o755)
+        live = list(range(files))
+        for i in live:
+            (src / f"mod_{i:04d}.py").write_text(module(i, 0))
+        _git(work, "init", "-q", "-b", "main")
+        for rev in range(commits):
+            if rev:
+                for i in rnd.sample(live, min(5, len(live))):
+                    (src / f"mod_{i:04d}.py").write_text(module(i, rev))
+                live.append(files + rev)
+                (src / f"mod_{files + rev:04d}.py").write_text(module(files + rev, rev))
+                if rev % 4 == 0:
+                    gone = live.pop(rnd.randrange(len(live)))
+                    (src / f"mod_{gone:04d}.py").unlink()
+            _git(work, "add", "-A")
+            _git(work, "commit", "-q", "-m", f"{repo} revision {rev}", date=f"2020-01-{1 + rev % 28:02d}T00:00:00Z")
+
+    def checkout_layer(self, repo: str, commits: int, files: int, commit: str) -> oci.Layer:
+        """/testbed: a clone of the history checked out at ``commit`` (with its .git)."""
+        def make() -> oci.Layer:
+            src, _ = self.history_repo(repo, commits, files)
+            work = Path(tempfile.mkdtemp(dir=self._work))
+            try:
+                _git(work, "clone", "-q", "--no-hardlinks", str(src), "testbed")
+                _git(work / "testbed", "checkout", "-q", "--detach", commit)
+                return oci.write_layer(None, self.layers_dir, root=work / "testbed", arc_prefix="testbed")
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return self._cached_layer(f"checkout-{repo.replace('/', '_')}-{commits}-{files}-{commit}", make)
+
+    def installed_venv_layer(self, repo: str, commit: str) -> oci.Layer:
+        """/testbed/.venv with the repository installed into it (a .pth and a dist-info
+        naming the commit): the same venv files in every image but those few."""
+        def make() -> oci.Layer:
+            pkg = repo.split("/")[-1].replace("_final", "").replace("-", "_")
+            work = Path(tempfile.mkdtemp(dir=self._work))
+            try:
+                venv = work / "testbed" / ".venv"
+                shutil.copytree(self.bookworm_rootfs() / "testbed" / ".venv", venv, symlinks=True)
+                site = next(venv.glob("lib/python3*/site-packages"))
+                (site / f"__editable__.{pkg}.pth").write_text("/testbed\n")
+                info = site / f"{pkg}-0.0+g{commit[:10]}.dist-info"
+                info.mkdir()
+                (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {pkg}\nVersion: 0.0+g{commit[:10]}\n")
+                (info / "RECORD").write_text(f"__editable__.{pkg}.pth,,\n")
+                return oci.write_layer(None, self.layers_dir, root=work / "testbed", arc_prefix="testbed",
+                                       owner=None)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return self._cached_layer(f"venv-{repo.replace('/', '_')}-{commit}", make)
+
+    def r2e_history(self, repo: str = "namanjain12/relayer_final", n: int = 20, files: int = 300
+                    ) -> list[FixtureImage]:
+        """``n`` bases of one repository, one per commit, shaped like R2E-Gym's: the shared
+        OS layer, then the checkout and the venv installed for it as separate layers."""
+        _, commits = self.history_repo(repo, n, files)
+        out = []
+        for commit in commits:
+            layers = [self.os_layer(), self.checkout_layer(repo, n, files, commit),
+                      self.installed_venv_layer(repo, commit)]
+            config = oci.image_config(layers, env=R2E_ENV, cmd=["/bin/bash"], working_dir="/testbed",
+                                      history=[{"created": oci.EPOCH_ISO, "created_by": step} for step in
+                                               ("debootstrap bookworm", f"git checkout {commit}",
+                                                "uv venv /testbed/.venv && uv pip install -e /testbed")])
+            tag = f"{repo.replace('/', '_')}-{commit}"
+            desc = self.layout.add_image(layers, config, tag)
+            ref = f"{self.host}/{repo}:{commit}"
+            self.push(tag, ref)
+            out.append(FixtureImage(ref, desc.digest, "r2e"))
+        return out
 
     # -- images -------------------------------------------------------------------
     def push(self, tag_in_layout: str, ref: str) -> None:
@@ -207,3 +310,12 @@ class FixtureFactory:
         ref = f"{self.host}/{repo}:{tag}"
         self.push(f"ma-{tag}", ref)
         return FixtureImage(ref, index.digest, "index")
+
+
+def _git(cwd: Path, *args: str, date: str = "2020-01-01T00:00:00Z") -> str:
+    """git with a fixed identity and date, so the same history gives the same commits."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "r2e", "GIT_AUTHOR_EMAIL": "r2e@example.invalid",
+           "GIT_COMMITTER_NAME": "r2e", "GIT_COMMITTER_EMAIL": "r2e@example.invalid",
+           "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date}
+    return subprocess.run([which("git"), *args], cwd=cwd, env=env, check=True, capture_output=True,
+                          text=True).stdout

@@ -1,0 +1,357 @@
+"""Re-layer the bases of one repository so the files they share are pulled once.
+
+R2E-Gym bases of one repository share their OS layers (same digests) but each holds
+its own checkout and venv layers, although consecutive commits share nearly every
+file. For a group of such bases, each derived image here is:
+
+    the group's shared lower layers (unchanged blobs)
+    + one group-common layer (the files most of the group holds identically: the
+      same bytes and digest in every image of the group)
+    + one small layer of this image's own (files changed or added against the
+      common layer, whiteouts for common or lower files it lacks)
+    + the agent payload (as ``append`` adds it)
+
+and its tree equals its base's plus the payload (``prove``, from the registry's
+blobs, before any tag is put). The layers are read once, streamed (``tree``); what
+is written is deterministic (sorted entries, fixed gzip header), so the same group
+gives the same digests, and a rerun after a crash uploads nothing the registry
+already has (blobs are HEAD-skipped, tags are put last). The tag is the one a plain
+derive of the base gets: lookups find re-layered images exactly as plain ones.
+
+Limits: each image's merged tree is held in memory (metadata only: one small value a
+path), file contents are kept on disk once per digest while the group runs; tar and
+tar+gzip layers only (zstd is refused); mtimes and hard links as ``tree`` says.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from imagefarm import oci
+from imagefarm.errors import DeriveError
+from imagefarm.names.reference import Prefix, Reference, mirrored, parse
+from imagefarm.names.tags import derived_reference
+from imagefarm.registry import RegistryClient
+from imagefarm.registry.manifests import Manifest
+from . import surgery
+from .append import Appender, existing_derive, payload_home
+from .tree import Entry, Op, Spool, Tree, apply, first_difference, read_ops, write_layer
+from .values import AppendPayload, DeriveResult, PayloadLike
+
+#: bump when the choice of common files changes: a group id names the algorithm too
+ALGORITHM = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """A derived image's tree equals its base's plus the payload."""
+
+    image: str
+    paths: int           #: paths compared
+    mtime_differs: int   #: paths whose mtime is not the base's (not compared; see ``tree``)
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """One re-layered group: per-image results (in the order asked) and the layers made."""
+
+    group: str                   #: the group id (annotation ``dev.imagefarm.relayer.group``)
+    results: tuple[DeriveResult, ...]
+    proofs: tuple[Proof, ...]
+    lower: int = 0               #: shared lower layers kept as they are
+    common: oci.Layer | None = None
+    own: tuple[oci.Layer, ...] = ()
+    bytes_read: int = 0          #: layer bytes read from the registry
+
+
+def group_id(base_digests: Sequence[str], share: float) -> str:
+    """Names what was re-layered: the set of base digests, the share and the algorithm."""
+    return oci.sha256_digest(oci.canonical_json({"algorithm": ALGORITHM, "bases": sorted(set(base_digests)),
+                                                 "share": share}))
+
+
+class Layers:
+    """Layers as ops, each blob read once per process (keyed by digest)."""
+
+    def __init__(self, client: RegistryClient, spool: Spool) -> None:
+        self.client, self.spool = client, spool
+        self._ops: dict[str, tuple[list[Op], bool]] = {}
+        self.bytes_read = 0
+
+    def ops(self, ref: Reference, desc: oci.Descriptor, diff_id: str | None, below: Tree, *,
+            keep: bool = False) -> list[Op]:
+        got = self._ops.get(desc.digest)
+        if got is not None and (got[1] or not keep):
+            return got[0]
+        with self.client.open_blob(ref, desc.digest) as chunks:
+            ops = read_ops(chunks, desc, diff_id, below=below, spool=self.spool if keep else None,
+                           where=f"{ref.name}@{ref.digest or ref.tag}")
+        self.bytes_read += desc.size
+        self._ops[desc.digest] = (ops, keep)
+        return ops
+
+    def tree(self, ref: Reference, layers: Sequence[oci.Descriptor], diff_ids: Sequence[str | None],
+             start: Tree | None = None, *, keep: bool = False) -> Tree:
+        if len(diff_ids) != len(layers):
+            raise DeriveError(f"{ref}: its config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
+        t: Tree = dict(start or {})
+        for d, diff_id in zip(layers, diff_ids):
+            apply(t, self.ops(ref, d, diff_id, t, keep=keep))
+        return t
+
+
+def choose_common(lower: Tree, trees: Sequence[Tree], share: float) -> Tree:
+    """The entries (path and everything compared) more than ``share`` of the group holds
+    above ``lower``; each kept only where its parent is a directory below it or named
+    by no layer (a common file never conjures a directory an image lacks). Each entry's mtime is that of the
+    first image holding it (images in group order)."""
+    counts: Counter[tuple[str, Entry]] = Counter()
+    first: dict[tuple[str, Entry], Entry] = {}
+    for t in trees:
+        for path, e in t.items():
+            if lower.get(path) != e:
+                counts[(path, e)] += 1
+                first.setdefault((path, e), e)
+    need = share * len(trees)
+    named = {p for p, _ in counts}  # paths some image holds as an entry of its own
+    common: Tree = {}
+    for (path, e), n in sorted(counts.items(), key=lambda kv: kv[0][0]):
+        if n <= need:
+            continue
+        parent = path.rpartition("/")[0]
+        above = common.get(parent) or lower.get(parent)
+        # a parent no layer names (tar's implicit directories) is no obstacle
+        if parent and (above.type != "d" if above is not None else parent in named):
+            continue
+        common[path] = first[(path, e)]
+    return common
+
+
+def own_items(common_tree: Tree, full: Tree) -> list[tuple[str, Entry | None]]:
+    """What one image's own layer holds over ``common_tree`` (lower + common) to give
+    ``full``: entries that differ or are new, whiteouts (topmost) for paths it lacks."""
+    items: list[tuple[str, Entry | None]] = [(p, e) for p, e in full.items() if common_tree.get(p) != e]
+    for p in common_tree:
+        if p in full:
+            continue
+        parent = p.rpartition("/")[0]
+        if parent and parent in common_tree and parent not in full:
+            continue  # the parent's whiteout hides it
+        items.append((p, None))
+    return items
+
+
+def relayered_config(base_config: dict[str, Any], lower: int, common: oci.Layer, own: oci.Layer,
+                     group: str) -> dict[str, Any]:
+    """The base config with its upper layers replaced by the common and own layers: the
+    lower diff_ids and their history kept, upper history only where it made no layer."""
+    cfg = json.loads(json.dumps(base_config))
+    diff_ids = list((cfg.get("rootfs") or {}).get("diff_ids") or [])
+    cfg["rootfs"] = {"type": "layers", "diff_ids": [*diff_ids[:lower], common.diff_id, own.diff_id]}
+    history, seen, kept = list(cfg.get("history") or []), 0, []
+    if sum(1 for h in history if not h.get("empty_layer")) == len(diff_ids):
+        for h in history:
+            if not h.get("empty_layer"):
+                seen += 1
+                if seen > lower:
+                    continue
+            kept.append(h)
+    kept += [{"created": oci.EPOCH_ISO, "created_by": "imagefarm relayer: the group's common files",
+              "comment": f"group {group}"},
+             {"created": oci.EPOCH_ISO, "created_by": "imagefarm relayer: this image's own files",
+              "comment": f"group {group}"}]
+    cfg["history"] = kept
+    return cfg
+
+
+@dataclass(frozen=True)
+class _Base:
+    base: Reference       #: the dataset's name
+    source: Reference     #: where its bytes are read (a mirror), pinned
+    manifest: Manifest
+    config: dict[str, Any]
+    target: Reference
+
+    @property
+    def diff_ids(self) -> list[str]:
+        return list((self.config.get("rootfs") or {}).get("diff_ids") or [])
+
+
+class Relayerer:
+    """Re-layer groups of bases; shares the ``Appender``'s client and blob memory."""
+
+    def __init__(self, appender: Appender, *, share: float = 0.5, work: Path | None = None) -> None:
+        if not 0 <= share < 1:
+            raise DeriveError(f"share {share} must be in [0, 1): a common file is held by more than that part")
+        self.a, self.client, self.share = appender, appender.client, share
+        self.work = Path(work or Path(appender.settings.state_dir) / "relayer")
+
+    def relayer(self, bases: Sequence[Reference | str], payload: PayloadLike, *, to: Prefix | str | None = None,
+                publish: bool = True) -> GroupResult:
+        """Re-layer ``bases`` (one repository's images) with ``payload``; ``publish=False``
+        pushes by digest only (the farm tags each image after its boot check)."""
+        if not hasattr(payload, "env"):
+            payload = AppendPayload.of(payload)
+        s = self.a.settings
+        to = s.prefix if to is None else to if isinstance(to, Prefix) else Prefix.parse(to)
+        group = [self._base(parse(b) if isinstance(b, str) else b, payload, to) for b in bases]
+        if not group:
+            raise DeriveError("a re-layering group needs at least one base")
+        order = sorted({g.manifest.digest: g for g in group}.values(), key=lambda g: g.manifest.digest)
+        gid = group_id([g.manifest.digest for g in order], self.share)
+        done = {g.manifest.digest: d for g in order
+                if (d := self._existing(g, payload, gid)) is not None}
+        if len(done) == len(order):
+            return GroupResult(gid, tuple(self._result(g, done[g.manifest.digest], True, True, None)
+                                          for g in group), ())
+        self.work.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=self.work, prefix="group-"))
+        try:
+            return self._relayer(group, order, gid, payload, to, work, publish)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # -- steps -------------------------------------------------------------------
+    def _base(self, base: Reference, payload: PayloadLike, to: Prefix) -> _Base:
+        source = mirrored(base, self.a.settings.mirrors)
+        resolved = self.client.resolve(source, self.a.settings.platform, head_first=source.registry != to.registry)
+        where = f"base {base}"
+        surgery.check_base(resolved.manifest, where)
+        pinned = source.with_digest(resolved.digest)
+        try:
+            config = json.loads(self.client.get_blob_bytes(pinned, resolved.manifest.config.digest))
+        except ValueError:
+            raise DeriveError(f"{where}: its config blob is not JSON") from None
+        target = derived_reference(base, resolved.digest, payload.recipe_name, payload.recipe_digest,
+                                   payload.agent_server_version, to)
+        return _Base(base, pinned, resolved.manifest, config, target)
+
+    def _existing(self, g: _Base, payload: PayloadLike, gid: str) -> str | None:
+        digest = existing_derive(self.client, g.target, g.manifest.digest, payload.recipe_digest)
+        if digest is None:
+            return None
+        got = self.client.get_manifest(g.target.with_digest(digest))
+        return digest if got.annotations.get(oci.ANN_RELAYER_GROUP) == gid else None
+
+    def _relayer(self, group: list[_Base], order: list[_Base], gid: str, payload: PayloadLike, to: Prefix,
+                 work: Path, publish: bool) -> GroupResult:
+        spool = Spool(work / "spool")
+        layers = Layers(self.client, spool)
+        lower = _shared_prefix([g.manifest.layers for g in order])
+        first = order[0]
+        lower_tree = layers.tree(first.source, first.manifest.layers[:lower], first.diff_ids[:lower])
+        fulls = [layers.tree(g.source, g.manifest.layers[lower:], g.diff_ids[lower:], lower_tree, keep=True)
+                 for g in order]
+        common = choose_common(lower_tree, fulls, self.share)
+        common_tree = apply(dict(lower_tree), [("add", p, e) for p, e in sorted(common.items())])
+        out = work / "layers"
+        owns = {g.manifest.digest: own_items(common_tree, f) for g, f in zip(order, fulls)}
+        # an image may keep a lower file the common layer replaces (or hard-link one): only
+        # then are the lower layers read again, to keep those contents too
+        need = {e.digest for items in owns.values() for _, e in items if e is not None and e.type == "f"}
+        if any(not spool.path(d).exists() for d in need):
+            layers.tree(first.source, first.manifest.layers[:lower], first.diff_ids[:lower], keep=True)
+        common_layer = write_layer(common.items(), out, spool)
+        own = {d: write_layer(items, out, spool) for d, items in owns.items()}
+        bases_tree = {g.manifest.digest: f for g, f in zip(order, fulls)}
+        results, proofs = [], []
+        for g in group:  # in the order asked (two tags of one digest are two images)
+            with self.client.track() as st:
+                digest = self._put(g, lower, common_layer, own[g.manifest.digest], payload, to, gid)
+                proofs.append(self._prove(layers, g, digest, bases_tree[g.manifest.digest], payload))
+            results.append(self._result(g, digest, False, publish, st))
+        if publish:  # last, once every image of the group is in and proven: a crash leaves no tag
+            for g, r in zip(group, results):
+                self.a.publish(g.target, r.digest)
+        return GroupResult(gid, tuple(results), tuple(proofs), lower, common_layer,
+                           tuple(own[g.manifest.digest] for g in group), layers.bytes_read)
+
+    def _put(self, g: _Base, lower: int, common: oci.Layer, own: oci.Layer, payload: PayloadLike, to: Prefix,
+             gid: str) -> str:
+        """Blobs first (content addressed: what the registry has is skipped), then the
+        manifest by digest; the tag is put by the caller once the image is proven."""
+        where = f"base {g.base}"
+        cfg = relayered_config(g.config, lower, common, own, gid)
+        layers = (*g.manifest.layers[:lower], common.descriptor, own.descriptor)
+        staged = replace(g.manifest, layers=layers)
+        ann = {**surgery.annotations(g.base, g.manifest.digest, payload, g.source),
+               oci.ANN_RELAYER_GROUP: gid, oci.ANN_RELAYER_COMMON: common.digest}
+        config = surgery.derived_config(cfg, staged, payload, ann, platform=self.a.settings.platform, where=where)
+        manifest = surgery.derived_manifest(staged, config, payload, ann)
+        target, scopes = g.target, self.a._scopes(g.source, g.target)
+        for d in g.manifest.layers[:lower]:
+            self.a.blobs.ensure(target, d, source=g.source, scopes=scopes)
+        for layer in (common, own):
+            self.a.blobs.ensure(target, layer.descriptor, local=layer.path, scopes=scopes)
+        self.a.blobs.ensure(target, payload.layer.descriptor, local=payload.layer.path, home=payload_home(to),
+                            source=getattr(payload, "source", None), scopes=scopes)
+        self.client.upload_blob(target, oci.sha256_digest(config), config, scopes=scopes)
+        return self.client.put_manifest(target.with_digest(oci.sha256_digest(manifest)), manifest,
+                                        oci.OCI_MANIFEST, scopes=scopes)
+
+    def _prove(self, layers: Layers, g: _Base, digest: str, base_tree: Tree, payload: PayloadLike) -> Proof:
+        pl = payload.layer
+        want = apply(dict(base_tree), layers.ops(g.target, pl.descriptor, pl.diff_id, base_tree))
+        return prove_tree(layers, g.target.with_digest(digest), want)
+
+    def _result(self, g: _Base, digest: str, skipped: bool, published: bool, st) -> DeriveResult:
+        return DeriveResult(base=str(g.base), base_digest=g.manifest.digest, image=str(g.target), digest=digest,
+                            skipped=skipped, blobs_uploaded=st.blobs_uploaded if st else 0,
+                            bytes_moved=st.blob_bytes_uploaded if st else 0, requests=st.requests if st else 0,
+                            kind="relayer", published=published)
+
+
+def _shared_prefix(layer_lists: Sequence[Sequence[oci.Descriptor]]) -> int:
+    """How many lower layers every image holds identically (by digest), in order; at
+    least one layer of each image stays above it (the files to re-layer)."""
+    n = min(len(ls) for ls in layer_lists) - 1
+    k = 0
+    while k < n and len({ls[k].digest for ls in layer_lists}) == 1:
+        k += 1
+    return k
+
+
+def prove_tree(layers: Layers, derived: Reference, want: Tree) -> Proof:
+    """Read ``derived`` (pinned) from its registry and compare its tree with ``want``:
+    a ``DeriveError`` names the first path that differs."""
+    client = layers.client
+    m = client.get_manifest(derived)
+    if not isinstance(m, Manifest):
+        raise DeriveError(f"{derived}: is an index, not an image")
+    cfg = json.loads(client.get_blob_bytes(derived, m.config.digest))
+    got = layers.tree(derived, m.layers, (cfg.get("rootfs") or {}).get("diff_ids") or [None] * len(m.layers))
+    path = first_difference(want, got)
+    if path is not None:
+        w, h = want.get(path), got.get(path)
+        raise DeriveError(f"{derived}: re-layered tree differs from its base plus the payload at /{path}: "
+                          f"base has {w.describe() if w else 'nothing'}, derived has {h.describe() if h else 'nothing'}")
+    moved = sum(1 for p, e in want.items() if got[p].mtime != e.mtime)
+    return Proof(str(derived), len(want), moved)
+
+
+def prove(client: RegistryClient, base: Reference, derived: Reference, work: Path,
+          layers: Layers | None = None) -> Proof:
+    """Stand-alone proof: ``derived`` (pinned) against ``base`` (pinned) plus the payload
+    layer the derived image records, every layer streamed from the registry (once per
+    digest for the ``layers`` cache given: pass one to prove a group's images)."""
+    m = client.get_manifest(derived)
+    b = client.get_manifest(base)
+    if not isinstance(m, Manifest) or not isinstance(b, Manifest):
+        raise DeriveError(f"{base} / {derived}: prove takes image manifests, not indexes")
+    payload = m.annotations.get(oci.ANN_PAYLOAD_DIGEST)
+    if not payload or m.layers[-1].digest != payload:
+        raise DeriveError(f"{derived}: its last layer is not the payload it records")
+    bcfg = json.loads(client.get_blob_bytes(base, b.config.digest))
+    dcfg = json.loads(client.get_blob_bytes(derived, m.config.digest))
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        layers = layers or Layers(client, Spool(Path(tmp)))
+        want = layers.tree(base, b.layers, (bcfg.get("rootfs") or {}).get("diff_ids") or [])
+        apply(want, layers.ops(derived, m.layers[-1], dcfg["rootfs"]["diff_ids"][-1], want))
+        return prove_tree(layers, derived, want)
