@@ -39,10 +39,14 @@ class ImagefarmError(Exception):
     status_code: int = 500
 
 
-class InvalidReference(ImagefarmError, ValueError):
-    """A malformed image reference."""
+class InvalidRequest(ImagefarmError, ValueError):
+    """A malformed value in a request (a version, a recipe name): servers answer 400."""
 
     status_code = 400
+
+
+class InvalidReference(InvalidRequest):
+    """A malformed image reference."""
 
 
 class ImageRefused(ImagefarmError):

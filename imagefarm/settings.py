@@ -34,6 +34,9 @@ class Settings(BaseSettings):
         description="registry prefix prebuilt images are pushed to and looked up in",
     )
     recipe: str = Field("default", description="recipe name (a file in recipes/) or path")
+    agent_server_version: str | None = Field(
+        None, description="openhands-agent-server version: builds the recipe at it, and lookups and "
+                          "runtime starts ask for it (default: the recipe's to build, the newest verified to serve)")
     platform: str = Field("linux/amd64", description="platform chosen from image indexes")
     insecure_registries: list[str] = Field(
         default_factory=list,
@@ -73,6 +76,11 @@ class Settings(BaseSettings):
         Prefix.parse(v)  # InvalidReference is a ValueError: pydantic reports it
         return v
 
+    @field_validator("agent_server_version")
+    @classmethod
+    def _check_version(cls, v: str | None) -> str | None:
+        return None if v is None else check_version(v)
+
     @field_validator("platform")
     @classmethod
     def _check_platform(cls, v: str) -> str:
@@ -106,6 +114,31 @@ class Settings(BaseSettings):
 
 
 _prefix = lru_cache(maxsize=256)(Prefix.parse)
+_VERSION_TEXT = re.compile(r"^[0-9][0-9A-Za-z.+!_-]{0,63}$")
+
+
+def check_version(v: str) -> str:
+    """``v`` if it is a PEP 440 version a tag can carry (``ValueError`` otherwise): one
+    check for the flag, the variable, the lookup API field and the /start variable."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        Version(v)
+    except (InvalidVersion, TypeError):
+        raise ValueError(f"{v!r} is not a version like 1.58.2") from None
+    if not _VERSION_TEXT.match(v):
+        raise ValueError(f"{v!r} is not a version like 1.58.2") from None
+    return v
+
+
+def version_key(v: str):
+    """Order of agent-server versions (newest last); text that is no version sorts first."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (1, Version(v))
+    except (InvalidVersion, TypeError):
+        return (0, Version("0"))
 
 
 def _one_line(exc: ValidationError, flags: dict[str, Any]) -> str:

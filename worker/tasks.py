@@ -120,9 +120,9 @@ def _gate() -> None:
 
 @app.task(name="imagefarm.derive", bind=True, base=FarmTask, **RETRY)
 def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None = None,
-           publish: bool = True) -> dict[str, Any]:
+           publish: bool = True, version: str | None = None) -> dict[str, Any]:
     _record_delivery(self)
-    settings = Settings.load(to=to, recipe=recipe)
+    settings = Settings.load(to=to, recipe=recipe, agent_server_version=version)
     _gate()
     try:
         with _slots(settings).slot():
@@ -138,7 +138,8 @@ def derive(self, base: str, to: str, recipe: str, layer: dict[str, Any] | None =
 
 
 @app.task(name="imagefarm.verify", bind=True, base=FarmTask, **RETRY)
-def verify(self, image: str, digest: str, to: str, recipe: str, timeout: float = 120.0) -> dict[str, Any]:
+def verify(self, image: str, digest: str, to: str, recipe: str, timeout: float = 120.0,
+           version: str | None = None) -> dict[str, Any]:
     _record_delivery(self)
-    settings = Settings.load(to=to, recipe=recipe)
+    settings = Settings.load(to=to, recipe=recipe, agent_server_version=version)
     return jobs.verify_image(settings, image, digest, timeout)

@@ -6,6 +6,7 @@ import typer
 
 from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
+from .payload import version_option
 
 
 @app.command("derive")
@@ -14,6 +15,7 @@ def derive_cmd(
     base_ref: str = typer.Argument(..., metavar="BASE_REF", help="base image, e.g. namanjain12/pandas_final:<commit>"),
     to: str = typer.Option(None, "--to", help="registry prefix to push to (IMAGEFARM_TO)"),
     recipe: str = typer.Option(None, "--recipe", help="recipe name or path (IMAGEFARM_RECIPE)"),
+    agent_server_version: str = version_option(),
     platform: str = typer.Option(None, "--platform", help="platform picked from image indexes"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     payload_layer: str = typer.Option(
@@ -36,7 +38,8 @@ def derive_cmd(
     from imagefarm.names.reference import parse
 
     base = parse(base_ref)  # bad input fails at once, not after a payload build; parsed once
-    settings = Settings.load(to=to, recipe=recipe, platform=platform, payload_from=payload_from)
+    settings = Settings.load(to=to, recipe=recipe, platform=platform, payload_from=payload_from,
+                             agent_server_version=agent_server_version)
     rec = recipe_for(settings)
     if rec.kind == "buildah":
         result = build(base, rec, settings)

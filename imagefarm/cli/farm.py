@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from imagefarm.farm.prebuild import BatchState, load_state, run_batch
 from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
+from .payload import version_option
 
 
 @app.command()
@@ -21,6 +22,7 @@ def prebuild(
     dataset: str = typer.Option(..., "--dataset", "-d", help="hub id (R2E-Gym/R2E-Gym-Subset), parquet/jsonl/txt file or directory"),
     to: Optional[str] = typer.Option(None, help="registry prefix for prebuilt images (IMAGEFARM_TO)"),
     recipe: Optional[str] = typer.Option(None, help="recipe name or path (IMAGEFARM_RECIPE)"),
+    agent_server_version: Optional[str] = version_option(),
     executor: str = typer.Option("local", help="local (thread pool, no Redis) or celery (workers on the broker)"),
     limit: Optional[int] = typer.Option(None, min=1, help="only the first N unique bases"),
     lockfile: Optional[Path] = typer.Option(None, help="write instance -> base@digest -> prebuilt@digest here"),
@@ -41,7 +43,8 @@ def prebuild(
     """
     if executor not in ("local", "celery"):
         raise typer.BadParameter("--executor must be local or celery")
-    settings = Settings.load(to=to, recipe=recipe, broker_url=broker_url, payload_from=payload_from)
+    settings = Settings.load(to=to, recipe=recipe, broker_url=broker_url, payload_from=payload_from,
+                             agent_server_version=agent_server_version)
     if plan:
         return _plan(settings, dataset, limit, bandwidth, workers, json_out)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

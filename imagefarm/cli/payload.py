@@ -6,8 +6,17 @@ import time
 
 import typer
 
+from imagefarm.errors import ImagefarmError
 from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
+
+#: the one ``--agent-server-version`` option (payload, prebuild, derive, lookup, runtime serve)
+VERSION_HELP = ("openhands-agent-server version from PyPI (IMAGEFARM_AGENT_SERVER_VERSION); "
+                "building: the recipe at it (own digest, tags); serving: the images at it")
+
+
+def version_option() -> str | None:
+    return typer.Option(None, "--agent-server-version", metavar="VERSION", help=VERSION_HELP)
 
 payload_app = typer.Typer(help="The agent-server payload: one layer that runs on any x86_64 base.",
                           no_args_is_help=True)
@@ -39,6 +48,7 @@ def _print(p, cached: bool | None = None) -> None:
 @friendly
 def build_cmd(
     recipe: str = typer.Option(None, "--recipe", help="recipe name or path (IMAGEFARM_RECIPE)"),
+    agent_server_version: str = version_option(),
     force: bool = typer.Option(False, "--force", help="rebuild even when cached"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     mirror: str = typer.Option(
@@ -53,7 +63,7 @@ def build_cmd(
     from imagefarm.payload import build_payload, load_payload
     from imagefarm.payload.recipe import recipe_for
 
-    settings = Settings.load(recipe=recipe)
+    settings = Settings.load(recipe=recipe, agent_server_version=agent_server_version)
     rec = recipe_for(settings)
     cached = not force and load_payload(settings, rec) is not None
     t0 = time.monotonic()
@@ -75,10 +85,11 @@ def build_cmd(
 @friendly
 def show_cmd(
     recipe: str = typer.Option(None, "--recipe", help="recipe name or path (IMAGEFARM_RECIPE)"),
+    agent_server_version: str = version_option(),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Show the cached payload of a recipe (version, size, digest); exit 1 if not built."""
-    p = _cached(Settings.load(recipe=recipe))
+    p = _cached(Settings.load(recipe=recipe, agent_server_version=agent_server_version))
     if as_json:
         emit_json(_summary(p))
     else:
@@ -90,6 +101,7 @@ def show_cmd(
 def push_cmd(
     to: str = typer.Option(None, "--to", metavar="PREFIX", help="registry prefix (IMAGEFARM_TO)"),
     recipe: str = typer.Option(None, "--recipe", help="recipe name or path (IMAGEFARM_RECIPE)"),
+    agent_server_version: str = version_option(),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Publish the cached payload in a registry, named by its recipe digest.
@@ -100,7 +112,7 @@ def push_cmd(
     from imagefarm.payload.remote import push
     from imagefarm.registry import RegistryClient
 
-    settings = Settings.load(to=to, recipe=recipe)
+    settings = Settings.load(to=to, recipe=recipe, agent_server_version=agent_server_version)
     p = _cached(settings)
     with RegistryClient(settings) as client:
         ref, digest, sent = push(client, p, settings.to)
@@ -122,6 +134,66 @@ def _cached(settings: Settings):
     p = load_payload(settings, rec)
     if p is None:
         console.print(f"no payload built for recipe {rec.name} ({rec.digest[:19]}) on this machine: "
-                      f"run `imagefarm payload build --recipe {rec.name}`", highlight=False)
+                      f"run `imagefarm payload build --recipe {rec.name} --agent-server-version {rec.agent_server_version}`", highlight=False)
         raise typer.Exit(1)
     return p
+
+
+@payload_app.command("list")
+@friendly
+def list_cmd(
+    to: str = typer.Option(None, "--to", metavar="PREFIX",
+                           help="also list the payloads published under this registry prefix"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """The payloads built on this machine (cache) and pushed (under --to), one per
+    recipe digest: which agent-server versions are there. ``current`` says whether the
+    digest is still its recipe's at that version (false: stale, built from an older
+    recipe; null: no recipe of that name in the recipes directory)."""
+    from imagefarm.payload.cache import cached_payloads
+    from imagefarm.payload.recipe import load_recipe
+
+    settings = Settings.load(to=to)
+    recipes: dict[str, object] = {}
+
+    def current(name: str, version: str, digest: str) -> bool | None:
+        if name not in recipes:
+            try:
+                recipes[name] = load_recipe(name, settings.recipes_dir)
+            except ImagefarmError:
+                recipes[name] = None
+        rec = recipes[name]
+        if rec is None:
+            return None  # no recipe of that name here
+        try:
+            return rec.at_version(version).digest == digest
+        except ImagefarmError:
+            return False
+
+    rows: dict[str, dict] = {}
+    for p in cached_payloads(settings):
+        rows[p.recipe_digest] = {"recipe_name": p.recipe_name, "agent_server_version": p.agent_server_version,
+                                 "recipe_digest": p.recipe_digest, "digest": p.layer.digest,
+                                 "built": True, "pushed": None}
+    if to is not None:
+        from imagefarm.payload.remote import published
+        from imagefarm.registry import RegistryClient
+
+        for r in rows.values():
+            r["pushed"] = False
+        with RegistryClient(settings) as client:
+            for got in published(client, settings.to):
+                row = rows.setdefault(got["recipe_digest"], {**got, "built": False})
+                row.update(pushed=True, artifact=got["artifact"])
+    from imagefarm.settings import version_key
+
+    table = sorted(rows.values(), key=lambda r: (r["recipe_name"], version_key(r["agent_server_version"])))
+    for r in table:
+        r["current"] = current(r["recipe_name"], r["agent_server_version"], r["recipe_digest"])
+    if as_json:
+        emit_json(table)
+        return
+    for r in table:
+        where = ", ".join(w for w, on in (("built", r["built"]), ("pushed", r["pushed"])) if on) or "-"
+        out.print(f"{r['recipe_name']:<10} {r['agent_server_version']:<10} {r['recipe_digest'][:19]}  "
+                  f"{where:<14} {({True: 'current', False: 'stale'}).get(r['current'], 'no recipe here')}", highlight=False)

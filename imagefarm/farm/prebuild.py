@@ -214,13 +214,19 @@ class CeleryExecutor:
         from imagefarm.worker import tasks
 
         return self._sent(tasks.derive.apply_async(
-            args=[base, self.settings.to, self.settings.recipe, self.layer, publish]))
+            args=[base, self.settings.to, self.settings.recipe, self.layer, publish], kwargs=self._version))
 
     def verify(self, image: str, digest: str):
         from imagefarm.worker import tasks
 
         return self._sent(tasks.verify.apply_async(
-            args=[image, digest, self.settings.to, self.settings.recipe, self.verify_timeout]))
+            args=[image, digest, self.settings.to, self.settings.recipe, self.verify_timeout], kwargs=self._version))
+
+    @property
+    def _version(self) -> dict[str, str]:
+        """The recipe's version travels with each task (a worker's settings lack the flag)."""
+        v = self.settings.agent_server_version
+        return {"version": v} if v else {}
 
     def _sent(self, handle):
         self.submitted.append(handle.id)

@@ -54,6 +54,19 @@ def record_path(settings: Settings, recipe: Recipe) -> Path:
     return payload_dir(settings) / (recipe.digest.split(":", 1)[1] + ".json")
 
 
+def cached_payloads(settings: Settings) -> list[Payload]:
+    """Every payload in this machine's cache whose blob is still there (``payload list``)."""
+    found = []
+    for rec in sorted(payload_dir(settings).glob("*.json")):
+        try:
+            p = Payload.from_json(json.loads(rec.read_text()))
+            if p.layer.path.stat().st_size == p.layer.size:
+                found.append(p)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
 def load_payload(settings: Settings, recipe: Recipe) -> Payload | None:
     """The cached payload of ``recipe`` or None (no record, or its blob is gone)."""
     rec = record_path(settings, recipe)

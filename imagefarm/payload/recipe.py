@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from imagefarm.errors import ConfigError
 from imagefarm.oci import canonical_json
+from imagefarm.settings import check_version
 
 #: bump when the way a payload is built changes (it is part of every recipe digest)
 PAYLOAD_FORMAT = 2
@@ -148,6 +149,18 @@ class Recipe(_Frozen):
     def agent_server_version(self) -> str:
         return self.agent_server.version
 
+    def at_version(self, version: str) -> "Recipe":
+        """The same recipe with another openhands-agent-server version: a new frozen value
+        with its own digest (so its own payload, tags and annotations). The rest stays,
+        ``exclude_newer`` too: an older release resolves under the same date cap."""
+        if version == self.agent_server.version:
+            return self
+        try:
+            check_version(version)
+        except ValueError as exc:
+            raise ConfigError(f"agent-server version {exc}") from None
+        return self.model_copy(update={"agent_server": self.agent_server.model_copy(update={"version": version})})
+
     @property
     def tree_digest(self) -> str:
         """Digest of what the installed tree depends on (not the launcher/env):
@@ -231,5 +244,8 @@ def load_recipe(name_or_path: str, recipes_dir: Path) -> Recipe:
 
 
 def recipe_for(settings: Any, name: str | None = None) -> Recipe:
-    """The recipe the settings name (``--recipe`` / ``IMAGEFARM_RECIPE``)."""
-    return load_recipe(name or settings.recipe, settings.recipes_dir)
+    """The recipe the settings name (``--recipe`` / ``IMAGEFARM_RECIPE``), at the settings'
+    ``--agent-server-version`` / ``IMAGEFARM_AGENT_SERVER_VERSION`` when one is given."""
+    recipe = load_recipe(name or settings.recipe, settings.recipes_dir)
+    version = getattr(settings, "agent_server_version", None)
+    return recipe.at_version(version) if version else recipe

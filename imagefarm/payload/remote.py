@@ -143,6 +143,29 @@ def find(client: RegistryClient, recipe: Recipe, prefix: str) -> RemotePayload |
                          int(ann.get(ANN_UNPACKED) or 0))
 
 
+def published(client: RegistryClient, prefix: str) -> list[dict[str, str]]:
+    """The payloads published under ``prefix`` (recipe, version, digests, from each
+    manifest's annotations): what ``payload list --to`` shows."""
+    home = Prefix.parse(prefix).repository(PAYLOAD_REPO)
+    try:
+        tags = client.list_tags(home)
+    except NotFound:
+        return []
+    out = []
+    for tag in sorted(tags or ()):
+        try:
+            got = client.get_manifest(home.tag(tag))
+        except (NotFound, UnsupportedMedia):
+            continue
+        ann = getattr(got, "annotations", {}) or {}
+        if oci.ANN_PAYLOAD_DIGEST in ann:
+            out.append({"artifact": str(home.tag(tag)), "recipe_name": ann.get(oci.ANN_RECIPE, ""),
+                        "recipe_digest": ann.get(oci.ANN_RECIPE_DIGEST, ""),
+                        "agent_server_version": ann.get(oci.ANN_AGENT_VERSION, ""),
+                        "digest": ann[oci.ANN_PAYLOAD_DIGEST]})
+    return out
+
+
 def find_any(client: RegistryClient, recipe: Recipe, prefixes: Iterable[str]) -> RemotePayload | None:
     """The first of ``prefixes`` that has the payload of ``recipe``."""
     for prefix in dict.fromkeys(p for p in prefixes if p):
@@ -180,5 +203,6 @@ def locate(settings: Any, recipe: Recipe, client: RegistryClient, *, log: Any = 
     where = " or ".join(str(artifact_ref(p, recipe.digest)) for p in dict.fromkeys(p for p in prefixes if p))
     raise PayloadError(
         f"no payload for recipe {recipe.name} ({recipe.digest[:19]}) in this machine's cache nor at {where}: "
-        f"run `imagefarm payload build --recipe {recipe.name}` here, or `imagefarm payload push --to PREFIX` "
+        f"run `imagefarm payload build --recipe {recipe.name} --agent-server-version {recipe.agent_server_version}` "
+        f"here, or `imagefarm payload push --to PREFIX` "
         f"on a machine that has it (then pass --payload-from PREFIX)")

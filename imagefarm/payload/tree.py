@@ -57,7 +57,8 @@ def build_tree(settings: Settings, recipe: Recipe, *, log: Log = quiet, force: b
     if os.geteuid() != 0:  # a normal user: the same steps as root of a user namespace
         if not Path(recipe.source).is_file():
             raise PayloadError(f"recipe {recipe.name} has no file to rebuild it from in a user namespace")
-        return userns.build_tree(Path(settings.cache_dir), recipe.source, spec.mirror or "", force=force, log=log)
+        return userns.build_tree(Path(settings.cache_dir), recipe.source, spec.mirror or "", force=force, log=log,
+                                 version=recipe.agent_server_version)
     uv = find_uv()
     trees.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=trees, prefix=".tmp-"))

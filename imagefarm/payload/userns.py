@@ -74,10 +74,12 @@ def mmdebstrap_rootfs(suite: str, target: Path, mirror: str, packages: list[str]
                            f"tar {tar.returncode}){hint}; check the mirror is reachable:\n{tail}")
 
 
-def build_tree(cache_dir: Path, recipe_source: str, mirror: str, *, force: bool, log: Log) -> tuple[Path, str]:
-    """Run ``payload.build_tree`` in a user namespace; its (tree, python version)."""
+def build_tree(cache_dir: Path, recipe_source: str, mirror: str, *, force: bool, log: Log,
+               version: str) -> tuple[Path, str]:
+    """Run ``payload.build_tree`` in a user namespace (the recipe file at ``version``);
+    its (tree, python version)."""
     argv = [which("unshare"), *UNSHARE, "--", sys.executable, "-m", "imagefarm.payload.userns",
-            str(cache_dir), recipe_source, mirror, "1" if force else "0"]
+            str(cache_dir), recipe_source, mirror, "1" if force else "0", version]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     result = None
     assert proc.stdout is not None
@@ -105,8 +107,8 @@ def _main(argv: list[str]) -> int:
     from .tree import build_tree as tree_build
     from .recipe import load_recipe
 
-    cache_dir, source, mirror, force = argv
-    recipe = load_recipe(source, Path(source).parent)
+    cache_dir, source, mirror, force, version = argv
+    recipe = load_recipe(source, Path(source).parent).at_version(version)
     settings = Settings(cache_dir=Path(cache_dir))
     try:
         tree, version = tree_build(settings, recipe, log=lambda m: print(m, flush=True),

@@ -5,7 +5,13 @@ Training nodes may not reach Docker Hub, so a lookup reads only the target regis
 tags start with the base's tag, and the manifest annotations say exactly which base
 (``org.opencontainers.image.base.name``/``.digest``) and which recipe it holds.
 
-Caches: a hit is kept for ``ttl`` seconds; a miss re-lists the repository's tags (at
+Which images match: an image serves a question about ``recipe`` (default: the
+settings') at ``version`` (default: the settings' ``agent_server_version``; None:
+the newest verified version the base has) only if its annotations name that recipe
+and its recipe digest equals that recipe's digest at the image's own version, so a
+stale build (an old recipe, or a payload built another way) is never served.
+
+Caches: a hit is kept for ``ttl`` seconds, under (query, recipe, version); a miss re-lists the repository's tags (at
 most once per ``miss_ttl``), so an image published a moment ago is found at once.
 Manifests are cached by (repository, tag); verification records once seen. Every
 cache holds at most ``max_entries`` entries (least recently used go first).
@@ -14,6 +20,7 @@ cache holds at most ``max_entries`` entries (least recently used go first).
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -29,11 +36,15 @@ from imagefarm.farm import attest
 from imagefarm import oci
 from imagefarm.derive.surgery import names_base
 from imagefarm.farm.catalog import image_of
-from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, NotFound, UnsupportedMedia
+from imagefarm.errors import (ConfigError, ImageRefused, ImagefarmError, InvalidReference, InvalidRequest,
+                              NotFound, UnsupportedMedia)
 from imagefarm.farm.lockfile import Lockfile
 from imagefarm.names.reference import Reference, Repository, parse
 from imagefarm.registry import Manifest, RegistryClient
-from imagefarm.settings import Settings
+from imagefarm.settings import Settings, check_version, version_key
+
+#: what a cached answer is filed under: (query text, recipe name, version or None)
+Key = tuple[str, str, "str | None"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,9 @@ class LookupHit:
         return json.dumps(self.to_json(), separators=(",", ":")).encode()
 
 
+_RECIPE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  #: a name from a request, never a path
+
+
 def normalise_query(query: Any) -> Reference:
     """A base reference from what users have: a reference string (short or full,
     by tag or digest), a SkyRL/R2E dataset row, or its JSON text."""
@@ -78,8 +92,8 @@ def normalise_query(query: Any) -> Reference:
     return parse(query)
 
 
-def build_command(base: Reference | str, to: str) -> str:
-    return f"imagefarm derive {base} --to {to}"
+def build_command(base: Reference | str, to: str, version: str | None = None) -> str:
+    return f"imagefarm derive {base} --to {to}" + (f" --agent-server-version {version}" if version else "")
 
 
 class Lookup:
@@ -94,14 +108,19 @@ class Lookup:
         self.to = settings.to.rstrip("/")
         self.client = client or RegistryClient(settings)
         self._own_client = client is None
+        #: the recipe a question without one asks for (at the settings' version, if any)
         self.recipe = recipe or recipe_for(settings)
+        #: the version a question without one asks for; None: the newest verified
+        self.version: str | None = settings.agent_server_version
+        self._recipes: dict[str, Any] = {self.recipe.name: self.recipe}
+        self._digests: dict[tuple[str, str], str] = {}
         if lockfile is not None and not isinstance(lockfile, Lockfile):
             lockfile = Lockfile.read(Path(lockfile))
         self.lockfile = lockfile
         self.ttl, self.miss_ttl, self.max_entries = ttl, miss_ttl, max_entries
         self._prefix = f"{settings.prefix}/"  # "registry/path/"
         self._lock = threading.Lock()
-        self._hits: OrderedDict[str, tuple[float, LookupHit]] = OrderedDict()
+        self._hits: OrderedDict[Key, tuple[float, LookupHit]] = OrderedDict()
         self._tags: LRUCache[Repository, tuple[float, list[str]]] = LRUCache(max_entries)
         self._manifests: LRUCache[tuple[str, str], Manifest | None] = LRUCache(max_entries)
         self._verified: LRUCache[str, bool] = LRUCache(max_entries)
@@ -112,20 +131,23 @@ class Lookup:
             self.client.close()
 
     # -- public ---------------------------------------------------------------------
-    def peek(self, query: str) -> LookupHit | None:
-        """A cached answer for exactly this query text, without parsing or I/O (the
-        warm path of the HTTP service); None means "ask ``resolve``"."""
-        cached = self._hits.get(query)
+    def peek(self, query: str, *, recipe: str | None = None, version: str | None = None) -> LookupHit | None:
+        """A cached answer for exactly this query text, recipe and version, without
+        parsing or I/O (the warm path of the HTTP service); None means "ask ``resolve``"."""
+        cached = self._hits.get((query, recipe or self.recipe.name, version or self.version))
         if cached and cached[0] > time.monotonic():
             self.stats["cache_hits"] += 1
             self.stats["hits"] += 1
             return cached[1]
         return None
 
-    def resolve(self, query: Any) -> LookupHit | None:
-        """The prebuilt image for ``query`` or None; ``InvalidReference`` for bad input."""
+    def resolve(self, query: Any, *, recipe: str | None = None, version: str | None = None) -> LookupHit | None:
+        """The prebuilt image for ``query`` of ``recipe`` (None: the settings') at
+        ``version`` (None: the settings', else the newest verified the base has), or
+        None; ``InvalidRequest`` (``InvalidReference``) for bad input."""
         base = normalise_query(query)
-        key = str(base)
+        rec, version = self._wanted(recipe, version)
+        key: Key = (str(base), rec.name, version)
         now = time.monotonic()
         with self._lock:
             cached = self._hits.get(key)
@@ -133,23 +155,25 @@ class Lookup:
                 self.stats["cache_hits"] += 1
                 self.stats["hits"] += 1
                 return cached[1]
-        hit = self._resolve(base)
+        hit = self._resolve(base, rec.name, version)
         with self._lock:
             self.stats["hits" if hit else "misses"] += 1
             if hit:
                 # also under the text as asked, so ``peek`` finds it without parsing
-                for k in {key, query} if isinstance(query, str) else {key}:
+                keys = {key, (query, rec.name, version)} if isinstance(query, str) else {key}
+                for k in keys:
                     self._hits[k] = (now + self.ttl, hit)
                     self._hits.move_to_end(k)
                 while len(self._hits) > self.max_entries:
                     self._hits.popitem(last=False)
         return hit
 
-    def resolve_many(self, queries: Iterable[Any], workers: int = 16) -> list[LookupHit | None | ImagefarmError]:
+    def resolve_many(self, queries: Iterable[Any], workers: int = 16, *, recipe: str | None = None,
+                     version: str | None = None) -> list[LookupHit | None | ImagefarmError]:
         """Resolve many at once (thousands); bad input comes back as its error."""
         def one(q: Any) -> LookupHit | None | ImagefarmError:
             try:
-                return self.resolve(q)
+                return self.resolve(q, recipe=recipe, version=version)
             except ImagefarmError as exc:
                 return exc
         qs = list(queries)
@@ -166,37 +190,88 @@ class Lookup:
                 self._tags.clear()
             else:
                 ref = normalise_query(base)
-                gone = self._hits.pop(str(ref), None)
-                if gone:  # and the same answer cached under the texts it was asked as
-                    for k in [k for k, v in self._hits.items() if v[1] is gone[1]]:
-                        del self._hits[k]
+                # every recipe's and version's answer, and each under the texts it was asked as
+                gone = {id(v[1]) for k, v in self._hits.items() if k[0] == str(ref)}
+                for k in [k for k, v in self._hits.items() if id(v[1]) in gone]:
+                    del self._hits[k]
                 self._tags.pop(self._target_repo(ref), None)
+
+    # -- what is asked for ----------------------------------------------------------------
+    def _wanted(self, recipe: str | None, version: str | None) -> tuple[Any, str | None]:
+        """The recipe (loaded once per name) and version a question asks for."""
+        if version is not None:
+            try:
+                check_version(version)
+            except ValueError as exc:
+                raise InvalidRequest(f"agent-server version {exc}") from None
+        version = version if version is not None else self.version
+        name = recipe or self.recipe.name
+        rec = self._recipes.get(name)
+        if rec is None:
+            from imagefarm.payload.recipe import load_recipe
+
+            if recipe is not None and not _RECIPE_NAME.match(recipe):
+                raise InvalidRequest(f"recipe {recipe[:80]!r} is not a recipe name")
+            try:
+                rec = load_recipe(name, self.settings.recipes_dir)
+            except ConfigError as exc:
+                raise InvalidRequest(str(exc)) from None
+            with self._lock:
+                self._recipes[name] = rec
+        return rec, version
+
+    def digest_at(self, recipe: str, version: str) -> str | None:
+        """The digest of recipe ``recipe`` at agent-server ``version`` (None: no such
+        recipe here, or no version): what a matching image's annotation must say."""
+        key = (recipe, version)
+        got = self._digests.get(key)
+        if got is None:
+            rec = self._recipes.get(recipe)
+            try:
+                got = rec.at_version(version).digest if rec is not None else ""
+            except ConfigError:
+                got = ""
+            with self._lock:
+                self._digests[key] = got
+        return got or None
+
+    def _serves(self, recipe: str, recipe_digest: str, version: str, want: str, want_version: str | None) -> bool:
+        """An image (by what its annotations or lockfile entry say) answers the question."""
+        return (recipe == want and (want_version is None or version == want_version)
+                and recipe_digest == self.digest_at(want, version))
 
     # -- resolution -----------------------------------------------------------------------
     def _target_repo(self, base: Reference) -> Repository:
         return self.settings.prefix.repository(base.repository)
 
-    def _resolve(self, base: Reference) -> LookupHit | None:
-        own = self._own_image(base)
+    def _resolve(self, base: Reference, recipe: str, version: str | None) -> LookupHit | None:
+        own = self._own_image(base, recipe, version)
         if own is not None:
             return own
         if self.lockfile is not None:
-            entry = self.lockfile.for_base(base)
-            if entry is not None and entry.recipe_digest == self.recipe.digest:
+            entry = self._from_lockfile(base, recipe, version)
+            if entry is not None:
                 return LookupHit(entry.base, entry.base_digest, entry.image, entry.image_digest, entry.recipe,
                                  entry.recipe_digest, entry.agent_server_version, entry.verified, "lockfile")
         self.stats["registry_lookups"] += 1
         repo = self._target_repo(base)
         for attempt in range(2):
             tags = self._list_tags(repo, refresh=attempt == 1)
-            hit = self._match(base, repo, tags)
+            hit = self._match(base, repo, tags, recipe, version)
             if hit is not None or tags is None:
                 return hit
         return None
 
-    def _own_image(self, ref: Reference) -> LookupHit | None:
+    def _from_lockfile(self, base: Reference, recipe: str, version: str | None):
+        """The best lockfile entry that serves the question (a stale one, built with
+        another digest than its recipe's at its version, leaves the next a chance)."""
+        return next((e for e in self.lockfile.candidates(base, recipe=recipe, version=version)
+                     if self._serves(e.recipe, e.recipe_digest, e.agent_server_version, recipe, version)), None)
+
+    def _own_image(self, ref: Reference, recipe: str, version: str | None) -> LookupHit | None:
         """A reference that already names a derived image resolves to itself, under the
-        rules a base lookup follows: the current recipe only (``ImageRefused`` otherwise);
+        rules a base lookup follows: the recipe asked for, its current digest at the
+        image's version, and the version asked for, if any (``ImageRefused`` otherwise);
         by digest, only once it passed its boot check (a tag is put only after it, or by
         the caller's ``--verify`` choice; a digest may name an image that failed)."""
         if not ref.name.startswith(self._prefix):
@@ -209,12 +284,20 @@ class Lookup:
             return None
         ann = got.annotations
         base = ann.get(oci.ANN_BASE_NAME, "its base")
-        if ann.get(oci.ANN_RECIPE_DIGEST) != self.recipe.digest:
+        got_version = ann.get(oci.ANN_AGENT_VERSION, "")
+        if version is not None and got_version != version:
+            raise ImageRefused(
+                f"{ref} holds openhands-agent-server {got_version or '(unknown)'}, not {version} as asked: "
+                f"ask for its base {base} instead, or build it at {version} with "
+                f"`{build_command(base, self.to, version)}`")
+        if not self._serves(ann.get(oci.ANN_RECIPE, ""), ann.get(oci.ANN_RECIPE_DIGEST, ""), got_version,
+                            recipe, version):
+            current = self.digest_at(recipe, got_version) or "none"
             raise ImageRefused(
                 f"{ref} was built with recipe {ann.get(oci.ANN_RECIPE, '?')} "
                 f"({ann.get(oci.ANN_RECIPE_DIGEST, 'no digest')[:19]}), not the current recipe "
-                f"{self.recipe.name} ({self.recipe.digest[:19]}): ask for its base {base} instead, "
-                f"or rebuild it with `{build_command(base, self.to)}`")
+                f"{recipe} at {got_version or '?'} ({current[:19]}): ask for its base {base} instead, "
+                f"or rebuild it with `{build_command(base, self.to, got_version or None)}`")
         hit = self._hit(ref, got)
         if ref.digest and not hit.verified:
             raise ImageRefused(
@@ -237,7 +320,8 @@ class Lookup:
             self._tags[repo] = (now + self.ttl, tags or [])
         return tags
 
-    def _match(self, base: Reference, repo: Repository, tags: list[str] | None) -> LookupHit | None:
+    def _match(self, base: Reference, repo: Repository, tags: list[str] | None, recipe: str,
+               version: str | None) -> LookupHit | None:
         if not tags:
             return None
         head = (base.tag or "sha256_")[:40]
@@ -250,7 +334,8 @@ class Lookup:
             if manifest is None:
                 continue
             ann = manifest.annotations
-            if ann.get(oci.ANN_RECIPE_DIGEST) != self.recipe.digest:
+            if not self._serves(ann.get(oci.ANN_RECIPE, ""), ann.get(oci.ANN_RECIPE_DIGEST, ""),
+                                ann.get(oci.ANN_AGENT_VERSION, ""), recipe, version):
                 continue
             # the dataset's name, the mirror's, or another address of the registry: the
             # repository, tag (and digest, if asked) decide; the same full name wins
@@ -259,8 +344,10 @@ class Lookup:
                 found.append((score, self._hit(ref, manifest)))
         if not found:
             return None
-        found.sort(key=lambda sh: (-sh[0], not sh[1].verified, sh[1].image))
-        return found[0][1]
+        # the base's own name first, then verified, then the newest version
+        best = max(sh[0] for sh in found)
+        return max((h for score, h in found if score == best),
+                   key=lambda h: (h.verified, version_key(h.agent_server_version), h.image))
 
     def _manifest(self, ref: Reference) -> Manifest | None:
         key = (ref.name, ref.tag or "")
