@@ -25,14 +25,15 @@ class RuntimeServerError(ImagefarmError):
 class NoPrebuiltImage(RuntimeServerError):
     status_code = 404
 
-    def __init__(self, image: str, base: str, to: str, why: str = "") -> None:
-        self.image, self.base, self.to = image, base, to
+    def __init__(self, image: str, base: str, to: str, why: str = "", *, recipe: str | None = None) -> None:
+        self.image, self.base, self.to, self.recipe = image, base, to, recipe
+        what, flag = (f"image of recipe {recipe}", f" --recipe {recipe}") if recipe else ("agent-server image", "")
         super().__init__(
-            f"no prebuilt agent-server image for {base} under {to}"
+            f"no prebuilt {what} for {base} under {to}"
             + (f" ({why})" if why else "")
             + ": this runtime server starts prebuilt images only and never builds. "
-            f"Build it with `imagefarm derive {base} --to {to}` "
-            f"(or a whole dataset with `imagefarm prebuild --to {to} ...`), then start again."
+            f"Build it with `imagefarm derive {base} --to {to}{flag}` "
+            f"(or a whole dataset with `imagefarm prebuild --to {to}{flag} ...`), then start again."
         )
 
 

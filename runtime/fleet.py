@@ -246,7 +246,7 @@ class Fleet(Resolving):
             rec = self.records[existing]
             self.touch(rec)
             return rec
-        hit = await self.resolve(req.image)
+        hit = await self.resolve(req.image, req.command)
         size = await self.image_size(hit)
         prebuilt = pinned_image(hit)
         need = slots_needed(float(req.resource_factor))

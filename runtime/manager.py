@@ -30,6 +30,7 @@ ignored with a log line: everything runs under podman with runc.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import socket
@@ -51,7 +52,7 @@ from .images import NodeImages
 from .launch import Launching, _Live
 from .models import ContainerStatus, RuntimeInfo, StartRequest
 from .ports import PortPool, agent_port, parse_command
-from .resolver import Resolver, describe_base
+from .resolver import Resolver, describe_base, recipe_for_command
 from .state import Record, Store
 from .upkeep import LIVE, Upkeep
 
@@ -113,12 +114,17 @@ class Resolving:
     """Resolution and image sizes, shared by a node's manager and a fleet's front
     (needs ``resolver``, ``to``, ``settings``, ``_sizes`` and ``_registry``)."""
 
-    async def resolve(self, image: str):
-        """The resolver's hit for ``image``; ``NoPrebuiltImage`` without one."""
+    async def resolve(self, image: str, command: str | list[str] | None = None):
+        """The resolver's hit for ``image`` of the recipe ``command`` runs (``recipe_for_command``);
+        ``NoPrebuiltImage`` without one."""
         parse(image)  # InvalidReference (400) before any registry traffic
-        hit = await asyncio.to_thread(self.resolver.resolve, image)
+        recipe = recipe_for_command(self.settings, parse_command(command)) if command else None
+        if recipe is None:
+            hit = await asyncio.to_thread(self.resolver.resolve, image)
+        else:
+            hit = await asyncio.to_thread(functools.partial(self.resolver.resolve, image, recipe=recipe))
         if hit is None:
-            raise NoPrebuiltImage(image, describe_base(image), self.to)
+            raise NoPrebuiltImage(image, describe_base(image), self.to, recipe=recipe)
         return hit
 
     async def image_size(self, hit: Any) -> int:
@@ -318,7 +324,7 @@ class RuntimeManager(Launching, Upkeep, Resolving):
                      rec.runtime_id, rec.session_id)
             self.touch(rec)
             return rec
-        hit = hit or await self.resolve(req.image)
+        hit = hit or await self.resolve(req.image, req.command)
         # from here to the record being indexed there is no await: check and reserve atomically
         existing = self.by_session.get(req.session_id)
         if existing:

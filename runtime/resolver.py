@@ -7,20 +7,51 @@ prefers verified images of the current recipe and refuses (``ImageRefused``, 409
 derived reference of another recipe, or one by digest that never passed its boot
 check. It is synchronous; the server calls it in a worker thread.
 
+The recipe comes from the client's command: a command that runs another recipe's
+launcher (V0's ``/openhands/micromamba/bin/micromamba run -n openhands python -m
+openhands.runtime.action_execution_server ...`` runs recipe ``v0``'s) asks for that
+recipe's image; any other command (the agent server's) for the settings' recipe.
+
 Shape (what the server reads from a hit): ``pinned`` or ``image`` (``repo@sha256:...``),
 ``base``, ``digest``, ``verified``, ``agent_server_version`` and, optionally, ``size``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import functools
+from pathlib import Path
+from typing import Any, Protocol, Sequence
 
+from imagefarm.errors import ConfigError
 from imagefarm.names.reference import parse
+from imagefarm.payload.recipe import load_recipe
 
 
 class Resolver(Protocol):
-    def resolve(self, image: str) -> Any:
-        """The prebuilt image serving ``image`` (a base or a derived reference), or None."""
+    def resolve(self, image: str, *, recipe: str | None = None) -> Any:
+        """The prebuilt image of ``recipe`` (None: the settings') serving ``image`` (a base
+        or a derived reference), or None."""
+
+
+@functools.lru_cache(maxsize=8)
+def _launchers(recipes_dir: Path, default: str) -> dict[str, str]:
+    """launcher path -> recipe name, for the append recipes other than ``default``."""
+    out: dict[str, str] = {}
+    for path in sorted(Path(recipes_dir).glob("*.toml")):
+        try:
+            recipe = load_recipe(str(path), recipes_dir)
+        except ConfigError:
+            continue
+        if recipe.kind == "append" and recipe.name != default:
+            out.setdefault(recipe.payload.launcher, recipe.name)
+    return out
+
+
+def recipe_for_command(settings: Any, argv: Sequence[str]) -> str | None:
+    """The recipe whose launcher ``argv`` runs, or None for the settings' recipe."""
+    if not argv:
+        return None
+    return _launchers(Path(settings.recipes_dir), settings.recipe).get(argv[0])
 
 
 def describe_base(image: str) -> str:

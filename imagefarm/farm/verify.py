@@ -1,14 +1,18 @@
-"""Boot an agent-server image and prove it serves: ``verify(settings, image_ref)``.
+"""Boot a prebuilt image and prove it serves: ``verify(settings, image_ref)``.
 
-The image runs under podman exactly as a runtime would start it
-(``/usr/local/bin/openhands-agent-server --port 60000`` with ``SESSION_API_KEY`` set,
-so the server binds 0.0.0.0), published on a free loopback port. It passes when
+The image runs under podman exactly as a runtime would start it (its recipe's
+``[image] command``, read from the image's recipe label: the agent server's
+``/usr/local/bin/openhands-agent-server --port 60000``, or V0's ``micromamba run -n
+openhands python -u -m openhands.runtime.action_execution_server 60000 ...``) with
+``SESSION_API_KEY`` set (so the server binds 0.0.0.0), published on a free loopback
+port. It passes when
 
-1. ``GET /alive`` and ``GET /health`` answer 2xx before the timeout;
-2. a real command sent through the server's own API
-   (``POST /api/bash/execute_bash_command``, cwd ``/testbed`` when it exists) runs
-   in the *base's* environment: ``python`` there is the base's venv (the image
-   config's ``VIRTUAL_ENV``), never the payload's own interpreter.
+1. ``GET /alive`` (and, for the agent server, ``GET /health``) answers 2xx before the timeout;
+2. a real command sent through the server's own API (the agent server's
+   ``POST /api/bash/execute_bash_command``; V0's ``POST /execute_action`` with a
+   ``run`` action, which goes through its tmux bash session), in ``/testbed`` when it
+   exists, runs in the *base's* environment: ``python`` there is the base's venv (the
+   image config's ``VIRTUAL_ENV``), never the payload's own interpreter.
 
 Otherwise ``VerifyError`` says why: timeout, crash (with the container's last log
 lines), wrong python. The container is always removed.
@@ -25,15 +29,16 @@ from typing import Any
 
 import httpx
 
+from imagefarm import oci
 from imagefarm.host.containers import run
-from imagefarm.errors import ToolError, VerifyError
+from imagefarm.errors import ConfigError, ToolError, VerifyError
 from imagefarm.names.reference import parse
+from imagefarm.payload.recipe import Recipe, load_recipe, recipe_for
 from imagefarm.settings import Settings
 
+#: the port every recipe's ``[image] command`` serves on
 PORT = 60000
-COMMAND = ["/usr/local/bin/openhands-agent-server", "--port", str(PORT)]
 LABEL = "imagefarm"
-PAYLOAD_PREFIX = "/agent-server"
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,18 @@ def pull(settings: Settings, image_ref: str, timeout: float = 900) -> dict[str, 
     return data[0] if isinstance(data, list) else data
 
 
+def _recipe_of(settings: Settings, info: dict[str, Any]) -> Recipe:
+    """The recipe the image's label names (derive writes it), else the settings' recipe."""
+    labels = info.get("Labels") or (info.get("Config") or {}).get("Labels") or {}
+    name = labels.get(oci.ANN_RECIPE)
+    if name:
+        try:
+            return load_recipe(name, settings.recipes_dir)
+        except ConfigError:
+            pass
+    return recipe_for(settings)
+
+
 def _logs(settings: Settings, name: str, lines: int = 20) -> str:
     proc = run(settings, ["podman", "logs", "--tail", str(lines), name], check=False, timeout=30)
     return (proc.stdout + proc.stderr).strip() or "(no output)"
@@ -107,6 +124,9 @@ def verify(
     ``workdir="/"``). Raises ``VerifyError`` with the reason on any failure.
     """
     info = pull(settings, image_ref, pull_timeout)
+    recipe = _recipe_of(settings, info)
+    command = list(recipe.command)
+    v0 = recipe.payload.launcher_style == "micromamba"
     env = _env_of(info)
     venv = env.get("VIRTUAL_ENV") or None
     key = secrets.token_urlsafe(24)
@@ -117,9 +137,9 @@ def verify(
             # the key by name only: podman takes the value from its own environment, so it is
             # never on a command line (ps, /proc/<pid>/cmdline) nor in an error message
             "-e", "SESSION_API_KEY", "-e", "LITELLM_LOCAL_MODEL_COST_MAP=True",
-            "--entrypoint", COMMAND[0],
+            "--entrypoint", command[0],
             *(["--user", user] if user else []), *(["--workdir", workdir] if workdir else []),
-            image_ref, *COMMAND[1:]]
+            image_ref, *command[1:]]
     t0 = time.monotonic()
     checks: list[str] = []
     try:
@@ -131,11 +151,12 @@ def verify(
         with httpx.Client(timeout=10) as http:
             alive = _wait(settings, http, name, image_ref, f"{base}/alive", t0, timeout)
             checks.append(f"/alive after {alive:.1f}s")
-            _wait(settings, http, name, image_ref, f"{base}/health", t0, timeout)
-            checks.append("/health 2xx")
+            if not v0:
+                _wait(settings, http, name, image_ref, f"{base}/health", t0, timeout)
+                checks.append("/health 2xx")
             headers = {"X-Session-API-Key": key}
 
-            def sh(command: str, cwd: str | None) -> tuple[int, str, str]:
+            def agent_sh(command: str, cwd: str | None) -> tuple[int, str, str]:
                 body: dict[str, Any] = {"command": command, "timeout": 60}
                 if cwd:
                     body["cwd"] = cwd
@@ -150,6 +171,26 @@ def verify(
                                       f"{r.status_code}: {r.text[:500]}; container log:\n{_logs(settings, name)}")
                 d = r.json()
                 return int(d.get("exit_code", -1)), (d.get("stdout") or ""), (d.get("stderr") or "")
+
+            def v0_sh(command: str, cwd: str | None) -> tuple[int, str, str]:
+                # a CmdRunAction as the V0 client serialises it; the observation's
+                # content is the pane's output (stdout and stderr together)
+                action = {"action": "run", "timeout": 60,
+                          "args": {"command": f"cd {cwd} && {command}" if cwd else command, "is_input": False}}
+                try:
+                    r = http.post(f"{base}/execute_action", json={"action": action}, headers=headers, timeout=90)
+                except httpx.HTTPError as exc:
+                    raise VerifyError(f"{image_ref}: execute_action failed: {exc}; "
+                                      f"container log:\n{_logs(settings, name)}") from None
+                if r.status_code // 100 != 2:
+                    raise VerifyError(f"{image_ref}: execute_action `{command}` answered "
+                                      f"{r.status_code}: {r.text[:500]}; container log:\n{_logs(settings, name)}")
+                d = r.json()
+                code = ((d.get("extras") or {}).get("metadata") or {}).get("exit_code", -1)
+                content = d.get("content") or ""
+                return int(code if code is not None else -1), content, content
+
+            sh = v0_sh if v0 else agent_sh
 
             code, out, err = sh("if [ -d /testbed ]; then echo yes; else echo no; fi", None)
             if code != 0:
@@ -170,7 +211,7 @@ def verify(
             if venv and (not got or got[0] != venv):
                 raise VerifyError(f"{image_ref}: wrong python in the agent's shell: sys.prefix is "
                                   f"{got[0] if got else '(nothing)'!r}, expected the base's venv {venv!r}")
-            if any(line.startswith(PAYLOAD_PREFIX) for line in got):
+            if any(line.startswith(recipe.payload.prefix) for line in got):
                 raise VerifyError(f"{image_ref}: wrong python in the agent's shell: the payload's own "
                                   f"interpreter ({got[0]}) leaks into the base's environment")
             if not got:

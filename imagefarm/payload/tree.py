@@ -73,13 +73,13 @@ def build_tree(settings: Settings, recipe: Recipe, *, log: Log = quiet, force: b
                 _add_tmux(ch, tree)
             if recipe.payload.bash:
                 _add_bash(ch, tree)
-            bundle.collect_syslib(ch, tree, prefix, log)
+            closure = bundle.collect_syslib(ch, tree, prefix, log)
             exes = [tree / "bin" / f"python{recipe.builder.python}"]
             if recipe.payload.tmux:
                 exes.append(tree / "tools/bin/tmux")
             if recipe.payload.bash:
                 exes.append(tree / "tools/bin/bash")
-            bundle.patch_elves(ch, tree, prefix, exes, log)
+            bundle.patch_elves(ch, tree, prefix, exes, log, before=closure)
             ch.run([f"{prefix}/venv/bin/python", "-I", "-c", "import sys; print(sys.version)"],
                    what="the patched python")
             if recipe.payload.precompile:
