@@ -43,7 +43,7 @@ LOADER = "ld-linux-x86-64.so.2"
 DLOPENED = ("libgcc_s.so.1",)
 _LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib", "/lib")
 
-_ARROW = re.compile(r"^\s*(\S+)\s+=>\s+(\S+)(?:\s+\(0x[0-9a-f]+\))?\s*$")
+_ARROW = re.compile(r"^\s*(\S+)\s+=>\s+(not found|\S+)(?:\s+\(0x[0-9a-f]+\))?\s*$")
 _BARE = re.compile(r"^\s*(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
 
 
@@ -105,7 +105,7 @@ def ldd_closure(chroot: Chroot, tree: Path, prefix: str, files: list[Path]) -> C
         m = _ARROW.match(line)
         if m:
             name, path = m.groups()
-            if path == "not":  # "libfoo.so => not found"
+            if path == "not found":  # "libfoo.so => not found"
                 closure.missing.setdefault(current, []).append(name)
             elif not path.startswith(prefix.rstrip("/") + "/"):
                 closure.libs.setdefault(name, path)
