@@ -35,14 +35,20 @@ class Resolver(Protocol):
 
 @functools.lru_cache(maxsize=8)
 def _launchers(recipes_dir: Path, default: str) -> dict[str, str]:
-    """launcher path -> recipe name, for the append recipes other than ``default``."""
+    """launcher path -> recipe name, for the append recipes whose launcher is not the
+    ``default`` recipe's (a variant of the agent server, like a test's broken recipe,
+    is asked for by name, never by command)."""
+    try:
+        own = load_recipe(default, recipes_dir).payload.launcher
+    except ConfigError:
+        own = None
     out: dict[str, str] = {}
     for path in sorted(Path(recipes_dir).glob("*.toml")):
         try:
             recipe = load_recipe(str(path), recipes_dir)
         except ConfigError:
             continue
-        if recipe.kind == "append" and recipe.name != default:
+        if recipe.kind == "append" and recipe.payload.launcher != own:
             out.setdefault(recipe.payload.launcher, recipe.name)
     return out
 
