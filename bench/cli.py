@@ -48,6 +48,9 @@ def _runner(name: str) -> Callable[[Bench], dict[str, Any]]:
     if name == "fleet":
         from .fleet import run_fleet
         return run_fleet
+    if name == "v0":
+        from .v0 import run_v0
+        return run_v0
     raise ValueError(name)
 
 

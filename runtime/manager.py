@@ -52,7 +52,7 @@ from .images import NodeImages
 from .launch import Launching, _Live
 from .models import ContainerStatus, RuntimeInfo, StartRequest
 from .ports import PortPool, agent_port, parse_command
-from .resolver import Resolver, describe_base, recipe_for_command
+from .resolver import Resolver, describe_base, ready_paths, recipe_for_command
 from .state import Record, Store
 from .upkeep import LIVE, Upkeep
 
@@ -114,11 +114,11 @@ class Resolving:
     """Resolution and image sizes, shared by a node's manager and a fleet's front
     (needs ``resolver``, ``to``, ``settings``, ``_sizes`` and ``_registry``)."""
 
-    async def resolve(self, image: str, command: str | list[str] | None = None):
-        """The resolver's hit for ``image`` of the recipe ``command`` runs (``recipe_for_command``);
-        ``NoPrebuiltImage`` without one."""
+    async def resolve(self, image: str, recipe: str | None = None):
+        """The resolver's hit for ``image`` of ``recipe`` (None: the settings'; the caller
+        takes it from the client's command with ``recipe_for_command``); ``NoPrebuiltImage``
+        without one."""
         parse(image)  # InvalidReference (400) before any registry traffic
-        recipe = recipe_for_command(self.settings, parse_command(command)) if command else None
         if recipe is None:
             hit = await asyncio.to_thread(self.resolver.resolve, image)
         else:
@@ -324,7 +324,9 @@ class RuntimeManager(Launching, Upkeep, Resolving):
                      rec.runtime_id, rec.session_id)
             self.touch(rec)
             return rec
-        hit = hit or await self.resolve(req.image, req.command)
+        argv = parse_command(req.command)
+        recipe = recipe_for_command(self.settings, argv)
+        hit = hit or await self.resolve(req.image, recipe)
         # from here to the record being indexed there is no await: check and reserve atomically
         existing = self.by_session.get(req.session_id)
         if existing:
@@ -340,7 +342,6 @@ class RuntimeManager(Launching, Upkeep, Resolving):
             raise CapacityFull(
                 f"this runtime server is full: {self.config.max_runtimes} runtimes run (--max-runtimes); "
                 "stop one (POST /stop) or retry later")
-        argv = parse_command(req.command)
         cport = agent_port(argv)
         hport = self._free_port()
         rid = runtime_id or secrets.token_hex(8)
@@ -352,7 +353,8 @@ class RuntimeManager(Launching, Upkeep, Resolving):
             session_api_key=secrets.token_urlsafe(32), user=None, status="running", pod_status="pending",
             created_at=now, last_activity=now, resource_factor=float(req.resource_factor),
             extra={"size": getattr(hit, "size", None), "verified": bool(getattr(hit, "verified", False)),
-                   "agent_server_version": getattr(hit, "agent_server_version", None)})
+                   "agent_server_version": getattr(hit, "agent_server_version", None),
+                   "ready_paths": list(ready_paths(Path(self.settings.recipes_dir), recipe))})
         self._index(rec)
         self._save(rec)
         lv = self.live[rid]

@@ -33,6 +33,10 @@ class Resolver(Protocol):
         or a derived reference), or None."""
 
 
+#: what the agent server answers once it serves
+DEFAULT_READY = ("/alive", "/health")
+
+
 @functools.lru_cache(maxsize=8)
 def _launchers(recipes_dir: Path, default: str) -> dict[str, str]:
     """launcher path -> recipe name, for the append recipes whose launcher is not the
@@ -51,6 +55,17 @@ def _launchers(recipes_dir: Path, default: str) -> dict[str, str]:
         if recipe.kind == "append" and recipe.payload.launcher != own:
             out.setdefault(recipe.payload.launcher, recipe.name)
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def ready_paths(recipes_dir: Path, recipe: str | None) -> tuple[str, ...]:
+    """The paths a runtime of ``recipe`` (None: the agent server) answers once ready."""
+    if recipe is None:
+        return DEFAULT_READY
+    try:
+        return load_recipe(recipe, recipes_dir).ready
+    except ConfigError:
+        return DEFAULT_READY
 
 
 def recipe_for_command(settings: Any, argv: Sequence[str]) -> str | None:

@@ -7,7 +7,8 @@ openhands python -u -m openhands.runtime.action_execution_server 60000 ...``) wi
 ``SESSION_API_KEY`` set (so the server binds 0.0.0.0), published on a free loopback
 port. It passes when
 
-1. ``GET /alive`` (and, for the agent server, ``GET /health``) answers 2xx before the timeout;
+1. the recipe's ``ready`` paths (the agent server's ``/alive`` and ``/health``, V0's
+   ``/alive``) answer 2xx before the timeout;
 2. a real command sent through the server's own API (the agent server's
    ``POST /api/bash/execute_bash_command``; V0's ``POST /execute_action`` with a
    ``run`` action, which goes through its tmux bash session), in ``/testbed`` when it
@@ -149,11 +150,12 @@ def verify(
             raise VerifyError(f"{image_ref}: the container did not start: {exc}") from None
         base = f"http://127.0.0.1:{port}"
         with httpx.Client(timeout=10) as http:
-            alive = _wait(settings, http, name, image_ref, f"{base}/alive", t0, timeout)
-            checks.append(f"/alive after {alive:.1f}s")
-            if not v0:
-                _wait(settings, http, name, image_ref, f"{base}/health", t0, timeout)
-                checks.append("/health 2xx")
+            first, *more = recipe.ready
+            alive = _wait(settings, http, name, image_ref, f"{base}{first}", t0, timeout)
+            checks.append(f"{first} after {alive:.1f}s")
+            for path in more:
+                _wait(settings, http, name, image_ref, f"{base}{path}", t0, timeout)
+                checks.append(f"{path} 2xx")
             headers = {"X-Session-API-Key": key}
 
             def agent_sh(command: str, cwd: str | None) -> tuple[int, str, str]:

@@ -111,6 +111,9 @@ class Recipe(_Frozen):
     payload: PayloadSpec = PayloadSpec()
     env: tuple[str, ...] = Field(default=(), description='"K=V" added to the image config')
     command: tuple[str, ...] = ("/usr/local/bin/openhands-agent-server", "--port", "60000")
+    ready: tuple[str, ...] = Field(
+        default=("/alive", "/health"),
+        description="paths that answer 2xx once the server serves (verify and the runtime probe them)")
     containerfile: str | None = Field(
         default=None, description="Containerfile template (kind = buildah); {base} is the base ref")
     source: str = Field(default="", exclude=True, description="file it was read from")
@@ -188,7 +191,7 @@ class Recipe(_Frozen):
 _NEW_DEFAULTS = {
     "agent_server": {"package": "openhands-agent-server", "check_import": "openhands.agent_server.api"},
     "payload": {"launcher_style": "entrypoint", "bash": False, "dirs": []},
-    "": {"bash": False},  # tree_digest's flat key
+    "": {"bash": False, "ready": ["/alive", "/health"]},  # top-level keys (tree_digest's and the recipe's)
 }
 
 
@@ -209,7 +212,7 @@ def parse_recipe(text: str, *, source: str = "<string>") -> Recipe:
     image = data.pop("image", {}) or {}
     if not isinstance(image, dict):
         raise ConfigError(f"recipe {source}: [image] must be a table")
-    for key in ("env", "command", "containerfile"):
+    for key in ("env", "command", "ready", "containerfile"):
         if key in image:
             data[key] = image.pop(key)
     if image:
