@@ -72,3 +72,42 @@ def test_the_launcher_refuses_a_command_it_does_not_know(settings, v0_images) ->
                           "install", "numpy"], check=False, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("usage: micromamba run -n ENV") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_agent_skills_and_jupyter_plugins_start(settings, v0_images) -> None:
+    """SkyRL asks for ``--plugins agent_skills jupyter``: the kernel gateway is started by
+    ``micromamba run -n openhands <the server's python> -m jupyter kernelgateway``, which
+    the launcher answers too, and an IPython cell runs."""
+    import secrets
+    import time
+
+    import httpx
+
+    from imagefarm.farm.verify import _free_port, _logs
+
+    image = v0_images["r2e"].image
+    pull(settings, image)
+    command = list(recipe_for(settings, "v0").command)
+    at = command.index("--username")
+    command[at:at] = ["--plugins", "agent_skills", "jupyter"]
+    key, port, name = secrets.token_urlsafe(16), _free_port(), f"imagefarm-v0-jupyter-{secrets.token_hex(4)}"
+    run(settings, ["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:60000", "-e", "SESSION_API_KEY",
+                   "--entrypoint", command[0], image, *command[1:]], timeout=120, env={"SESSION_API_KEY": key})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.get(f"{url}/alive", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, _logs(settings, name, 40)
+            time.sleep(0.2)
+        action = {"action": "run_ipython", "args": {"code": "import sys\nprint(sys.version_info[:2])"}}
+        r = httpx.post(f"{url}/execute_action", json={"action": action}, headers={"X-Session-API-Key": key},
+                       timeout=120)
+        assert r.status_code == 200, r.text[:1000] + _logs(settings, name, 40)
+        assert r.json()["observation"] == "run_ipython" and "(3, 13)" in r.json()["content"], r.json()
+    finally:
+        run(settings, ["podman", "rm", "-f", "-t", "0", name], check=False, timeout=60)

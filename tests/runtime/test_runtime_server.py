@@ -370,16 +370,24 @@ def test_real_sdk_client_against_standin(server_factory, client, prebuilt, rt_se
         assert our_containers(rt_settings, srv.manager.server_id) == []
 
 
+@pytest.mark.timeout(900)
 def test_real_v0_client(cli_server, prebuilt, v0_images, rt_settings, v0_python):
     """openhands-ai 0.59's own RemoteRuntime (connect, a command in /testbed, close) on the
     real ``v0`` image of an r2e-style base, started by ``imagefarm runtime serve``, then
-    its RemoteRuntimeBuilder's calls."""
+    its RemoteRuntimeBuilder's calls. The image is on the node first (as after a prefetch)."""
+    import subprocess
     from pathlib import Path
 
+    from imagefarm.farm.verify import pull
+
+    pull(rt_settings, v0_images["r2e"].image)
     srv = cli_server()
     url = srv.start()
-    proc = v0_python.run(Path(__file__).with_name("v0_client.py"), url, API_KEY,
-                         v0_images["r2e_base"], prebuilt["busybox_base"], timeout=400)
+    try:
+        proc = v0_python.run(Path(__file__).with_name("v0_client.py"), url, API_KEY,
+                             v0_images["r2e_base"], prebuilt["busybox_base"], timeout=420)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the V0 client hung: {str(exc.stderr or '')[-3000:]}\n{srv.output()[-3000:]}") from None
     assert proc.returncode == 0, proc.stderr[-3000:] + srv.output()[-3000:]
     steps = {s["step"]: s for s in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
     assert steps["ready"]["url"].startswith("http://127.0.0.1:") and steps["ready"]["session_api_key_set"]

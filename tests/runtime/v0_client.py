@@ -40,7 +40,7 @@ def main() -> None:
     config.sandbox.remote_runtime_api_url = url
     config.sandbox.api_key = key
     config.sandbox.runtime_container_image = runtime_image
-    config.sandbox.remote_runtime_init_timeout = 60
+    config.sandbox.remote_runtime_init_timeout = 300  # a cold node pulls the image first (~1.5 GB)
     config.sandbox.keep_runtime_alive = False
     config.workspace_mount_path_in_sandbox = "/testbed"  # the server's --working-dir
     sid = f"v0-{uuid.uuid4().hex[:12]}"
