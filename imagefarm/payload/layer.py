@@ -37,7 +37,8 @@ def launcher_script(recipe: Recipe) -> str:
         recipe=recipe.name, recipe_digest=recipe.digest[:19], env=repr(env), tools=repr(tools),
         import_cwd=repr(IMPORT_CWD.format(prefix=prefix)), module=repr(recipe.agent_server.module),
         function=repr(recipe.agent_server.function), python=recipe.builder.python,
-        bash=repr(f"{prefix}/tools/bin/bash" if recipe.payload.bash else ""))
+        bash=repr(f"{prefix}/tools/bin/bash" if recipe.payload.bash else ""),
+        append_args=repr(list(recipe.payload.append_args)))
     return (LAUNCHER_ENV.substitute(fields)
             + LAUNCHERS[recipe.payload.launcher_style].substitute(fields))
 

@@ -91,6 +91,8 @@ class PayloadSpec(_Frozen):
     bash: bool = Field(default=False, description="ship a private bash under PREFIX/tools/bin "
                                                    "(and the C.UTF-8 locale tmux needs) for bases without them")
     dirs: tuple[str, ...] = Field(default=(), description="empty directories the layer adds (e.g. /openhands/code)")
+    append_args: tuple[str, ...] = Field(
+        default=(), description="micromamba launcher: arguments appended to the client's (the last wins in argparse)")
     precompile: bool = Field(default=True, description="ship .pyc (unchecked-hash) for fast cold start")
     drop: tuple[str, ...] = Field(
         default=("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data"),
@@ -190,7 +192,7 @@ class Recipe(_Frozen):
 #: at the default, so an existing recipe keeps its digest (and its built payload and tags)
 _NEW_DEFAULTS = {
     "agent_server": {"package": "openhands-agent-server", "check_import": "openhands.agent_server.api"},
-    "payload": {"launcher_style": "entrypoint", "bash": False, "dirs": []},
+    "payload": {"launcher_style": "entrypoint", "bash": False, "dirs": [], "append_args": []},
     "": {"bash": False, "ready": ["/alive", "/health"]},  # top-level keys (tree_digest's and the recipe's)
 }
 
