@@ -8,15 +8,16 @@ state directory, so tests and users each get isolated image storage.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from imagefarm.errors import ToolError, ToolMissing
+from imagefarm.errors import ConfigError, ToolError, ToolMissing
 from imagefarm.settings import Settings
-from .statedir import state_subdir
+from .statedir import private_dir, state_subdir
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -55,6 +56,32 @@ def _write_once(path: Path, text: str) -> Path:
     return path
 
 
+#: podman refuses a ``--runroot`` flag longer than this, and conmon's exit command
+#: (``podman container cleanup``) passes the runroot as one
+RUNROOT_MAX = 50
+
+
+def runroot(root: Path) -> Path:
+    """podman's run-time directory (locks, mounts, exit files) for the storage at ``root``.
+
+    ``root/run`` when short enough; else a private directory named by ``root``'s hash on
+    the runtime tmpfs (``$XDG_RUNTIME_DIR``, ``/run`` for root, else ``/tmp``). A longer
+    one made every container's exit cleanup fail: containers stayed "stopped" with their
+    mounts held, and each attached ``podman run`` or ``wait`` took 20 s more (measured).
+    """
+    run = root / "run"
+    if len(str(run)) <= RUNROOT_MAX:
+        return run
+    key = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    bases = [os.environ.get("XDG_RUNTIME_DIR", ""), "/run" if os.geteuid() == 0 else "", "/tmp"]
+    for base in filter(None, bases):
+        short = Path(base) / f"imagefarm-{os.getuid()}" / key
+        if len(str(short)) <= RUNROOT_MAX and os.path.isdir(base):
+            return private_dir(private_dir(short.parent) / key)
+    raise ConfigError(f"no run-time directory of at most {RUNROOT_MAX} characters for the state directory "
+                      f"{root.parent}: set XDG_RUNTIME_DIR to a short private directory")
+
+
 def storage_conf(state_dir: Path) -> Path:
     """A storage.conf keeping images under ``state_dir`` (both private, 0700)."""
     root = state_subdir(state_dir, "containers")
@@ -63,7 +90,7 @@ def storage_conf(state_dir: Path) -> Path:
         "[storage]\n"
         'driver = "overlay"\n'
         f'graphroot = "{root / "storage"}"\n'
-        f'runroot = "{root / "run"}"\n'
+        f'runroot = "{runroot(root)}"\n'
         # rootless podman ignores graphroot: without this a normal user's images would
         # land in ~/.local/share/containers, outside the state directory
         f'rootless_storage_path = "{root / "storage"}"\n'
@@ -77,7 +104,10 @@ def containers_conf(state_dir: Path) -> Path:
     return _write_once(root / "containers.conf", (DATA / "containers.conf").read_text() + (
         "# added for this state directory\n"
         f'tmp_dir = "{root / "tmp"}"\n'
-        f'static_dir = "{root / "libpod"}"\n'
+        # no static_dir: conmon's exit command (`podman container cleanup`) gets --root but
+        # not this file's static_dir, so it opens <graphroot>/libpod; a static_dir anywhere
+        # else left every exit uncleaned ("stopped", never "exited") and made each attached
+        # `podman run`, `wait` and `stop` sit out podman's 20 s conmon timeout (measured)
         f'volume_path = "{root / "volumes"}"\n'
         # big blobs of a pull are staged here (default /var/tmp, outside the state dir)
         f'image_copy_tmp_dir = "{root / "tmp"}"\n'

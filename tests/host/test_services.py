@@ -2,6 +2,7 @@
 
 import json
 import socket
+import time
 
 import httpx
 
@@ -65,3 +66,20 @@ def test_free_ports_are_loopback(registry, redis_server):
     for port in (registry.port, redis_server.port):
         with socket.create_connection(("127.0.0.1", port), timeout=2):
             pass
+
+
+def test_conmon_exit_cleanup_marks_containers_exited(settings, busybox_base):
+    """conmon's exit command (`podman container cleanup`, run with --root) must find the
+    container in the same database: otherwise it stays "stopped" for ever, its mounts
+    are never released and every attached run or wait sits out a 20 s timeout."""
+    cid = run(settings, ["podman", "run", "-d", "--tls-verify=false", busybox_base.ref, "true"]).stdout.strip()
+    try:
+        status = ""
+        for _ in range(300):  # bounded poll: cleanup runs within a second when it works
+            status = run(settings, ["podman", "inspect", "--format", "{{.State.Status}}", cid]).stdout.strip()
+            if status == "exited":
+                break
+            time.sleep(0.1)
+        assert status == "exited", f"container {cid[:12]} still {status!r}: conmon's cleanup did not run"
+    finally:
+        run(settings, ["podman", "rm", "-f", cid], check=False)
