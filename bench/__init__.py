@@ -12,7 +12,9 @@ derive: bytes moved vs unique bytes), ``runtime`` (``/start`` to ready), ``looku
 (in-process and HTTP, warm and cold), ``ratelimit`` (a batch from a rate-limited
 registry: ``--plan`` vs what the run moves, and the run's pauses), ``fleet`` (placement
 at 512 concurrent sandboxes, image-aware vs random: a model fed with the runtime
-section's measured costs).
+section's measured costs), ``relayer`` (one repository's bases re-layered vs plain:
+bytes a node pulls, stored, unique per image, time to re-layer), ``v0`` (``/start`` to ready of the V0 action execution
+server's image beside the agent server's, same base, interleaved).
 """
 
-SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "ratelimit", "fleet", "relayer")
+SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "ratelimit", "fleet", "relayer", "v0")

@@ -51,6 +51,9 @@ def _runner(name: str) -> Callable[[Bench], dict[str, Any]]:
     if name == "relayer":
         from .relayer import run_relayer
         return run_relayer
+    if name == "v0":
+        from .v0 import run_v0
+        return run_v0
     raise ValueError(name)
 
 

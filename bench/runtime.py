@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import sys
@@ -61,11 +62,17 @@ class Server:
         self.http.close()
         self.b.stop_proc(self.proc, timeout=60)
 
-    def start(self, image: str, timeout: float = 600) -> dict[str, Any]:
+    def start(self, image: str, timeout: float = 600, command: str | list[str] = COMMAND,
+              probe: str = "/health", v0: bool = False) -> dict[str, Any]:
+        """``/start`` until ``pod_status: ready``; then one GET of ``probe`` on the runtime's URL.
+        ``v0``: the body V0's RemoteRuntime sends (no run_as_user, working dir /openhands/code/)."""
         sid = "bench-" + secrets.token_hex(6)
-        body = {"image": image, "command": COMMAND, "working_dir": "/testbed", "environment": {},
+        body = {"image": image, "command": command, "working_dir": "/testbed", "environment": {},
                 "session_id": sid, "run_as_user": 10001, "fs_group": 10001,
                 "image_pull_policy": "IfNotPresent", "resource_factor": 1}
+        if v0:
+            body = {k: v for k, v in body.items() if k not in ("run_as_user", "fs_group")}
+            body["working_dir"] = "/openhands/code/"
         t0 = time.perf_counter()
         r = self.http.post("/start", json=body)
         answered = time.perf_counter() - t0
@@ -82,7 +89,7 @@ class Server:
                                    f"{s.get('restart_reasons')} {str(s.get('pod_logs'))[-800:]}")
             time.sleep(0.01)
         ready = time.perf_counter() - t0
-        health = httpx.get(data["url"].rstrip("/") + "/health", timeout=10, trust_env=False).status_code
+        health = httpx.get(data["url"].rstrip("/") + probe, timeout=10, trust_env=False).status_code
         return {"session": sid, "runtime_id": rid, "ready_s": ready, "start_answer_s": answered,
                 "health": health, "url": data["url"]}
 
@@ -107,22 +114,25 @@ class Server:
             time.sleep(0.05)
 
 
-def direct_start(b: Bench, image: str, i: int, timeout: float = 300) -> tuple[float, float]:
-    """``podman run`` + poll the agent server ourselves: its own boot, no runtime server.
-    Returns (seconds to ready, seconds until ``podman run --detach`` returned)."""
+def direct_start(b: Bench, image: str, i: int, timeout: float = 300, command: list[str] | None = None,
+                 probes: tuple[str, ...] = ("/alive", "/health")) -> tuple[float, float]:
+    """``podman run`` + poll the server ourselves: its own boot, no runtime server.
+    ``command`` (default: the agent server's) serves on 60000. Returns (seconds to ready,
+    seconds until ``podman run --detach`` returned)."""
+    command = command or ["/usr/local/bin/openhands-agent-server", "--port", "60000"]
     name = f"bench-direct-{i}-{secrets.token_hex(3)}"
     port = free_port()
     t0 = time.perf_counter()
     b.containers(["podman", "run", "--detach", "--name", name, "--pull", "never", *LIMITS,
                   "--publish", f"127.0.0.1:{port}:60000", "--env", "SESSION_API_KEY=bench",
                   "--env", "LITELLM_LOCAL_MODEL_COST_MAP=True", "--workdir", "/testbed",
-                  "--entrypoint", '["/usr/local/bin/openhands-agent-server"]', image, "--port", "60000"])
+                  "--entrypoint", json.dumps(command[:1]), image, *command[1:]])
     created = time.perf_counter() - t0
     try:
         with httpx.Client(timeout=2, trust_env=False) as c:
             while True:
                 try:
-                    if all(200 <= c.get(f"http://127.0.0.1:{port}{p}").status_code < 300 for p in ("/alive", "/health")):
+                    if all(200 <= c.get(f"http://127.0.0.1:{port}{p}").status_code < 300 for p in probes):
                         return time.perf_counter() - t0, created
                 except httpx.HTTPError:
                     pass

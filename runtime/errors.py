@@ -25,16 +25,18 @@ class RuntimeServerError(ImagefarmError):
 class NoPrebuiltImage(RuntimeServerError):
     status_code = 404
 
-    def __init__(self, image: str, base: str, to: str, why: str = "", version: str | None = None) -> None:
-        self.image, self.base, self.to = image, base, to
-        at = f" --agent-server-version {version}" if version else ""
+    def __init__(self, image: str, base: str, to: str, why: str = "", *, recipe: str | None = None,
+                 version: str | None = None) -> None:
+        self.image, self.base, self.to, self.recipe, self.version = image, base, to, recipe, version
+        what = f"image of recipe {recipe}" if recipe else "agent-server image"
+        flags = (f" --recipe {recipe}" if recipe else "") + (f" --agent-server-version {version}" if version else "")
         super().__init__(
-            f"no prebuilt agent-server image for {base} under {to}"
+            f"no prebuilt {what} for {base} under {to}"
             + (f" at openhands-agent-server {version}" if version else "")
             + (f" ({why})" if why else "")
             + ": this runtime server starts prebuilt images only and never builds. "
-            f"Build it with `imagefarm derive {base} --to {to}{at}` "
-            f"(or a whole dataset with `imagefarm prebuild --to {to}{at} ...`), then start again."
+            f"Build it with `imagefarm derive {base} --to {to}{flags}` "
+            f"(or a whole dataset with `imagefarm prebuild --to {to}{flags} ...`), then start again."
         )
 
 

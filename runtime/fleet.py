@@ -42,7 +42,8 @@ from .errors import BackendError, CapacityFull, RuntimeServerError, UnknownRunti
 from .manager import LIVE, Resolving, ServeConfig, pinned_image
 from .models import RuntimeInfo, StartRequest
 from .placement import NodeView, place, slots_needed
-from .resolver import Resolver
+from .ports import parse_command
+from .resolver import Resolver, recipe_for_command
 from .state import Store
 
 log = logging.getLogger("imagefarm.runtime.fleet")
@@ -246,7 +247,8 @@ class Fleet(Resolving):
             rec = self.records[existing]
             self.touch(rec)
             return rec
-        hit = await self.resolve(req.image, version=req.agent_server_version)
+        hit = await self.resolve(req.image, recipe_for_command(self.settings, parse_command(req.command)),
+                                 version=req.agent_server_version)
         size = await self.image_size(hit)
         prebuilt = pinned_image(hit)
         need = slots_needed(float(req.resource_factor))

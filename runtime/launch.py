@@ -22,6 +22,7 @@ from imagefarm.errors import ImagefarmError
 
 from .backend import LABEL, LABEL_ID, LABEL_SERVER, LABEL_SESSION, ContainerSpec
 from .errors import BackendError, RuntimeServerError
+from .resolver import DEFAULT_READY
 from .models import StartRequest
 from .state import Record
 
@@ -131,7 +132,7 @@ class Launching:
     async def _probe(self, rec: Record) -> bool:
         base = f"http://{self.config.probe_host}:{rec.host_port}"
         try:
-            for path in ("/alive", "/health"):
+            for path in rec.extra.get("ready_paths") or DEFAULT_READY:
                 r = await self._http.get(base + path, timeout=2.0)
                 if not 200 <= r.status_code < 300:
                     return False

@@ -30,6 +30,7 @@ ignored with a log line: everything runs under podman with runc.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import socket
@@ -51,7 +52,7 @@ from .images import NodeImages
 from .launch import Launching, _Live
 from .models import ContainerStatus, RuntimeInfo, StartRequest
 from .ports import PortPool, agent_port, parse_command
-from .resolver import Resolver, describe_base
+from .resolver import Resolver, describe_base, ready_paths, recipe_for_command
 from .state import Record, Store
 from .upkeep import LIVE, Upkeep
 
@@ -113,14 +114,15 @@ class Resolving:
     """Resolution and image sizes, shared by a node's manager and a fleet's front
     (needs ``resolver``, ``to``, ``settings``, ``_sizes`` and ``_registry``)."""
 
-    async def resolve(self, image: str, *, version: str | None = None):
-        """The resolver's hit for ``image`` (at agent-server ``version``, if one is asked);
-        ``NoPrebuiltImage`` without one."""
+    async def resolve(self, image: str, recipe: str | None = None, *, version: str | None = None):
+        """The resolver's hit for ``image`` of ``recipe`` (None: the settings'; the caller
+        takes it from the client's command with ``recipe_for_command``) at agent-server
+        ``version`` (None: the resolver's default); ``NoPrebuiltImage`` without one."""
         parse(image)  # InvalidReference (400) before any registry traffic
-        ask = {"version": version} if version else {}
-        hit = await asyncio.to_thread(self.resolver.resolve, image, **ask)
+        ask = {k: v for k, v in (("recipe", recipe), ("version", version)) if v}
+        hit = await asyncio.to_thread(functools.partial(self.resolver.resolve, image, **ask))
         if hit is None:
-            raise NoPrebuiltImage(image, describe_base(image), self.to, version=version)
+            raise NoPrebuiltImage(image, describe_base(image), self.to, recipe=recipe, version=version)
         return hit
 
     async def image_size(self, hit: Any) -> int:
@@ -320,7 +322,9 @@ class RuntimeManager(Launching, Upkeep, Resolving):
                      rec.runtime_id, rec.session_id)
             self.touch(rec)
             return rec
-        hit = hit or await self.resolve(req.image, version=req.agent_server_version)
+        argv = parse_command(req.command)
+        recipe = recipe_for_command(self.settings, argv)
+        hit = hit or await self.resolve(req.image, recipe, version=req.agent_server_version)
         # from here to the record being indexed there is no await: check and reserve atomically
         existing = self.by_session.get(req.session_id)
         if existing:
@@ -336,7 +340,6 @@ class RuntimeManager(Launching, Upkeep, Resolving):
             raise CapacityFull(
                 f"this runtime server is full: {self.config.max_runtimes} runtimes run (--max-runtimes); "
                 "stop one (POST /stop) or retry later")
-        argv = parse_command(req.command)
         cport = agent_port(argv)
         hport = self._free_port()
         rid = runtime_id or secrets.token_hex(8)
@@ -348,7 +351,8 @@ class RuntimeManager(Launching, Upkeep, Resolving):
             session_api_key=secrets.token_urlsafe(32), user=None, status="running", pod_status="pending",
             created_at=now, last_activity=now, resource_factor=float(req.resource_factor),
             extra={"size": getattr(hit, "size", None), "verified": bool(getattr(hit, "verified", False)),
-                   "agent_server_version": getattr(hit, "agent_server_version", None)})
+                   "agent_server_version": getattr(hit, "agent_server_version", None),
+                   "ready_paths": list(ready_paths(Path(self.settings.recipes_dir), recipe))})
         self._index(rec)
         self._save(rec)
         lv = self.live[rid]

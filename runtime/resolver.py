@@ -7,15 +7,24 @@ prefers verified images of the current recipe and refuses (``ImageRefused``, 409
 derived reference of another recipe, or one by digest that never passed its boot
 check. It is synchronous; the server calls it in a worker thread.
 
+The recipe comes from the client's command: a command that runs another recipe's
+launcher (V0's ``/openhands/micromamba/bin/micromamba run -n openhands python -m
+openhands.runtime.action_execution_server ...`` runs recipe ``v0``'s) asks for that
+recipe's image; any other command (the agent server's) for the settings' recipe.
+
 Shape (what the server reads from a hit): ``pinned`` or ``image`` (``repo@sha256:...``),
 ``base``, ``digest``, ``verified``, ``agent_server_version`` and, optionally, ``size``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import functools
+from pathlib import Path
+from typing import Any, Protocol, Sequence
 
+from imagefarm.errors import ConfigError
 from imagefarm.names.reference import parse
+from imagefarm.payload.recipe import load_recipe
 
 
 #: the ``/start`` environment variable a client sets to ask for images of one
@@ -28,6 +37,48 @@ class Resolver(Protocol):
     def resolve(self, image: str, *, recipe: str | None = None, version: str | None = None) -> Any:
         """The prebuilt image serving ``image`` (a base or a derived reference) of
         ``recipe`` at ``version`` (None: the resolver's defaults), or None."""
+
+
+#: what the agent server answers once it serves
+DEFAULT_READY = ("/alive", "/health")
+
+
+@functools.lru_cache(maxsize=8)
+def _launchers(recipes_dir: Path, default: str) -> dict[str, str]:
+    """launcher path -> recipe name, for the append recipes whose launcher is not the
+    ``default`` recipe's (a variant of the agent server, like a test's broken recipe,
+    is asked for by name, never by command)."""
+    try:
+        own = load_recipe(default, recipes_dir).payload.launcher
+    except ConfigError:
+        own = None
+    out: dict[str, str] = {}
+    for path in sorted(Path(recipes_dir).glob("*.toml")):
+        try:
+            recipe = load_recipe(str(path), recipes_dir)
+        except ConfigError:
+            continue
+        if recipe.kind == "append" and recipe.payload.launcher != own:
+            out.setdefault(recipe.payload.launcher, recipe.name)
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def ready_paths(recipes_dir: Path, recipe: str | None) -> tuple[str, ...]:
+    """The paths a runtime of ``recipe`` (None: the agent server) answers once ready."""
+    if recipe is None:
+        return DEFAULT_READY
+    try:
+        return load_recipe(recipe, recipes_dir).ready
+    except ConfigError:
+        return DEFAULT_READY
+
+
+def recipe_for_command(settings: Any, argv: Sequence[str]) -> str | None:
+    """The recipe whose launcher ``argv`` runs, or None for the settings' recipe."""
+    if not argv:
+        return None
+    return _launchers(Path(settings.recipes_dir), settings.recipe).get(argv[0])
 
 
 def describe_base(image: str) -> str:

@@ -165,3 +165,31 @@ def payload(settings):
     from imagefarm.payload.recipe import recipe_for
 
     return build_payload(settings, recipe_for(settings), log=lambda m: print(m, file=sys.stderr))
+
+
+@pytest.fixture(scope="session")
+def v0_payload(settings):
+    """The real V0 action-execution-server payload (recipe ``v0``; built once, then cached)."""
+    import sys
+
+    from imagefarm.payload import build_payload
+    from imagefarm.payload.recipe import recipe_for
+
+    return build_payload(settings, recipe_for(settings, "v0"), log=lambda m: print(m, file=sys.stderr))
+
+
+@pytest.fixture(scope="session")
+def v0_images(settings, fixtures, registry, v0_payload):
+    """The V0 payload derived (real ``Appender``) onto an r2e-style base and the busybox
+    base without libc: {"r2e": DeriveResult, "busybox": DeriveResult, "r2e_base": ref}."""
+    from imagefarm.derive import Appender, AppendPayload
+    from imagefarm.payload.recipe import recipe_for
+
+    payload = AppendPayload.of(v0_payload, recipe_for(settings, "v0"))
+    r2e = fixtures.r2e_base()
+    busybox = fixtures.busybox_base(repo="fixtures/v0-busybox", tag="1")
+    with Appender(settings) as appender:
+        out = {"r2e": appender.derive(r2e.ref, payload, to=f"{registry.host}/prebuilt"),
+               "busybox": appender.derive(busybox.ref, payload, to=f"{registry.host}/prebuilt")}
+    out["r2e_base"] = r2e.ref
+    return out

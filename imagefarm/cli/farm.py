@@ -11,6 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from imagefarm.farm.prebuild import BatchState, load_state, run_batch
+from imagefarm.payload.recipe import recipe_for
 from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
 from .payload import version_option
@@ -21,7 +22,9 @@ from .payload import version_option
 def prebuild(
     dataset: str = typer.Option(..., "--dataset", "-d", help="hub id (R2E-Gym/R2E-Gym-Subset), parquet/jsonl/txt file or directory"),
     to: Optional[str] = typer.Option(None, help="registry prefix for prebuilt images (IMAGEFARM_TO)"),
-    recipe: Optional[str] = typer.Option(None, help="recipe name or path (IMAGEFARM_RECIPE)"),
+    recipe: Optional[list[str]] = typer.Option(
+        None, help="recipe name or path (IMAGEFARM_RECIPE); repeat for several recipes in one run "
+                   "(--recipe default --recipe v0): one batch per recipe, one after the other"),
     agent_server_version: Optional[str] = version_option(),
     executor: str = typer.Option("local", help="local (thread pool, no Redis) or celery (workers on the broker)"),
     limit: Optional[int] = typer.Option(None, min=1, help="only the first N unique bases"),
@@ -46,10 +49,34 @@ def prebuild(
     """
     if executor not in ("local", "celery"):
         raise typer.BadParameter("--executor must be local or celery")
-    settings = Settings.load(to=to, recipe=recipe, broker_url=broker_url, payload_from=payload_from,
-                             agent_server_version=agent_server_version)
+    recipes = list(dict.fromkeys(recipe or [None]))
+    if len(recipes) > 1 and agent_server_version:
+        raise typer.BadParameter("--agent-server-version names one recipe's version: give one --recipe with it")
+    runs = [Settings.load(to=to, recipe=r, broker_url=broker_url, payload_from=payload_from,
+                          agent_server_version=agent_server_version) for r in recipes]
+    for settings in runs:  # every recipe named is checked before the first batch starts
+        recipe_for(settings)
+    states = []
+    for settings in runs:
+        if plan:
+            _plan(settings, dataset, limit, bandwidth, workers, json_out)
+            continue
+        states.append(_prebuild(settings, dataset, executor, limit, verify, lockfile, workers, verify_timeout))
     if plan:
-        return _plan(settings, dataset, limit, bandwidth, workers, json_out)
+        return
+    if json_out:
+        docs = [{**st.__dict__, "done": st.done} for st in states]
+        emit_json(docs[0] if len(docs) == 1 else {"batches": docs})
+    else:
+        for st in states:
+            _summary(st)
+    if any(st.failed or st.verify_failed for st in states):
+        raise typer.Exit(1)
+
+
+def _prebuild(settings: Settings, dataset: str, executor: str, limit: int | None, verify: str,
+              lockfile: Path | None, workers: int, verify_timeout: float) -> BatchState:
+    """One recipe's batch with its progress line (the lockfile keeps each recipe's entries apart)."""
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[counts]}"), TextColumn("{task.fields[rate]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
@@ -77,13 +104,7 @@ def prebuild(
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: run the same command again to resume; finished images are kept")
         raise typer.Exit(130)
-    state = result.state
-    if json_out:
-        emit_json({**state.__dict__, "done": state.done})
-    else:
-        _summary(state)
-    if state.failed or state.verify_failed:
-        raise typer.Exit(1)
+    return result.state
 
 
 def _plan(settings: Settings, dataset: str, limit: int | None, bandwidth: str, workers: int,

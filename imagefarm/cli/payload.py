@@ -68,7 +68,7 @@ def build_cmd(
     cached = not force and load_payload(settings, rec) is not None
     t0 = time.monotonic()
     if not cached:
-        console.print(f"building the payload of recipe {rec.name} (openhands-agent-server "
+        console.print(f"building the payload of recipe {rec.name} ({rec.agent_server.package} "
                       f"{rec.agent_server_version}) ...", highlight=False)
     if mirror is not None and not mirror.startswith(("http://", "https://", "file:/")):
         raise typer.BadParameter(f"--mirror must be an http(s):// or file:/ URL, not {mirror!r}")

@@ -1,17 +1,23 @@
-"""Boot an agent-server image and prove it serves: ``verify(settings, image_ref)``.
+"""Boot a prebuilt image and prove it serves: ``verify(settings, image_ref)``.
 
-The image runs under podman exactly as a runtime would start it
-(``/usr/local/bin/openhands-agent-server --port 60000`` with ``SESSION_API_KEY`` set,
-so the server binds 0.0.0.0), published on a free loopback port. It passes when
+The image runs under podman exactly as a runtime would start it (its recipe's
+``[image] command``, read from the image's recipe label: the agent server's
+``/usr/local/bin/openhands-agent-server --port 60000``, or V0's ``micromamba run -n
+openhands python -u -m openhands.runtime.action_execution_server 60000 ...``) with
+``SESSION_API_KEY`` set (so the server binds 0.0.0.0), published on a free loopback
+port. It passes when
 
-1. ``GET /alive`` and ``GET /health`` answer 2xx before the timeout;
-2. a real command sent through the server's own API
-   (``POST /api/bash/execute_bash_command``, cwd ``/testbed`` when it exists) runs
-   in the *base's* environment: ``python`` there is the base's venv (the image
-   config's ``VIRTUAL_ENV``), never the payload's own interpreter;
-3. ``GET /server_info`` names the openhands-agent-server version the image's label
-   (``dev.imagefarm.agent-server.version``, written by derive) says it holds: a
-   payload built from another version than its recipe digest claims is caught here.
+1. the recipe's ``ready`` paths (the agent server's ``/alive`` and ``/health``, V0's
+   ``/alive``) answer 2xx before the timeout;
+2. a real command sent through the server's own API (the agent server's
+   ``POST /api/bash/execute_bash_command``; V0's ``POST /execute_action`` with a
+   ``run`` action, which goes through its tmux bash session), in ``/testbed`` when it
+   exists, runs in the *base's* environment: ``python`` there is the base's venv (the
+   image config's ``VIRTUAL_ENV``), never the payload's own interpreter.
+3. the agent server's ``GET /server_info`` names the openhands-agent-server version the
+   image's label (``dev.imagefarm.agent-server.version``, written by derive) says it
+   holds: a payload built from another version than its recipe digest claims is caught
+   here (V0's server has no such route).
 
 Otherwise ``VerifyError`` says why: timeout, crash (with the container's last log
 lines), wrong python. The container is always removed.
@@ -30,14 +36,14 @@ import httpx
 
 from imagefarm import oci
 from imagefarm.host.containers import run
-from imagefarm.errors import ToolError, VerifyError
+from imagefarm.errors import ConfigError, ToolError, VerifyError
 from imagefarm.names.reference import parse
+from imagefarm.payload.recipe import Recipe, load_recipe, recipe_for
 from imagefarm.settings import Settings
 
+#: the port every recipe's ``[image] command`` serves on
 PORT = 60000
-COMMAND = ["/usr/local/bin/openhands-agent-server", "--port", str(PORT)]
 LABEL = "imagefarm"
-PAYLOAD_PREFIX = "/agent-server"
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,18 @@ def pull(settings: Settings, image_ref: str, timeout: float = 900) -> dict[str, 
     return data[0] if isinstance(data, list) else data
 
 
+def _recipe_of(settings: Settings, info: dict[str, Any]) -> Recipe:
+    """The recipe the image's label names (derive writes it), else the settings' recipe."""
+    labels = info.get("Labels") or (info.get("Config") or {}).get("Labels") or {}
+    name = labels.get(oci.ANN_RECIPE)
+    if name:
+        try:
+            return load_recipe(name, settings.recipes_dir)
+        except ConfigError:
+            pass
+    return recipe_for(settings)
+
+
 def _logs(settings: Settings, name: str, lines: int = 20) -> str:
     proc = run(settings, ["podman", "logs", "--tail", str(lines), name], check=False, timeout=30)
     return (proc.stdout + proc.stderr).strip() or "(no output)"
@@ -112,6 +130,9 @@ def verify(
     ``workdir="/"``). Raises ``VerifyError`` with the reason on any failure.
     """
     info = pull(settings, image_ref, pull_timeout)
+    recipe = _recipe_of(settings, info)
+    command = list(recipe.command)
+    v0 = recipe.payload.launcher_style == "micromamba"
     env = _env_of(info)
     labels = info.get("Labels") or (info.get("Config") or {}).get("Labels") or {}
     claimed = labels.get(oci.ANN_AGENT_VERSION, "")
@@ -124,9 +145,9 @@ def verify(
             # the key by name only: podman takes the value from its own environment, so it is
             # never on a command line (ps, /proc/<pid>/cmdline) nor in an error message
             "-e", "SESSION_API_KEY", "-e", "LITELLM_LOCAL_MODEL_COST_MAP=True",
-            "--entrypoint", COMMAND[0],
+            "--entrypoint", command[0],
             *(["--user", user] if user else []), *(["--workdir", workdir] if workdir else []),
-            image_ref, *COMMAND[1:]]
+            image_ref, *command[1:]]
     t0 = time.monotonic()
     checks: list[str] = []
     try:
@@ -136,20 +157,23 @@ def verify(
             raise VerifyError(f"{image_ref}: the container did not start: {exc}") from None
         base = f"http://127.0.0.1:{port}"
         with httpx.Client(timeout=10) as http:
-            alive = _wait(settings, http, name, image_ref, f"{base}/alive", t0, timeout)
-            checks.append(f"/alive after {alive:.1f}s")
-            _wait(settings, http, name, image_ref, f"{base}/health", t0, timeout)
-            checks.append("/health 2xx")
+            first, *more = recipe.ready
+            alive = _wait(settings, http, name, image_ref, f"{base}{first}", t0, timeout)
+            checks.append(f"{first} after {alive:.1f}s")
+            for path in more:
+                _wait(settings, http, name, image_ref, f"{base}{path}", t0, timeout)
+                checks.append(f"{path} 2xx")
             headers = {"X-Session-API-Key": key}
-            served = _server_version(http, f"{base}/server_info", headers, image_ref)
-            if claimed and served != claimed:
-                raise VerifyError(f"{image_ref}: /server_info says openhands-agent-server {served}, but the image's "
-                                  f"label {oci.ANN_AGENT_VERSION} says {claimed}: the payload is not the one its "
-                                  "recipe names; rebuild it (`imagefarm payload build --force`)")
-            checks.append(f"/server_info: openhands-agent-server {served}"
-                          + (" (= the image's label)" if claimed else ""))
+            served = None if v0 else _server_version(http, f"{base}/server_info", headers, image_ref)
+            if served is not None:
+                if claimed and served != claimed:
+                    raise VerifyError(f"{image_ref}: /server_info says openhands-agent-server {served}, but the "
+                                      f"image's label {oci.ANN_AGENT_VERSION} says {claimed}: the payload is not "
+                                      "the one its recipe names; rebuild it (`imagefarm payload build --force`)")
+                checks.append(f"/server_info: openhands-agent-server {served}"
+                              + (" (= the image's label)" if claimed else ""))
 
-            def sh(command: str, cwd: str | None) -> tuple[int, str, str]:
+            def agent_sh(command: str, cwd: str | None) -> tuple[int, str, str]:
                 body: dict[str, Any] = {"command": command, "timeout": 60}
                 if cwd:
                     body["cwd"] = cwd
@@ -165,6 +189,26 @@ def verify(
                 d = r.json()
                 return int(d.get("exit_code", -1)), (d.get("stdout") or ""), (d.get("stderr") or "")
 
+            def v0_sh(command: str, cwd: str | None) -> tuple[int, str, str]:
+                # a CmdRunAction as the V0 client serialises it; the observation's
+                # content is the pane's output (stdout and stderr together)
+                action = {"action": "run", "timeout": 60,
+                          "args": {"command": f"cd {cwd} && {command}" if cwd else command, "is_input": False}}
+                try:
+                    r = http.post(f"{base}/execute_action", json={"action": action}, headers=headers, timeout=90)
+                except httpx.HTTPError as exc:
+                    raise VerifyError(f"{image_ref}: execute_action failed: {exc}; "
+                                      f"container log:\n{_logs(settings, name)}") from None
+                if r.status_code // 100 != 2:
+                    raise VerifyError(f"{image_ref}: execute_action `{command}` answered "
+                                      f"{r.status_code}: {r.text[:500]}; container log:\n{_logs(settings, name)}")
+                d = r.json()
+                code = ((d.get("extras") or {}).get("metadata") or {}).get("exit_code", -1)
+                content = d.get("content") or ""
+                return int(code if code is not None else -1), content, content
+
+            sh = v0_sh if v0 else agent_sh
+
             code, out, err = sh("if [ -d /testbed ]; then echo yes; else echo no; fi", None)
             if code != 0:
                 raise VerifyError(f"{image_ref}: a shell command through the agent server failed "
@@ -176,6 +220,13 @@ def verify(
                 command = ("if command -v python3 >/dev/null 2>&1; then python3 -c 'import sys; print(sys.prefix)'; "
                            "else echo ok; pwd; fi")
             code, out, err = sh(command, cwd or None)
+            # V0's tmux session now and then reads a finished command's pane before its
+            # output shows (exit 0, empty content; seen once in five boots here): ask again
+            for _ in range(2):
+                if not (v0 and code == 0 and not out.strip()):
+                    break
+                checks.append("V0 answered empty output: asked again")
+                code, out, err = sh(command, cwd or None)
             checks.append(f"`{command}` exit {code}")
             got = out.strip().splitlines()
             if code != 0:
@@ -184,14 +235,14 @@ def verify(
             if venv and (not got or got[0] != venv):
                 raise VerifyError(f"{image_ref}: wrong python in the agent's shell: sys.prefix is "
                                   f"{got[0] if got else '(nothing)'!r}, expected the base's venv {venv!r}")
-            if any(line.startswith(PAYLOAD_PREFIX) for line in got):
+            if any(line.startswith(recipe.payload.prefix) for line in got):
                 raise VerifyError(f"{image_ref}: wrong python in the agent's shell: the payload's own "
                                   f"interpreter ({got[0]}) leaks into the base's environment")
             if not got:
                 raise VerifyError(f"{image_ref}: `{command}` printed nothing")
             checks.append(f"agent shell sees {got[0]}")
             return VerifyResult(image_ref, True, round(alive, 2), round(time.monotonic() - t0, 2),
-                                cwd or "(server default)", command, out.strip(), venv, checks, served)
+                                cwd or "(server default)", command, out.strip(), venv, checks, served or "")
     finally:
         run(settings, ["podman", "rm", "-f", "-t", "0", name], check=False, timeout=60)
 

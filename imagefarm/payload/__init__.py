@@ -5,14 +5,16 @@ only when ``cache_dir/payload/<recipe digest>.json`` (and its blob) is missing:
 
 1. a Debian builder rootfs (``builder.builder_rootfs``, cached; ``userns`` says how a
    normal user builds the same without root);
-2. in a chroot of it, the tree ``/agent-server``: the builder's python3.X and its
-   stdlib, a venv (``home = /agent-server/bin``) with openhands-agent-server
-   installed by uv, a private tmux under ``tools/bin``, all precompiled
+2. in a chroot of it, the tree at the recipe's prefix (``/agent-server``; ``/openhands/v0``
+   for recipe ``v0``): the builder's python3.X and its stdlib, a venv (``home =
+   PREFIX/bin``) with the recipe's package (openhands-agent-server; openhands-ai for V0)
+   installed by uv, a private tmux (and bash, if asked) under ``tools/bin``, all precompiled
    (unchecked-hash .pyc) -- cached per ``recipe.tree_digest``;
 3. the ELF closure (glibc and its loader included) into ``/agent-server/syslib``
    and patchelf (``bundle``), so nothing comes from the base's libc;
-4. the launcher ``/usr/local/bin/openhands-agent-server`` (a Python script whose
-   shebang is the venv's python: no /bin/sh needed) and the layer, written by
+4. the launcher (``/usr/local/bin/openhands-agent-server``; V0:
+   ``/openhands/micromamba/bin/micromamba``; a Python script whose shebang is the
+   venv's python: no /bin/sh needed) and the layer, written by
    ``oci.write_layer`` with fixed mtimes and owners: same recipe, same bytes.
 
 Modules: ``cache`` (the ``Payload`` value and its record), ``tree`` (step 2), ``bundle``

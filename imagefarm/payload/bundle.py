@@ -9,7 +9,12 @@ loader itself, libssl, ... -- is copied into ``PREFIX/syslib``. Then:
   DT_RPATH also applies to the libraries it loads that have no DT_RUNPATH, which
   is what the extension modules of the standard library are);
 * shared objects that carry a DT_RUNPATH (wheels' ``$ORIGIN/../foo.libs``) ignore
-  the executable's DT_RPATH, so ``PREFIX/syslib`` is appended to their own.
+  the executable's DT_RPATH, so ``PREFIX/syslib`` is appended to their own. patchelf
+  writes that as a DT_RUNPATH even where the object had a DT_RPATH, and a DT_RUNPATH is
+  not inherited by the libraries the object loads: pillow 11's ``_imaging`` (DT_RPATH
+  ``$ORIGIN/../pillow.libs``) then loads its bundled libtiff, which no longer finds the
+  ``liblzma-<hash>.so`` beside it. An object that ``ldd`` shows broken that way (a
+  library missing after the patch that was found before) gets its DT_RPATH back.
 
 No LD_LIBRARY_PATH anywhere: processes the agent starts (the base's bash and
 python) load the base's own libraries with the base's own loader.
@@ -24,6 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from elftools.common.exceptions import ELFError
+from elftools.elf.dynamic import DynamicSection
+from elftools.elf.elffile import ELFFile
+
 from imagefarm.errors import PayloadError
 from .builder import Chroot
 
@@ -34,7 +43,7 @@ LOADER = "ld-linux-x86-64.so.2"
 DLOPENED = ("libgcc_s.so.1",)
 _LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib", "/lib")
 
-_ARROW = re.compile(r"^\s*(\S+)\s+=>\s+(\S+)(?:\s+\(0x[0-9a-f]+\))?\s*$")
+_ARROW = re.compile(r"^\s*(\S+)\s+=>\s+(not found|\S+)(?:\s+\(0x[0-9a-f]+\))?\s*$")
 _BARE = re.compile(r"^\s*(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
 
 
@@ -65,6 +74,19 @@ class Closure:
     missing: dict[str, list[str]] = field(default_factory=dict)  # file -> sonames not found
 
 
+def has_dt_rpath(path: Path) -> bool:
+    """Whether the ELF file's search path is a DT_RPATH (not a DT_RUNPATH)."""
+    try:
+        with open(path, "rb") as fh:
+            for section in ELFFile(fh).iter_sections():
+                if isinstance(section, DynamicSection):
+                    tags = {t.entry.d_tag for t in section.iter_tags()}
+                    return "DT_RPATH" in tags and "DT_RUNPATH" not in tags
+    except (OSError, ELFError):
+        return False
+    return False
+
+
 def _inside(tree: Path, prefix: str, p: Path) -> str:
     return prefix.rstrip("/") + "/" + str(p.relative_to(tree))
 
@@ -83,7 +105,7 @@ def ldd_closure(chroot: Chroot, tree: Path, prefix: str, files: list[Path]) -> C
         m = _ARROW.match(line)
         if m:
             name, path = m.groups()
-            if path == "not":  # "libfoo.so => not found"
+            if path == "not found":  # "libfoo.so => not found"
                 closure.missing.setdefault(current, []).append(name)
             elif not path.startswith(prefix.rstrip("/") + "/"):
                 closure.libs.setdefault(name, path)
@@ -124,8 +146,11 @@ def collect_syslib(chroot: Chroot, tree: Path, prefix: str, log: Log) -> Closure
     return closure
 
 
-def patch_elves(chroot: Chroot, tree: Path, prefix: str, executables: list[Path], log: Log) -> None:
-    """Point executables at the bundled loader; extend DT_RUNPATHs with syslib."""
+def patch_elves(chroot: Chroot, tree: Path, prefix: str, executables: list[Path], log: Log,
+                before: Closure | None = None) -> None:
+    """Point executables at the bundled loader; extend DT_RUNPATHs with syslib.
+
+    ``before``: the closure ``collect_syslib`` found (to tell what the patch broke)."""
     syslib = prefix.rstrip("/") + "/syslib"
     loader = f"{syslib}/{LOADER}"
     for exe in executables:
@@ -147,10 +172,22 @@ def patch_elves(chroot: Chroot, tree: Path, prefix: str, executables: list[Path]
         path, _, rpath = line.partition("\t")
         if rpath.strip() and syslib not in rpath.split(":"):
             todo.append(path)
+    host = {_inside(tree, prefix, f): f for f in shared}
+    was_rpath = [p for p in todo if has_dt_rpath(host[p])]
     for i in range(0, len(todo), 50):
         chunk = todo[i:i + 50]
         chroot.run(["/bin/bash", "-c", 'for f in "$@"; do patchelf --add-rpath "$0" "$f" || exit 1; done',
                     syslib, *chunk], what="patchelf --add-rpath")
+    if was_rpath:
+        missing_before = before.missing if before else {}
+        after = ldd_closure(chroot, tree, prefix, [host[p] for p in was_rpath]).missing
+        broken = [p for p in was_rpath if set(after.get(p, ())) - set(missing_before.get(p, ()))]
+        if broken:
+            chroot.run(["/bin/bash", "-c",
+                        'for f in "$@"; do patchelf --force-rpath --set-rpath "$(patchelf --print-rpath "$f")" "$f" '
+                        '|| exit 1; done', "rpath-back", *broken], what="patchelf --force-rpath")
+            log(f"{len(broken)} objects keep a DT_RPATH (their bundled libraries need it): "
+                f"{', '.join(Path(p).name for p in broken[:5])}")
     log(f"patched {len(executables)} executables and {len(todo)} RUNPATH objects")
 
 

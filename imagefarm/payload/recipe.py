@@ -44,7 +44,10 @@ class _Frozen(BaseModel):
 
 
 class AgentServerSpec(_Frozen):
-    version: str = Field(description="openhands-agent-server version from PyPI")
+    package: str = Field(
+        default="openhands-agent-server",
+        description="the PyPI distribution installed at `version` (openhands-ai for the V0 server)")
+    version: str = Field(description="version of `package` from PyPI")
     extra_packages: tuple[str, ...] = Field(
         default=(), description="more pip requirements installed beside the server")
     exclude_newer: str | None = Field(
@@ -54,6 +57,9 @@ class AgentServerSpec(_Frozen):
         default="openhands.agent_server.__main__",
         description="module whose main() the launcher runs")
     function: str = Field(default="main", description="function of `module` the launcher calls")
+    check_import: str = Field(
+        default="openhands.agent_server.api",
+        description="module the build imports to prove the payload loads nothing from outside it")
 
 
 class BuilderSpec(_Frozen):
@@ -78,7 +84,16 @@ class BuilderSpec(_Frozen):
 class PayloadSpec(_Frozen):
     prefix: str = Field(default="/agent-server", description="where the relocatable tree lives")
     launcher: str = Field(default="/usr/local/bin/openhands-agent-server")
+    launcher_style: Literal["entrypoint", "micromamba"] = Field(
+        default="entrypoint",
+        description="entrypoint: the launcher calls module.function; micromamba: it answers "
+                    "`micromamba run -n ENV [poetry run] python ARGS` (the V0 command) with the payload's python")
     tmux: bool = Field(default=True, description="ship a private tmux under PREFIX/tools/bin")
+    bash: bool = Field(default=False, description="ship a private bash under PREFIX/tools/bin "
+                                                   "(and the C.UTF-8 locale tmux needs) for bases without them")
+    dirs: tuple[str, ...] = Field(default=(), description="empty directories the layer adds (e.g. /openhands/code)")
+    append_args: tuple[str, ...] = Field(
+        default=(), description="micromamba launcher: arguments appended to the client's (the last wins in argparse)")
     precompile: bool = Field(default=True, description="ship .pyc (unchecked-hash) for fast cold start")
     drop: tuple[str, ...] = Field(
         default=("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data"),
@@ -99,6 +114,9 @@ class Recipe(_Frozen):
     payload: PayloadSpec = PayloadSpec()
     env: tuple[str, ...] = Field(default=(), description='"K=V" added to the image config')
     command: tuple[str, ...] = ("/usr/local/bin/openhands-agent-server", "--port", "60000")
+    ready: tuple[str, ...] = Field(
+        default=("/alive", "/health"),
+        description="paths that answer 2xx once the server serves (verify and the runtime probe them)")
     containerfile: str | None = Field(
         default=None, description="Containerfile template (kind = buildah); {base} is the base ref")
     source: str = Field(default="", exclude=True, description="file it was read from")
@@ -127,7 +145,7 @@ class Recipe(_Frozen):
     # -- identity ---------------------------------------------------------------
     def canonical(self) -> dict[str, Any]:
         return {"payload_format": PAYLOAD_FORMAT, "launcher_format": LAUNCHER_FORMAT,
-                **self.model_dump(mode="json")}
+                **_without_new_defaults(self.model_dump(mode="json"))}
 
     @property
     def digest(self) -> str:
@@ -159,14 +177,33 @@ class Recipe(_Frozen):
             "builder": self.builder.model_dump(mode="json"),
             "prefix": self.payload.prefix,
             "tmux": self.payload.tmux,
+            "bash": self.payload.bash,
             "precompile": self.payload.precompile,
             "drop": list(self.payload.drop),
         }
+        tree = _without_new_defaults(tree)
         return "sha256:" + hashlib.sha256(canonical_json(tree)).hexdigest()
 
     @property
     def requirements(self) -> list[str]:
-        return [f"openhands-agent-server=={self.agent_server.version}", *self.agent_server.extra_packages]
+        return [f"{self.agent_server.package}=={self.agent_server.version}", *self.agent_server.extra_packages]
+
+
+#: keys added after recipes were in use, with their defaults: left out of the digests when
+#: at the default, so an existing recipe keeps its digest (and its built payload and tags)
+_NEW_DEFAULTS = {
+    "agent_server": {"package": "openhands-agent-server", "check_import": "openhands.agent_server.api"},
+    "payload": {"launcher_style": "entrypoint", "bash": False, "dirs": [], "append_args": []},
+    "": {"bash": False, "ready": ["/alive", "/health"]},  # top-level keys (tree_digest's and the recipe's)
+}
+
+
+def _without_new_defaults(d: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in d.items() if not (k in _NEW_DEFAULTS[""] and v == _NEW_DEFAULTS[""][k])}
+    for section, defaults in _NEW_DEFAULTS.items():
+        if section and isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if not (k in defaults and v == defaults[k])}
+    return out
 
 
 def parse_recipe(text: str, *, source: str = "<string>") -> Recipe:
@@ -178,7 +215,7 @@ def parse_recipe(text: str, *, source: str = "<string>") -> Recipe:
     image = data.pop("image", {}) or {}
     if not isinstance(image, dict):
         raise ConfigError(f"recipe {source}: [image] must be a table")
-    for key in ("env", "command", "containerfile"):
+    for key in ("env", "command", "ready", "containerfile"):
         if key in image:
             data[key] = image.pop(key)
     if image:

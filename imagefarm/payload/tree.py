@@ -23,9 +23,13 @@ _COMPLETE = ".imagefarm-complete"
 #: terminfo entries the private tmux may need (bases without ncurses-base have none)
 _TERMINFO = ("d/dumb", "l/linux", "s/screen", "s/screen-256color", "t/tmux", "t/tmux-256color",
              "v/vt100", "x/xterm", "x/xterm-256color")
-#: imported by the isolation check (all native stdlib modules the server touches + the server)
+#: imported by the isolation check (all native stdlib modules the server touches), then
+#: the recipe's ``check_import`` (the server)
 _CHECK_IMPORTS = ["ssl", "sqlite3", "ctypes", "lzma", "bz2", "zlib", "hashlib", "uuid", "decimal",
-                  "_asyncio", "pyexpat", "openhands.agent_server.api"]
+                  "_asyncio", "pyexpat"]
+#: the builder's C.UTF-8 locale: tmux refuses to start without a UTF-8 locale, and a base
+#: without libc has none (the launcher points LOCPATH here only on such a base)
+_LOCALE = "usr/lib/locale/C.utf8"
 
 
 def tree_size(tree: Path) -> int:
@@ -67,19 +71,26 @@ def build_tree(settings: Settings, recipe: Recipe, *, log: Log = quiet, force: b
             python_version = _install(ch, tree, recipe, uv, log)
             if recipe.payload.tmux:
                 _add_tmux(ch, tree)
-            bundle.collect_syslib(ch, tree, prefix, log)
+            if recipe.payload.bash:
+                _add_bash(ch, tree)
+            closure = bundle.collect_syslib(ch, tree, prefix, log)
             exes = [tree / "bin" / f"python{recipe.builder.python}"]
             if recipe.payload.tmux:
                 exes.append(tree / "tools/bin/tmux")
-            bundle.patch_elves(ch, tree, prefix, exes, log)
+            if recipe.payload.bash:
+                exes.append(tree / "tools/bin/bash")
+            bundle.patch_elves(ch, tree, prefix, exes, log, before=closure)
             ch.run([f"{prefix}/venv/bin/python", "-I", "-c", "import sys; print(sys.version)"],
                    what="the patched python")
             if recipe.payload.precompile:
                 _precompile(ch, tree, recipe, log)
             log("checking the bundled python loads nothing from outside the payload ...")
-            bundle.check_isolated(ch, prefix, f"{prefix}/venv/bin/python", _CHECK_IMPORTS)
+            bundle.check_isolated(ch, prefix, f"{prefix}/venv/bin/python",
+                                  [*_CHECK_IMPORTS, recipe.agent_server.check_import])
             if recipe.payload.tmux:
                 ch.run([f"{prefix}/tools/bin/tmux", "-V"], what="bundled tmux -V")
+            if recipe.payload.bash:
+                ch.run([f"{prefix}/tools/bin/bash", "-c", "echo $BASH_VERSION"], what="bundled bash")
         _normalise_modes(tree)
         (work / _COMPLETE).write_text(python_version + "\n")
         if final.exists():
@@ -155,6 +166,15 @@ def _add_tmux(ch: Chroot, tree: Path) -> None:
                     p = ch.root / ch.run(["readlink", "-f", f"/{d}/{rel}"]).stdout.strip().lstrip("/")
                 shutil.copyfile(p, dst)
                 break
+
+
+def _add_bash(ch: Chroot, tree: Path) -> None:
+    """The builder's bash and C.UTF-8 locale, for bases that have neither (no libc at all)."""
+    (tree / "tools/bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ch.root / "usr/bin/bash", tree / "tools/bin/bash")
+    if not (ch.root / _LOCALE).is_dir():
+        raise PayloadError(f"the builder has no /{_LOCALE} (libc-bin): tmux needs a UTF-8 locale")
+    shutil.copytree(ch.root / _LOCALE, tree / "tools/locale/C.utf8", symlinks=False)
 
 
 def _precompile(ch: Chroot, tree: Path, recipe: Recipe, log: Log) -> None:

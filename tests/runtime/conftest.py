@@ -44,34 +44,6 @@ def standin_layer(settings, tmp_path_factory) -> oci.Layer:
 
 
 @pytest.fixture(scope="session")
-def prebuilt_v0(rt_settings, fixtures, rt_to, tmp_path_factory):
-    """A busybox base of its own derived with a stand-in that also answers the V0 command
-    (``/openhands/micromamba/bin/micromamba ...``): for the real V0 client's start path.
-    The default recipe's name and digest (the lookup serves only the current recipe);
-    started by its derived reference (a lookup resolves a tag of it to itself)."""
-    from imagefarm.derive import Appender, AppendPayload
-    from imagefarm.payload.recipe import recipe_for
-
-    busybox = busybox_binary(rt_settings.cache_dir)
-    ok = b'{"status":"ok"}\n'
-    entries = [oci.dir_entry(d) for d in ("usr", "usr/local", "usr/local/bin", "opt", "opt/standin-www",
-                                           "openhands", "openhands/micromamba", "openhands/micromamba/bin")]
-    entries += [
-        ("usr/local/bin/busybox", busybox, None),
-        oci.file_entry("usr/local/bin/openhands-agent-server", STANDIN_AGENT_SERVER, 0o755),
-        oci.symlink_entry("openhands/micromamba/bin/micromamba", "/usr/local/bin/openhands-agent-server"),
-        oci.file_entry("opt/standin-www/alive", ok),
-        oci.file_entry("opt/standin-www/health", ok),
-    ]
-    layer = oci.write_layer(entries, tmp_path_factory.mktemp("standin-v0"))
-    recipe = recipe_for(rt_settings)
-    payload = AppendPayload(layer, recipe.name, recipe.digest, recipe.agent_server_version, ())
-    base = fixtures.busybox_base(repo="fixtures/runtime-busybox-v0", tag="1")
-    with Appender(rt_settings) as appender:
-        return appender.derive(base.ref, payload, to=rt_to)
-
-
-@pytest.fixture(scope="session")
 def rt_to(registry) -> str:
     return f"{registry.host}/prebuilt"
 

@@ -200,20 +200,15 @@ def test_v0_client_shapes(server_factory, client, prebuilt, rt_to):
         assert [x["session_id"] for x in batch] == [sid]
         assert client.post(f"{srv.url}/stop", json={"runtime_id": rid}).status_code == 200
 
-        # the V0 action execution server command is not in agent-server images: a clear failure
+        # the V0 action execution server command asks for the v0 recipe's image: this base
+        # has only an agent-server image, so the same clear 404, naming the recipe
         v0cmd = ["/openhands/micromamba/bin/micromamba", "run", "-n", "openhands", "poetry", "run", "python", "-u",
                  "-m", "openhands.runtime.action_execution_server", "60000", "--working-dir", "/workspace",
                  "--username", "root", "--user-id", "0", "--no-enable-browser"]
-        sid2 = _sid("v0")
-        rid2 = client.post(f"{srv.url}/start", json={**start, "session_id": sid2, "command": v0cmd}).json()["runtime_id"]
-        deadline = time.monotonic() + 30
-        while (d := client.get(f"{srv.url}/runtime/{rid2}").json())["pod_status"] != "failed":
-            assert time.monotonic() < deadline, d
-            time.sleep(0.1)
-        assert "agent-server images serve SDK clients" in d["restart_reasons"][0]
-        assert client.post(f"{srv.url}/stop", json={"runtime_id": rid2}).status_code == 200
-        assert client.post(f"{srv.url}/stop", json={"runtime_id": rid2}).status_code == 404
-        assert client.get(f"{srv.url}/runtime/{rid2}").status_code == 404
+        r = client.post(f"{srv.url}/start", json={**start, "session_id": _sid("v0"), "command": v0cmd})
+        assert r.status_code == 404, r.text
+        assert "no prebuilt image of recipe v0 for" in r.json()["detail"] and "--recipe v0" in r.json()["detail"]
+        assert client.get(f"{srv.url}/list").json()["runtimes"] == []
 
 
 @pytest.mark.parametrize("body", [
@@ -375,22 +370,37 @@ def test_real_sdk_client_against_standin(server_factory, client, prebuilt, rt_se
         assert our_containers(rt_settings, srv.manager.server_id) == []
 
 
-def test_real_v0_client(server_factory, prebuilt, prebuilt_v0, rt_settings, v0_python):
-    """openhands-ai 0.59's own RemoteRuntime and RemoteRuntimeBuilder code."""
+@pytest.mark.timeout(900)
+def test_real_v0_client(cli_server, prebuilt, v0_images, rt_settings, v0_python):
+    """openhands-ai 0.59's own RemoteRuntime (connect, a command in /testbed, close) on the
+    real ``v0`` image of an r2e-style base, started by ``imagefarm runtime serve``, then
+    its RemoteRuntimeBuilder's calls. The image is on the node first (as after a prefetch)."""
+    import subprocess
     from pathlib import Path
 
-    with server_factory() as srv:
-        proc = v0_python.run(Path(__file__).with_name("v0_client.py"), srv.url, API_KEY,
-                             prebuilt_v0.image, prebuilt["busybox_base"], timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        steps = {s["step"]: s for s in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
-        assert steps["ready"]["url"].startswith("http://127.0.0.1:") and steps["ready"]["session_api_key_set"]
-        assert steps["ready"]["web_hosts"] == {}
-        assert steps["closed"]["runtime_id"] == steps["ready"]["runtime_id"]
-        assert steps["image_exists"] == {"step": "image_exists", "base": True, "v0_runtime": False}
-        assert steps["build"]["refused"] is True and "prebuilt images only" in steps["build"]["error"]
-        assert srv.manager.records == {}
-        assert our_containers(rt_settings, srv.manager.server_id) == []
+    from imagefarm.farm.verify import pull
+
+    pull(rt_settings, v0_images["r2e"].image)
+    srv = cli_server()
+    url = srv.start()
+    try:
+        proc = v0_python.run(Path(__file__).with_name("v0_client.py"), url, API_KEY,
+                             v0_images["r2e_base"], prebuilt["busybox_base"], timeout=420)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the V0 client hung: {str(exc.stderr or '')[-3000:]}\n{srv.output()[-3000:]}") from None
+    assert proc.returncode == 0, proc.stderr[-3000:] + srv.output()[-3000:]
+    steps = {s["step"]: s for s in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
+    assert steps["ready"]["url"].startswith("http://127.0.0.1:") and steps["ready"]["session_api_key_set"]
+    assert steps["ready"]["web_hosts"] == {}
+    # the base's venv in the agent's shell, in /testbed (the server's --working-dir)
+    assert steps["action"]["type"] == "CmdOutputObservation" and steps["action"]["exit_code"] == 0
+    assert steps["action"]["content"].split() == ["/testbed/.venv", "/testbed"], steps["action"]
+    assert steps["closed"]["runtime_id"] == steps["ready"]["runtime_id"]
+    assert steps["image_exists"] == {"step": "image_exists", "base": True, "v0_runtime": False}
+    assert steps["build"]["refused"] is True and "prebuilt images only" in steps["build"]["error"]
+    # the V0 command was served by the v0 recipe's image of that base
+    assert f"-> {v0_images['r2e'].image.rsplit(':', 1)[0]}@{v0_images['r2e'].digest}" in srv.output()
+    assert httpx.get(f"{url}/list", headers={"X-API-Key": API_KEY}).json() == {"runtimes": []}
 
 
 def test_cli_refuses_to_serve_without_a_key_and_warns_without_auth(rt_settings, tmp_path):

@@ -2,12 +2,15 @@
 
 Runs under a Python >= 3.12 with ``openhands-ai<0.60`` installed (not the project's
 venv): ``python v0_client.py URL KEY RUNTIME_IMAGE BASE_IMAGE`` prints one JSON line
-per step. The runtime's own start/attach/wait/close code runs (``/sessions``,
-``/start`` with a list command, ``/runtime/{id}``, ``{url}/alive``, ``/stop``), then
-the builder's calls (``/registry_prefix``, ``/image_exists``, ``/build``), which a
+per step. The runtime's public calls run on a prebuilt ``v0`` image: ``connect()``
+(``/sessions``, ``/start`` with the V0 action execution server command as a list,
+``/runtime/{id}``, ``{url}/alive``, then its initial environment through the server),
+``run_action(CmdRunAction(...))`` in ``/testbed`` and ``close()`` (``/stop``); then the
+builder's calls (``/registry_prefix``, ``/image_exists``, ``/build``), which a
 prebuilt-only server refuses.
 """
 
+import asyncio
 import json
 import os
 import sys
@@ -20,6 +23,7 @@ import httpx  # noqa: E402
 
 from openhands.core.config import OpenHandsConfig  # noqa: E402
 from openhands.events import EventStream  # noqa: E402
+from openhands.events.action import CmdRunAction  # noqa: E402
 from openhands.llm.llm_registry import LLMRegistry  # noqa: E402
 from openhands.runtime.builder.remote import RemoteRuntimeBuilder  # noqa: E402
 from openhands.runtime.impl.remote.remote_runtime import RemoteRuntime  # noqa: E402
@@ -36,16 +40,18 @@ def main() -> None:
     config.sandbox.remote_runtime_api_url = url
     config.sandbox.api_key = key
     config.sandbox.runtime_container_image = runtime_image
-    config.sandbox.remote_runtime_init_timeout = 60
+    config.sandbox.remote_runtime_init_timeout = 300  # a cold node pulls the image first (~1.5 GB)
     config.sandbox.keep_runtime_alive = False
+    config.workspace_mount_path_in_sandbox = "/testbed"  # the server's --working-dir
     sid = f"v0-{uuid.uuid4().hex[:12]}"
     store = get_file_store("local", tempfile.mkdtemp())
     runtime = RemoteRuntime(config, EventStream(sid, store), LLMRegistry(config), sid=sid)
-    # connect() = _start_or_attach_to_runtime() + setup_initial_env(); the latter talks to the
-    # action execution server itself, which a stand-in image does not have
-    runtime._start_or_attach_to_runtime()
+    asyncio.run(runtime.connect())
     step(step="ready", runtime_id=runtime.runtime_id, url=runtime.runtime_url, web_hosts=runtime.web_hosts,
          session_api_key_set=runtime.session_api_key is not None)
+    obs = runtime.run_action(CmdRunAction(command="python -c 'import sys; print(sys.prefix)'; pwd"))
+    step(step="action", type=type(obs).__name__, exit_code=getattr(obs, "exit_code", None),
+         content=obs.content)
     rid = runtime.runtime_id
     runtime.close()
     step(step="closed", runtime_id=rid)
