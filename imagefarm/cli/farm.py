@@ -61,7 +61,8 @@ def prebuild(
         if plan:
             _plan(settings, dataset, limit, bandwidth, workers, json_out)
             continue
-        states.append(_prebuild(settings, dataset, executor, limit, verify, lockfile, workers, verify_timeout))
+        states.append(_prebuild(settings, dataset, executor, limit, verify, lockfile, workers, verify_timeout,
+                                 relayer))
     if plan:
         return
     if json_out:
@@ -75,7 +76,7 @@ def prebuild(
 
 
 def _prebuild(settings: Settings, dataset: str, executor: str, limit: int | None, verify: str,
-              lockfile: Path | None, workers: int, verify_timeout: float) -> BatchState:
+              lockfile: Path | None, workers: int, verify_timeout: float, relayer: bool) -> BatchState:
     """One recipe's batch with its progress line (the lockfile keeps each recipe's entries apart)."""
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[counts]}"), TextColumn("{task.fields[rate]}"),
