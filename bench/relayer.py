@@ -11,7 +11,7 @@ same registry (separate prefixes). From the derived manifests:
 - unique per image: the bytes of blobs no other image of the group references (what
   a node already holding a sibling pulls for one more image).
 
-The re-layering time is the wall time of ``Relayerer.relayer`` (read every layer,
+The re-layering time is the wall time of ``Relayer.relayer`` (read every layer,
 choose, write, upload, prove every image), on this machine's cores.
 """
 
@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Any
 
 from imagefarm.derive import Appender
-from imagefarm.derive.relayer import Relayerer
+from imagefarm.derive.relayer import Relayer
 from imagefarm.host.samples import FixtureFactory
 from imagefarm.names.reference import parse
 
@@ -61,7 +61,7 @@ def run_relayer(b: Bench) -> dict[str, Any]:
         plain_s = time.perf_counter() - t0
         load0 = loadavg()
         t0 = time.perf_counter()
-        group = Relayerer(ap).relayer(bases, payload, to=f"{reg.host}/relayered")
+        group = Relayer(ap).relayer(bases, payload, to=f"{reg.host}/relayered")
         relayer_s = time.perf_counter() - t0
         load1 = loadavg()
         relayered = [r.ref for r in group.results]

@@ -183,7 +183,7 @@ class _Base:
         return list((self.config.get("rootfs") or {}).get("diff_ids") or [])
 
 
-class Relayerer:
+class Relayer:
     """Re-layer groups of bases; shares the ``Appender``'s client and blob memory."""
 
     def __init__(self, appender: Appender, *, share: float = 0.5, work: Path | None = None) -> None:

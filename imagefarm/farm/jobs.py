@@ -82,11 +82,11 @@ def relayer_group(settings: Settings, bases: list[str], recipe: str, layer: dict
     pushed by digest and proven; those named in ``publish`` (not boot-checked in this
     batch) are tagged at once, the others by ``verify_image`` once they boot. A permanent
     failure fails the whole group (``ok: False``): its bases share the common layer."""
-    from imagefarm.derive.relayer import Relayerer
+    from imagefarm.derive.relayer import Relayer
 
     a = appender(settings)
     try:
-        group = Relayerer(a).relayer([parse(b) for b in bases], payload_for(settings, recipe, layer), publish=False)
+        group = Relayer(a).relayer([parse(b) for b in bases], payload_for(settings, recipe, layer), publish=False)
         results = []
         for r in group.results:
             now = r.base in set(publish or ()) and not r.skipped

@@ -15,7 +15,7 @@ import pytest
 
 from imagefarm import oci
 from imagefarm.derive import Appender
-from imagefarm.derive.relayer import Layers, Relayerer, prove
+from imagefarm.derive.relayer import Layers, Relayer, prove
 from imagefarm.derive.tree import Entry, Spool, read_ops, write_layer
 from imagefarm.errors import DeriveError
 from imagefarm.names.reference import parse
@@ -38,7 +38,7 @@ def rl_settings(settings, registry):
 @pytest.fixture(scope="module")
 def rl(rl_settings):
     with Appender(rl_settings, RegistryClient(rl_settings, credentials={})) as a:
-        yield Relayerer(a)
+        yield Relayer(a)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_same_group_gives_the_same_digests(group, history, rl, registry, payload
 
 def test_bad_share_is_refused(rl):
     with pytest.raises(DeriveError, match="share 1.5"):
-        Relayerer(rl.a, share=1.5)
+        Relayer(rl.a, share=1.5)
 
 
 def test_tar_members_are_checked_against_the_layer_digest(group, rl):
@@ -147,13 +147,13 @@ CRASHING = """
 import json, sys
 from imagefarm import oci
 from imagefarm.derive import Appender, AppendPayload
-from imagefarm.derive.relayer import Relayerer
+from imagefarm.derive.relayer import Relayer
 from imagefarm.settings import Settings
 a = json.loads(sys.argv[1])
 p = a["payload"]
 payload = AppendPayload(oci.Layer.from_json(p["layer"]), p["name"], p["digest"], p["version"], tuple(p["env"]))
 with Appender(Settings(state_dir=a["state"], cache_dir=a["cache"])) as ap:
-    Relayerer(ap).relayer(a["bases"], payload, to=a["to"])
+    Relayer(ap).relayer(a["bases"], payload, to=a["to"])
 """
 
 

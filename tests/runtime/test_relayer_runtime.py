@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from imagefarm.derive import Appender, AppendPayload
-from imagefarm.derive.relayer import Relayerer
+from imagefarm.derive.relayer import Relayer
 from imagefarm.names.reference import parse
 from imagefarm.payload.recipe import recipe_for
 
@@ -24,7 +24,7 @@ def test_start_of_a_sibling_pulls_only_its_own_layer(rt_settings, fixtures, stan
     payload = AppendPayload(standin_layer, recipe.name, recipe.digest, recipe.agent_server_version, ())
     bases = [h.ref for h in fixtures.r2e_history(n=6, files=120)][:3]
     with Appender(rt_settings) as a:
-        group = Relayerer(a).relayer(bases, payload, to=rt_to)
+        group = Relayer(a).relayer(bases, payload, to=rt_to)
         sibling = group.results[1]
         config = a.client.get_manifest(parse(sibling.image).with_digest(sibling.digest)).config.digest
     with server_factory() as srv:
