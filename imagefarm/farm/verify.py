@@ -173,20 +173,24 @@ def verify(
                 checks.append(f"/server_info: openhands-agent-server {served}"
                               + (" (= the image's label)" if claimed else ""))
 
+            def post(path: str, body: dict[str, Any], command: str) -> dict[str, Any]:
+                """``body`` to the server's own API; VerifyError (with the log) unless 2xx."""
+                what = path.rsplit("/", 1)[1]
+                try:
+                    r = http.post(f"{base}{path}", json=body, headers=headers, timeout=90)
+                except httpx.HTTPError as exc:
+                    raise VerifyError(f"{image_ref}: {what} failed: {exc}; "
+                                      f"container log:\n{_logs(settings, name)}") from None
+                if r.status_code // 100 != 2:
+                    raise VerifyError(f"{image_ref}: {what} `{command}` answered "
+                                      f"{r.status_code}: {r.text[:500]}; container log:\n{_logs(settings, name)}")
+                return r.json()
+
             def agent_sh(command: str, cwd: str | None) -> tuple[int, str, str]:
                 body: dict[str, Any] = {"command": command, "timeout": 60}
                 if cwd:
                     body["cwd"] = cwd
-                try:
-                    r = http.post(f"{base}/api/bash/execute_bash_command", json=body, headers=headers,
-                                  timeout=90)
-                except httpx.HTTPError as exc:
-                    raise VerifyError(f"{image_ref}: execute_bash_command failed: {exc}; "
-                                      f"container log:\n{_logs(settings, name)}") from None
-                if r.status_code // 100 != 2:
-                    raise VerifyError(f"{image_ref}: execute_bash_command `{command}` answered "
-                                      f"{r.status_code}: {r.text[:500]}; container log:\n{_logs(settings, name)}")
-                d = r.json()
+                d = post("/api/bash/execute_bash_command", body, command)
                 return int(d.get("exit_code", -1)), (d.get("stdout") or ""), (d.get("stderr") or "")
 
             def v0_sh(command: str, cwd: str | None) -> tuple[int, str, str]:
@@ -194,15 +198,7 @@ def verify(
                 # content is the pane's output (stdout and stderr together)
                 action = {"action": "run", "timeout": 60,
                           "args": {"command": f"cd {cwd} && {command}" if cwd else command, "is_input": False}}
-                try:
-                    r = http.post(f"{base}/execute_action", json={"action": action}, headers=headers, timeout=90)
-                except httpx.HTTPError as exc:
-                    raise VerifyError(f"{image_ref}: execute_action failed: {exc}; "
-                                      f"container log:\n{_logs(settings, name)}") from None
-                if r.status_code // 100 != 2:
-                    raise VerifyError(f"{image_ref}: execute_action `{command}` answered "
-                                      f"{r.status_code}: {r.text[:500]}; container log:\n{_logs(settings, name)}")
-                d = r.json()
+                d = post("/execute_action", {"action": action}, command)
                 code = ((d.get("extras") or {}).get("metadata") or {}).get("exit_code", -1)
                 content = d.get("content") or ""
                 return int(code if code is not None else -1), content, content
