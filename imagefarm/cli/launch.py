@@ -150,6 +150,10 @@ def sbatch_cmd(
     prefetch_first: int = typer.Option(64, "--prefetch-first", help="images of the first N instances the "
                                                                     "runtime job pulls onto its nodes as it "
                                                                     "starts (0: none)"),
+    warm: int = typer.Option(0, "--warm", metavar="K",
+                             help="sandboxes booted ahead per prefetched image: the samples per "
+                                  "instance (SkyRL's generator.n_samples_per_prompt); also what the "
+                                  "training loop's StepPrefetch asks for each next step (0: none)"),
     trainer_python: Optional[str] = typer.Option(
         None, "--trainer-python", metavar="CMD",
         help="the training command's interpreter, for the version check (default: the command's own "
@@ -166,7 +170,9 @@ def sbatch_cmd(
     from imagefarm.payload.recipe import recipe_for
 
     if prefetch_first < 0:
-        raise ConfigError("--prefetch-first must be 0 or more")
+        raise ConfigError(f"--prefetch-first {prefetch_first}: expected 0 or more instances")
+    if not 0 <= warm <= 64:
+        raise ConfigError(f"--warm {warm}: expected 0 to 64 sandboxes per image (the samples per instance)")
     settings = Settings.load(to=to)
     train_cmd = list(ctx.args) or ["bash", "-c", "echo 'no training command given after --' >&2; exit 2"]
     lock = Lockfile.read(lockfile)
@@ -197,11 +203,14 @@ def sbatch_cmd(
     L.env_file(run_dir / "train.env", {"ALLHANDS_API_KEY": key, "SANDBOX_API_KEY": key,
                                        "IMAGEFARM_LOCKFILE": str(Path(lockfile).resolve()),
                                        "IMAGEFARM_DATASET": str(run_dir / "data"),
+                                       "IMAGEFARM_PREFETCH_WARM": str(warm),
                                        "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
     L.render_train_job(run_dir)
     job_env = {"IMAGEFARM_TO": settings.to}
     if prefetch_first:
         job_env.update(RUNTIME_PREFETCH_DATASET=str(run_dir / "data"), RUNTIME_PREFETCH_FIRST=str(prefetch_first))
+        if warm:
+            job_env["RUNTIME_PREFETCH_WARM"] = str(warm)
     sub = L.sbatch_commands(run_dir, train_cmd, runtime_args=list(runtime_arg), train_args=list(train_arg),
                             env=job_env)
     runtime_env = {"IMAGEFARM_RUNTIME_API_KEY": key}

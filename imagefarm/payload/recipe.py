@@ -101,6 +101,15 @@ class PayloadSpec(_Frozen):
     launcher_env: dict[str, str] = Field(
         default_factory=dict,
         description="os.environ.setdefault(...) in the launcher, before any import")
+    layout: Literal["tree", "zip"] = Field(
+        default="tree",
+        description="tree: every file of the venv as a file; zip: pure-Python packages (and all "
+                    "package metadata) in one zip that zipimport reads, only extension modules and "
+                    "packages that read their own files through __file__ stay files (layer.py)")
+    compression: Literal["gzip", "zstd"] = Field(
+        default="gzip", description="the layer's codec (zstd: OCI tar+zstd, pulled by podman >= 4)")
+    prune: tuple[str, ...] = Field(
+        default=(), description="site-packages paths left out of the layer (never imported by the server)")
 
 
 class Recipe(_Frozen):
@@ -193,7 +202,8 @@ class Recipe(_Frozen):
 #: at the default, so an existing recipe keeps its digest (and its built payload and tags)
 _NEW_DEFAULTS = {
     "agent_server": {"package": "openhands-agent-server", "check_import": "openhands.agent_server.api"},
-    "payload": {"launcher_style": "entrypoint", "bash": False, "dirs": [], "append_args": []},
+    "payload": {"launcher_style": "entrypoint", "bash": False, "dirs": [], "append_args": [],
+                "layout": "tree", "compression": "gzip", "prune": []},
     "": {"bash": False, "ready": ["/alive", "/health"]},  # top-level keys (tree_digest's and the recipe's)
 }
 

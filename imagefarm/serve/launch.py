@@ -357,3 +357,162 @@ def sbatch_commands(run_dir: Path, train_cmd: list[str], *, runtime_args: list[s
              f"--export=ALL,IMAGEFARM_RUNTIME_URL_FILE={url_file},IMAGEFARM_TRAIN_ENV={run_dir / 'train.env'}{extra}",
              str(run_dir / "train_job.sbatch"), *train_cmd]
     return Submission(runtime, train)
+
+
+# -- foresight: the next step's sandboxes boot while this step runs ---------------------------
+def _row_image(item: Any, lock: Lockfile | None, recipe: str | None, version: str | None) -> str:
+    """One instance as the image to prefetch: a dataset row or SkyRL prompt (its
+    ``env_extras`` hold the row's columns), an instance id the lockfile knows, or an image
+    reference (a base or a prebuilt one; the lockfile's pinned prebuilt image if it has it)."""
+    if isinstance(item, Mapping):
+        row = item.get("env_extras") if isinstance(item.get("env_extras"), Mapping) else item
+        image, iid, _ = image_of(dict(row))
+        if iid and lock is not None and (e := lock.for_instance(iid, recipe=recipe, version=version)):
+            return e.pinned
+        if not image:
+            raise ConfigError(f"prefetch: a row with no instance id or image ({sorted(row)[:6]})")
+        item = image
+    text = str(item).strip()
+    if lock is not None and (e := lock.for_instance(text, recipe=recipe, version=version)):
+        return e.pinned
+    try:
+        ref = parse(text)
+    except ImagefarmError:
+        raise ConfigError(f"prefetch: {text!r} is neither an instance id of the lockfile nor an image "
+                          "reference") from None
+    if lock is not None and (e := lock.for_base(ref, recipe=recipe, version=version)):
+        return e.pinned
+    if ref.registry == "docker.io" and not text.startswith("docker.io/"):
+        # a short name would mean Docker Hub: never guess one from an id the lockfile lacks
+        raise ConfigError(f"prefetch: {text!r} is not in the lockfile and not a full image reference "
+                          "(REGISTRY/REPO:TAG)")
+    return ref.pinned if ref.digest else str(ref)
+
+
+class StepPrefetch:
+    """Tells the runtime server what the next training step will start, so its images are
+    pulled and ``warm`` sandboxes per image boot while this step runs (``POST /prefetch``).
+
+    ``next_step(instances)`` takes the next step's instances (dataset rows, SkyRL prompts,
+    instance ids or image references), maps them through the lockfile to pinned prebuilt
+    images (each image once) and posts them in a background thread: the training loop
+    never waits for it (``result()`` of the returned future answers the server's rows).
+    ``from_env()`` reads what ``imagefarm launch sbatch`` exports to the training job."""
+
+    def __init__(self, url: str, api_key: str | None = None, *, lockfile: Lockfile | Path | str | None = None,
+                 warm: int = 0, recipe: str | None = None, agent_server_version: str | None = None,
+                 timeout: float = 60.0, transport: Any = None) -> None:
+        import httpx
+
+        if not isinstance(warm, int) or not 0 <= warm <= 64:
+            raise ConfigError(f"warm={warm!r}: expected 0 to 64 sandboxes per image (samples per instance)")
+        if not str(url).startswith(("http://", "https://")):
+            raise ConfigError(f"runtime URL {url!r}: expected http(s)://HOST:PORT")
+        self.lock = Lockfile.read(Path(lockfile)) if isinstance(lockfile, (str, Path)) else lockfile
+        self.warm, self.recipe, self.version = warm, recipe, agent_server_version
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self._http = httpx.Client(base_url=str(url).rstrip("/"), headers=headers, timeout=timeout,
+                                  transport=transport)
+        self._pool: Any = None
+
+    @classmethod
+    def from_env(cls, *, warm: int | None = None, environ: Mapping[str, str] | None = None,
+                 **kw: Any) -> "StepPrefetch":
+        """From the training job's environment: ``SANDBOX_REMOTE_RUNTIME_API_URL`` (or the
+        URL file ``IMAGEFARM_RUNTIME_URL_FILE``), ``ALLHANDS_API_KEY``, ``IMAGEFARM_LOCKFILE``,
+        ``IMAGEFARM_PREFETCH_WARM`` (``launch sbatch --warm K``)."""
+        env = os.environ if environ is None else environ
+        url = env.get("SANDBOX_REMOTE_RUNTIME_API_URL")
+        if not url and env.get("IMAGEFARM_RUNTIME_URL_FILE") and Path(env["IMAGEFARM_RUNTIME_URL_FILE"]).is_file():
+            url = Path(env["IMAGEFARM_RUNTIME_URL_FILE"]).read_text().strip()
+        if not url:
+            raise ConfigError("no runtime URL: set SANDBOX_REMOTE_RUNTIME_API_URL (imagefarm launch sbatch does)")
+        if warm is None:
+            raw = env.get("IMAGEFARM_PREFETCH_WARM", "0")
+            if not raw.isdigit():
+                raise ConfigError(f"IMAGEFARM_PREFETCH_WARM={raw!r}: expected a whole number of sandboxes")
+            warm = int(raw)
+        return cls(url, env.get("ALLHANDS_API_KEY"), lockfile=env.get("IMAGEFARM_LOCKFILE") or None,
+                   warm=warm, agent_server_version=env.get("IMAGEFARM_AGENT_SERVER_VERSION") or None, **kw)
+
+    def images(self, instances: Iterable[Any]) -> list[str]:
+        """The distinct images of ``instances``, in order (a step's samples share one)."""
+        return list(dict.fromkeys(_row_image(i, self.lock, self.recipe, self.version) for i in instances))
+
+    def prefetch(self, instances: Iterable[Any], *, warm: int | None = None) -> list[dict[str, Any]]:
+        """``POST /prefetch`` now; the server's rows (``image``, ``prebuilt_image``, ``node``,
+        ``pull``, ``warm``). ``ImagefarmError`` with the server's answer when it refuses."""
+        images = self.images(instances)
+        if not images:
+            return []
+        body = {"images": images, "recipe": self.recipe, "agent_server_version": self.version,
+                "warm": self.warm if warm is None else warm}
+        try:
+            resp = self._http.post("/prefetch", json=body)
+        except Exception as exc:  # noqa: BLE001 - httpx's errors, named in one line
+            raise ImagefarmError(f"prefetch: the runtime server at {self._http.base_url} did not answer ({exc})") from None
+        if resp.status_code >= 400:
+            raise ImagefarmError(f"prefetch: the runtime server answered {resp.status_code}: {resp.text[:300]}")
+        return list(resp.json().get("images", []))
+
+    def next_step(self, instances: Iterable[Any], *, warm: int | None = None):
+        """``prefetch`` in a background thread (a ``concurrent.futures.Future``)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="imagefarm-prefetch")
+        items = list(instances)
+        return self._pool.submit(self.prefetch, items, warm=warm)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._http.close()
+
+    def __enter__(self) -> "StepPrefetch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Lookahead:
+    """A training loop's batches, each handed out after the next one was read and given
+    to ``prefetch.next_step``: step k+1's images are pulled and warm while step k runs.
+
+    Wrap SkyRL's ``RayPPOTrainer.train_dataloader`` (a ``StatefulDataLoader``) after it is
+    built: ``len()`` and every other attribute are the loader's, and ``state_dict()`` is
+    the loader's state before the batch read ahead, so a resumed run skips no batch."""
+
+    def __init__(self, batches: Any, prefetch: StepPrefetch) -> None:
+        self.batches, self.prefetch = batches, prefetch
+        self._state: Any = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.batches, name)
+
+    def state_dict(self) -> Any:
+        return self._state if self._state is not None else self.batches.state_dict()
+
+    def __iter__(self):
+        it = iter(self.batches)
+        saved = getattr(self.batches, "state_dict", None)
+        try:
+            current = next(it)
+        except StopIteration:
+            return
+        while True:
+            before = saved() if saved else None
+            try:
+                ahead = next(it)
+            except StopIteration:
+                self._state = None
+                yield current
+                return
+            self.prefetch.next_step(ahead)
+            self._state = before
+            yield current
+            current = ahead
