@@ -114,7 +114,8 @@ def _boot(s: Settings, ref: str, recipe: Any) -> float | None:
         run(s, ["podman", "rm", "-f", "-t", "0", cid], check=False, timeout=120)
 
 
-def measure(recipes: list[str], layouts: list[str], rounds: int = 2, log=print) -> dict[str, Any]:
+def measure(recipes: list[str], layouts: list[str], rounds: int = 2, log=print, *,
+            parts: bool = True) -> dict[str, Any]:
     base = Settings()
     out: dict[str, Any] = {"rounds": rounds, "rows": []}
     work = Path(tempfile.mkdtemp(prefix="imagefarm-coldpull-", dir=str(base.cache_dir.parent)
@@ -129,18 +130,18 @@ def measure(recipes: list[str], layouts: list[str], rounds: int = 2, log=print) 
                     p = build_payload(base, recipe, log=log)
                     ref, _digest, _sent = push(client, p, f"{reg.host}/bench")
                     url = f"{reg.url}/v2/{ref.repository}/blobs/{p.layer.digest}"
-                    parts = _parts(url, p.layer, work)
+                    split = _parts(url, p.layer, work) if parts else {}
                     pulls, boots = [], []
                     for i in range(rounds):
                         secs, s = _cold_pull(str(ref), work, base.cache_dir, len(out["rows"]) * 10 + i)
                         pulls.append(round(secs, 2))
                         if i == 0:
-                            boots.append(_boot(s, str(ref), recipe))
+                            boots.append(_boot(s, str(ref), recipe) if parts else None)
                         run(s, ["podman", "rm", "--all", "--force", "--time", "0"], check=False, timeout=120)
                         run(s, ["podman", "system", "reset", "--force"], check=False, timeout=600)
                         shutil.rmtree(s.state_dir, ignore_errors=True)
                     row = {"recipe": name, "layout": layout, "layer_digest": p.layer.digest,
-                           "media_type": p.layer.media_type, "compressed_bytes": p.layer.size, **parts,
+                           "media_type": p.layer.media_type, "compressed_bytes": p.layer.size, **split,
                            "pulls_s": pulls, "pull_s": statistics.median(pulls), "boot_s": boots[0]}
                     log(f"coldpull: {json.dumps(row)}")
                     out["rows"].append(row)
@@ -154,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipes", default="default,v0")
     ap.add_argument("--layouts", default="tree,zip")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--pull-only", action="store_true", help="only the cold pulls (no parts, no boot)")
     a = ap.parse_args(argv)
     res = measure(a.recipes.split(","), a.layouts.split(","), a.rounds,
-                  log=lambda m: print(m, file=sys.stderr, flush=True))
+                  log=lambda m: print(m, file=sys.stderr, flush=True), parts=not a.pull_only)
     print(json.dumps(res, indent=2))
     return 0
 

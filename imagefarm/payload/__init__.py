@@ -15,7 +15,10 @@ only when ``cache_dir/payload/<recipe digest>.json`` (and its blob) is missing:
 4. the launcher (``/usr/local/bin/openhands-agent-server``; V0:
    ``/openhands/micromamba/bin/micromamba``; a Python script whose shebang is the
    venv's python: no /bin/sh needed) and the layer, written by
-   ``oci.write_layer`` with fixed mtimes and owners: same recipe, same bytes.
+   ``oci.write_layer`` with fixed mtimes and owners: same recipe, same bytes. In the
+   ``zip`` layout (``payload.layout``; both shipped recipes) the pure-Python packages of
+   the venv go into one reproducible zip that zipimport reads: a cold pull is dominated by
+   the number of files, not by bytes.
 
 Modules: ``cache`` (the ``Payload`` value and its record), ``tree`` (step 2), ``bundle``
 (step 3), ``layer`` (step 4; the launcher program is the data file ``launcher.py.tmpl``),

@@ -106,8 +106,6 @@ class PayloadSpec(_Frozen):
         description="tree: every file of the venv as a file; zip: pure-Python packages (and all "
                     "package metadata) in one zip that zipimport reads, only extension modules and "
                     "packages that read their own files through __file__ stay files (layer.py)")
-    compression: Literal["gzip", "zstd"] = Field(
-        default="gzip", description="the layer's codec (zstd: OCI tar+zstd, pulled by podman >= 4)")
     prune: tuple[str, ...] = Field(
         default=(), description="site-packages paths left out of the layer (never imported by the server)")
 
@@ -203,7 +201,7 @@ class Recipe(_Frozen):
 _NEW_DEFAULTS = {
     "agent_server": {"package": "openhands-agent-server", "check_import": "openhands.agent_server.api"},
     "payload": {"launcher_style": "entrypoint", "bash": False, "dirs": [], "append_args": [],
-                "layout": "tree", "compression": "gzip", "prune": []},
+                "layout": "tree", "prune": []},
     "": {"bash": False, "ready": ["/alive", "/health"]},  # top-level keys (tree_digest's and the recipe's)
 }
 

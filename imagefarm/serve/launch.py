@@ -363,25 +363,26 @@ def sbatch_commands(run_dir: Path, train_cmd: list[str], *, runtime_args: list[s
 def _row_image(item: Any, lock: Lockfile | None, recipe: str | None, version: str | None) -> str:
     """One instance as the image to prefetch: a dataset row or SkyRL prompt (its
     ``env_extras`` hold the row's columns), an instance id the lockfile knows, or an image
-    reference (a base or a prebuilt one; the lockfile's pinned prebuilt image if it has it)."""
+    reference. Sent as the base the lockfile names (the server resolves it by the recipe and
+    version asked, as it resolves the start, and checks the image's boot record), else as given."""
     if isinstance(item, Mapping):
         row = item.get("env_extras") if isinstance(item.get("env_extras"), Mapping) else item
         image, iid, _ = image_of(dict(row))
         if iid and lock is not None and (e := lock.for_instance(iid, recipe=recipe, version=version)):
-            return e.pinned
+            return e.base
         if not image:
             raise ConfigError(f"prefetch: a row with no instance id or image ({sorted(row)[:6]})")
         item = image
     text = str(item).strip()
     if lock is not None and (e := lock.for_instance(text, recipe=recipe, version=version)):
-        return e.pinned
+        return e.base
     try:
         ref = parse(text)
     except ImagefarmError:
         raise ConfigError(f"prefetch: {text!r} is neither an instance id of the lockfile nor an image "
                           "reference") from None
     if lock is not None and (e := lock.for_base(ref, recipe=recipe, version=version)):
-        return e.pinned
+        return e.base
     if ref.registry == "docker.io" and not text.startswith("docker.io/"):
         # a short name would mean Docker Hub: never guess one from an id the lockfile lacks
         raise ConfigError(f"prefetch: {text!r} is not in the lockfile and not a full image reference "
@@ -395,7 +396,7 @@ class StepPrefetch:
 
     ``next_step(instances)`` takes the next step's instances (dataset rows, SkyRL prompts,
     instance ids or image references), maps them through the lockfile to pinned prebuilt
-    images (each image once) and posts them in a background thread: the training loop
+    images (each image once; a lockfile's instance ids as their bases) and posts them in a background thread: the training loop
     never waits for it (``result()`` of the returned future answers the server's rows).
     ``from_env()`` reads what ``imagefarm launch sbatch`` exports to the training job."""
 

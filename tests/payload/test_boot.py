@@ -24,7 +24,7 @@ IMAGEFARM = str(Path(sys.executable).parent / "imagefarm")
 
 
 def test_r2e_base_verifies_and_sees_the_base_venv(settings, r2e_agent_image) -> None:
-    result = verify(settings, r2e_agent_image, timeout=120)
+    result = verify(settings, r2e_agent_image, timeout=300)
     assert result.ok
     assert result.expected_prefix == "/testbed/.venv"
     assert result.output == "/testbed/.venv"

@@ -34,7 +34,7 @@ def test_the_v0_layer_is_the_same_blob_in_every_derived_image(settings, v0_image
 
 
 def test_r2e_base_verifies_through_the_action_execution_server(settings, v0_images) -> None:
-    result = verify(settings, v0_images["r2e"].image, timeout=180)
+    result = verify(settings, v0_images["r2e"].image, timeout=300)
     assert result.ok and result.cwd == "/testbed"
     assert result.output.splitlines()[0] == "/testbed/.venv"
     assert not any("/health" in c for c in result.checks)  # V0 has /alive only

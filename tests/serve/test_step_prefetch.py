@@ -32,7 +32,7 @@ def _recording():
     return seen, httpx.MockTransport(handler)
 
 
-def test_rows_ids_and_images_become_pinned_images_once_each():
+def test_rows_ids_and_images_become_base_images_once_each():
     seen, transport = _recording()
     with StepPrefetch("http://127.0.0.1:9", "k", lockfile=LOCK, warm=8, agent_server_version="1.58.2",
                       transport=transport) as p:
@@ -40,8 +40,8 @@ def test_rows_ids_and_images_become_pinned_images_once_each():
                         "env_extras": {"instance": {"instance_id": entry(0).instance_id}}}
         rows = p.next_step([skyrl_prompt, skyrl_prompt, entry(1).instance_id, entry(1).base,
                             "127.0.0.1:5000/r2e/other:1"]).result(timeout=30)
-    assert [r["image"] for r in rows] == [entry(0).pinned, entry(1).pinned, "127.0.0.1:5000/r2e/other:1"]
-    assert seen == [("k", {"images": [entry(0).pinned, entry(1).pinned, "127.0.0.1:5000/r2e/other:1"],
+    assert [r["image"] for r in rows] == [entry(0).base, entry(1).base, "127.0.0.1:5000/r2e/other:1"]
+    assert seen == [("k", {"images": [entry(0).base, entry(1).base, "127.0.0.1:5000/r2e/other:1"],
                            "recipe": None, "agent_server_version": "1.58.2", "warm": 8})]
 
 
