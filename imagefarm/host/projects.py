@@ -8,9 +8,10 @@ tools' own ordering and mtimes), not what Python's tarfile writes:
 
 - the OS layer: the cached Debian rootfs (``rootfs.debootstrap``), packed by GNU tar and
   ``ADD``-ed to ``FROM scratch`` (as Docker's official base images are made);
-- the venv layer, per release: ``RUN python3 -m venv /testbed/.venv && pip install``
-  with the image's own Python, from wheels pip downloaded once into the cache, resolved
-  as of the release's date (``--uploaded-prior-to``);
+- the venv layer, per release: ``RUN python3 -m venv /testbed/.venv`` and ``pip install``
+  into it with the image's own Python, from wheels pip downloaded once into the cache,
+  resolved as of the release's date (``--uploaded-prior-to``); no pip and no .pyc in it,
+  as uv (R2E's installer) leaves a venv;
 - the testbed layer, per release: ``COPY`` of a clone of a git repository into which the
   project's sdists were committed one release after another, cloned at that release
   (its pack holds the history up to it, so ``.git`` differs per image as R2E's do).
@@ -44,7 +45,7 @@ from .containers import run, which
 from .samples import R2E_PATH, FixtureFactory, FixtureImage, _git
 
 #: bump when the way images are made changes: every cached image is rebuilt
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
@@ -293,10 +294,14 @@ class ProjectImages:
             (ctx / "testbed" / "run_tests.sh").write_text(RUN_TESTS)
             (ctx / "testbed" / "run_tests.sh").chmod(0o755)
             pins = " ".join(f"/wheels/{n}" for n in rel.wheels)
+            # the venv as uv (R2E's installer) leaves it: no pip in it, no .pyc (a .pyc
+            # records its source's mtime: every build would differ in every one); pip
+            # runs from a throwaway venv of the same Python, gone before the layer is made
             (ctx / "Containerfile").write_text(
                 f"FROM {base}\n"
-                f"RUN python3 -m venv /testbed/.venv && /testbed/.venv/bin/pip install --no-index "
-                f"--no-cache-dir --disable-pip-version-check -q {pins}\n"
+                "RUN python3 -m venv --without-pip /testbed/.venv && python3 -m venv /tmp/pip && "
+                "/tmp/pip/bin/pip --python /testbed/.venv/bin/python install --no-index --no-compile "
+                f"--no-cache-dir --disable-pip-version-check -q {pins} && rm -rf /tmp/pip\n"
                 "COPY testbed /testbed\n"
                 f'ENV VIRTUAL_ENV=/testbed/.venv PATH="{R2E_PATH}" LANG=C.UTF-8\n'
                 "WORKDIR /testbed\n"
