@@ -150,6 +150,12 @@ def measure(recipes: list[str], layouts: list[str], rounds: int = 2, log=print, 
     return out
 
 
+def run_coldpull(bench: Any) -> dict[str, Any]:
+    """The bench section: both recipes, both layouts, interleaved (1 round with --quick)."""
+    return measure(["default", "v0"], ["tree", "zip"], rounds=1 if bench.plan.quick else 2,
+                   log=lambda m: print(f"[bench] {m}", flush=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipes", default="default,v0")
