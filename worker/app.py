@@ -42,7 +42,7 @@ def _visibility_timeout() -> int:
 
 def make_app(broker_url: str | None = None) -> Celery:
     settings = Settings.load()
-    url = broker_url or settings.broker_url
+    url = broker_url or settings.broker
     visibility = _visibility_timeout()
     app = Celery("imagefarm", broker=url, backend=url, include=["imagefarm.worker.tasks"])
     app.conf.update(

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from . import jobs
 from .catalog import Catalog, load
-from imagefarm.errors import ConfigError
+from imagefarm.errors import ConfigError, ImagefarmError
 from .lockfile import Entry, Lockfile
 from imagefarm.host.proc import pid_alive
 from imagefarm.registry.ratelimit import RateLimited
@@ -95,6 +95,7 @@ def save_state(settings: Settings, state: BatchState) -> None:
 
 def load_state(settings: Settings, batch_id: str | None = None) -> BatchState | None:
     d = batches_dir(settings)
+    state_subdir(d.parent, d.name)  # a planted batch state is refused like any other
     try:
         batch_id = batch_id or (d / "latest").read_text().strip()
         state = BatchState(**json.loads((d / f"{batch_id}.json").read_text()))
@@ -211,7 +212,7 @@ class CeleryExecutor:
     def __init__(self, settings: Settings, layer: dict[str, Any] | None, verify_timeout: float = 120.0) -> None:
         from imagefarm.worker.app import app
 
-        app.conf.broker_url = app.conf.result_backend = settings.broker_url
+        app.conf.broker_url = app.conf.result_backend = settings.broker
         self.settings, self.layer, self.verify_timeout, self.app = settings, layer, verify_timeout, app
         self.submitted: list[str] = []
 
@@ -551,9 +552,10 @@ def _write_lockfile(settings: Settings, cat: Catalog, outcomes: dict[str, Outcom
     client = jobs.appender(settings).client
     entries = []
     checked: dict[str, bool] = {}
+    checked_results: dict[tuple[str, str], bool] = {}
     for inst in cat.instances:
         o = outcomes.get(str(inst.base))
-        if o is None or not o.ok:
+        if o is None or not o.ok or not _result_holds(client, settings, o, checked_results):
             continue
         verified = o.verified
         if verified is None:  # not checked in this batch: does the registry hold a record?
@@ -565,3 +567,23 @@ def _write_lockfile(settings: Settings, cat: Catalog, outcomes: dict[str, Outcom
     lock = Lockfile.merge(old, entries, dataset=dataset, to=settings.to)
     lock.write(path)
     return lock
+
+
+def _result_holds(client: Any, settings: Settings, o: Outcome, seen: dict[tuple[str, str], bool]) -> bool:
+    """A worker's result is a claim: it enters the lockfile only when its image is under
+    ``--to`` and the registry holds that digest there (read back, once per image)."""
+    from imagefarm.names.reference import parse
+
+    key = (o.image, o.digest)
+    if key not in seen:
+        try:
+            ref, prefix = parse(o.image), settings.prefix
+            under = ref.registry == prefix.registry and (not prefix.path or ref.repository.startswith(prefix.path + "/"))
+            desc = client.head_manifest(ref.with_digest(o.digest)) if under else None
+            seen[key] = desc is not None and desc.digest in ("", o.digest)
+        except ImagefarmError:
+            seen[key] = False
+    if not seen[key]:
+        o.ok, o.stage = False, "lockfile"
+        o.error = f"result {o.image}@{o.digest[:19]} is not under --to {settings.to} or not in its registry: left out"
+    return seen[key]
