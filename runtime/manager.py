@@ -30,6 +30,7 @@ ignored with a log line: everything runs under podman with runc.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
@@ -204,6 +205,11 @@ class RuntimeManager(Launching, Upkeep, Resolving):
                 self._forget(rid)
         elif self.records:
             log.info("leaving %d runtime(s) running; a restarted server finds them again", len(self.records))
+        release = getattr(self.backend, "release", None)
+        if release is not None:  # no mount left behind under the state directory
+            with contextlib.suppress(Exception):
+                if gone := await release():
+                    log.info("released %d mount(s) podman left under the state directory", len(gone))
         if self._http:
             await self._http.aclose()
         if self._registry is not None:

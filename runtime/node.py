@@ -30,7 +30,7 @@ import httpx
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field, ValidationError
 
-from imagefarm.serve.apikey import HEADER, key_matches
+from imagefarm.serve.apikey import HEADER, key_matches, safe_errors
 
 from .errors import BackendError
 from .manager import RuntimeManager
@@ -88,7 +88,7 @@ async def read_body(request: Request, key: str, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:
-        raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
+        raise HTTPException(422, safe_errors(exc.errors())) from None
 
 
 class NodeAgent:
