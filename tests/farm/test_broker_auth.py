@@ -91,3 +91,13 @@ def test_a_result_enters_the_lockfile_only_when_the_registry_holds_it(settings, 
             assert _result_holds(c, s, o, {}) is False and not o.ok and "left out" in o.error
         o = Outcome("b", ok=True, image=bb.ref, digest=bb.digest)
         assert _result_holds(c, s, o, {}) is True and o.ok
+
+
+def test_a_rediss_broker_url_is_tls_with_certificates_checked():
+    import ssl
+
+    from imagefarm.worker.app import make_app
+
+    app = make_app("rediss://farm:pw@127.0.0.1:1/0")
+    assert type(app.backend).__name__ == "RedisBackend"  # Celery accepts it (it refuses a bare rediss://)
+    assert app.conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED} == app.conf.redis_backend_use_ssl
