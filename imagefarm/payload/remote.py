@@ -17,6 +17,12 @@ payload image is a valid image any registry and tool accepts (``skopeo inspect``
     <registry>/<prefix>/imagefarm-payload:sha256-<recipe hex>
       config  image config  rootfs.diff_ids = [payload diff_id], Labels = recipe identity
       layers  [the payload layer, tar+gzip]   annotations: recipe, recipe digest, payload digest
+    <registry>/<prefix>/imagefarm-payload:sha256-<manifest hex>.sig
+      the signed in-toto statement (DSSE) over that manifest, its layer and diff_id
+
+The tag and annotations are hints: ``find`` uses a payload only when a trusted key
+signed exactly that manifest, layer and diff_id (``SignatureError`` otherwise, never a
+miss), and ``push`` writes nothing the registry already holds.
 """
 
 from __future__ import annotations
