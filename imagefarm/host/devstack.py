@@ -75,7 +75,8 @@ def up(settings: Settings, mirror: str | None = None, mirror_port: int | None = 
 
     url = urlparse(settings.broker_url)
     if url.hostname not in ("127.0.0.1", "localhost"):
-        raise ConfigError(f"IMAGEFARM_BROKER_URL={settings.broker_url!r} is not local; `dev up` only starts local Redis")
+        raise ConfigError(f"IMAGEFARM_BROKER_URL names host {url.hostname!r}, not this machine; "
+                          "`dev up` only starts local Redis")
     rport = url.port or 6379
     password = None if url.password else _password(settings)
     pid = _read_pid(settings, "redis")

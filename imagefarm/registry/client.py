@@ -289,7 +289,7 @@ class RegistryClient:
     def get_manifest(self, ref: Reference, *, scopes: Sequence[str] | None = None) -> mf.Manifest | mf.Index:
         """GET the manifest or index ``ref`` names (size-limited, digest-checked)."""
         raw, digest, ctype = self.get_raw_manifest(ref, scopes=scopes)
-        return mf.parse(raw, ctype, digest=digest, where=f"manifest {ref}")
+        return mf.parse_manifest(raw, ctype, digest=digest, where=f"manifest {ref}")
 
     def get_raw_manifest(self, ref: Reference, *, scopes: Sequence[str] | None = None
                          ) -> tuple[bytes, str, str | None]:

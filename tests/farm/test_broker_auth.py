@@ -79,7 +79,8 @@ def test_a_broker_url_with_a_password_is_never_printed(cli_env, tmp_path):
 def test_a_result_enters_the_lockfile_only_when_the_registry_holds_it(settings, registry, busybox_base):
     """What a worker says (image, digest) is read back before it is pinned: an image
     outside --to, or a digest the registry lacks there, is left out with the reason."""
-    from imagefarm.farm.prebuild import Outcome, _result_holds
+    from imagefarm.farm.batchstate import Outcome
+    from imagefarm.farm.pinning import result_holds as _result_holds
     from imagefarm.registry import RegistryClient
 
     bb = busybox_base  # 127.0.0.1:<port>/fixtures/busybox:1

@@ -77,7 +77,7 @@ def test_a_plan_on_a_fresh_state_dir_makes_it_private(tmp_path, registry):
 
     state = tmp_path / "fresh" / "state"
     raw = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}'
-    ManifestCache(state / "manifests").put(mf.parse(raw))
+    ManifestCache(state / "manifests").put(mf.parse_manifest(raw))
     assert oct(state.stat().st_mode & 0o777) == "0o700" and private_dir(state) == state
     # a digest header is checked before it becomes a path
     cache = ManifestCache(state / "manifests")
