@@ -39,9 +39,10 @@ from imagefarm.names.reference import Prefix, Reference, mirrored, parse
 from imagefarm.names.tags import derived_reference
 from imagefarm.registry import RegistryClient
 from imagefarm.registry.manifests import Manifest
+from imagefarm.settings import Settings
 from . import surgery
 from .append import Appender, existing_derive, payload_home
-from .tree import Entry, Op, Spool, Tree, apply, first_difference, read_ops, write_layer
+from .tree import Entry, Limits, Op, Spool, Tree, apply, first_difference, read_ops, write_layer
 from .values import AppendPayload, DeriveResult, PayloadLike
 
 #: bump when the choice of common files changes: a group id names the algorithm too
@@ -79,8 +80,8 @@ def group_id(base_digests: Sequence[str], share: float) -> str:
 class Layers:
     """Layers as ops, each blob read once per process (keyed by digest)."""
 
-    def __init__(self, client: RegistryClient, spool: Spool) -> None:
-        self.client, self.spool = client, spool
+    def __init__(self, client: RegistryClient, spool: Spool, limits: Limits = Limits()) -> None:
+        self.client, self.spool, self.limits = client, spool, limits
         self._ops: dict[str, tuple[list[Op], bool]] = {}
         self.bytes_read = 0
 
@@ -91,7 +92,7 @@ class Layers:
             return got[0]
         with self.client.open_blob(ref, desc.digest) as chunks:
             ops = read_ops(chunks, desc, diff_id, below=below, spool=self.spool if keep else None,
-                           where=f"{ref.name}@{ref.digest or ref.tag}")
+                           where=f"{ref.name}@{ref.digest or ref.tag}", limits=self.limits)
         self.bytes_read += desc.size
         self._ops[desc.digest] = (ops, keep)
         return ops
@@ -241,8 +242,9 @@ class Relayer:
 
     def _relayer(self, group: list[_Base], order: list[_Base], gid: str, payload: PayloadLike, to: Prefix,
                  work: Path, publish: bool) -> GroupResult:
-        spool = Spool(work / "spool")
-        layers = Layers(self.client, spool)
+        limits = limits_of(self.a.settings)
+        spool = Spool(work / "spool", limits.spool_bytes)
+        layers = Layers(self.client, spool, limits)
         lower = _shared_prefix([g.manifest.layers for g in order])
         first = order[0]
         lower_tree = layers.tree(first.source, first.manifest.layers[:lower], first.diff_ids[:lower])
@@ -305,6 +307,13 @@ class Relayer:
                             skipped=skipped, blobs_uploaded=st.blobs_uploaded if st else 0,
                             bytes_moved=st.blob_bytes_uploaded if st else 0, requests=st.requests if st else 0,
                             kind="relayer", published=published)
+
+
+def limits_of(settings: Settings) -> Limits:
+    """What reading one untrusted base layer may cost, from the ``IMAGEFARM_RELAYER_*`` settings."""
+    return Limits(header_bytes=settings.relayer_max_header_bytes, entries=settings.relayer_max_entries,
+                  unpacked_bytes=settings.relayer_max_unpacked_bytes, ratio=settings.relayer_max_ratio,
+                  spool_bytes=settings.relayer_max_spool_bytes)
 
 
 def _shared_prefix(layer_lists: Sequence[Sequence[oci.Descriptor]]) -> int:

@@ -26,7 +26,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from imagefarm import oci
 from imagefarm.errors import DeriveError
@@ -70,14 +70,22 @@ Op = tuple[str, str, Entry | None]
 
 
 class Spool:
-    """File contents on disk, one copy per content digest (what re-layering writes back)."""
+    """File contents on disk, one copy per content digest (what re-layering writes back);
+    past ``limit`` bytes in use, the write in progress stops with ``Refused``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, limit: int | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.limit, self.used = limit, 0
 
     def path(self, digest: str) -> Path:
         return self.root / digest.split(":", 1)[1]
+
+    def _count(self, n: int) -> None:
+        if self.limit is not None and self.used + n > self.limit:
+            raise Refused(f"the group's spool holds more than {self.limit} bytes "
+                          "(IMAGEFARM_RELAYER_MAX_SPOOL_BYTES)")
+        self.used += n
 
     def put(self, fh: io.BufferedIOBase | None) -> tuple[str, int]:
         """Hash ``fh`` to its end while keeping it here once; (digest, size). A small
@@ -86,20 +94,31 @@ class Spool:
         if len(head) < CHUNK:
             digest = "sha256:" + hashlib.sha256(head).hexdigest()
             if not self.path(digest).exists():
+                self._count(len(head))
                 self._keep(digest, [head])
             return digest, len(head)
         h, n = hashlib.sha256(head), len(head)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".in-")
+        counted = 0
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(head)
+                self._count(len(head))
+                counted = len(head)
                 while chunk := fh.read(CHUNK):
                     h.update(chunk)
                     n += len(chunk)
+                    self._count(len(chunk))
+                    counted += len(chunk)
                     out.write(chunk)
             digest = "sha256:" + h.hexdigest()
+            if self.path(digest).exists():
+                self.used -= counted  # kept already: this copy goes
             os.replace(tmp, self.path(digest))
             return digest, n
+        except BaseException:
+            self.used -= counted
+            raise
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -120,12 +139,20 @@ def _hash_only(fh: io.BufferedIOBase | None) -> tuple[str, int]:
     return "sha256:" + h.hexdigest(), n
 
 
-class _Chunks(io.RawIOBase):
-    """A readable file over an iterator of byte chunks, hashing what passes through."""
+class Refused(Exception):
+    """A layer meets a limit or holds what no tree may (internal: ``read_ops`` turns it
+    into a ``DeriveError`` naming the layer; raised from inside gzip and tarfile reads,
+    so it must not be an ``OSError`` they would swallow or rewrap)."""
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
+
+class _Chunks(io.RawIOBase):
+    """A readable file over an iterator of byte chunks, hashing what passes through;
+    past ``limit`` bytes it stops with ``Refused(what)``."""
+
+    def __init__(self, chunks: Iterable[bytes], limit: int | None = None, what: str = "") -> None:
         self._it, self._buf = iter(chunks), memoryview(b"")
         self.hash, self.size = hashlib.sha256(), 0
+        self.limit, self.what = limit, what
 
     def readable(self) -> bool:
         return True
@@ -138,6 +165,8 @@ class _Chunks(io.RawIOBase):
                 return 0
             self.hash.update(chunk)
             self.size += len(chunk)
+            if self.limit is not None and self.size > self.limit:
+                raise Refused(self.what)
             self._buf = memoryview(chunk)
         n = min(len(b), len(self._buf))
         b[:n], self._buf = self._buf[:n], self._buf[n:]
@@ -149,44 +178,171 @@ class _Chunks(io.RawIOBase):
 
 
 def norm(name: str) -> str:
-    """A tar member name as a tree path: no leading ``./`` or ``/``, no trailing ``/``."""
-    while name.startswith("./"):
-        name = name[2:]
-    return name.strip("/") if name not in (".", "./") else ""
+    """A tar member name as a tree path, the way container engines clean it: ``a//b``,
+    ``a/./b`` and ``a/x/../b`` are all ``a/b``; a leading ``./`` and a trailing ``/`` go.
+    ``Refused``: an absolute name, or one whose ``..`` climbs out of the root."""
+    if name.startswith("/"):
+        raise Refused(f"absolute path {name!r}")
+    parts: list[str] = []
+    for p in name.split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if not parts:
+                raise Refused(f"path {name!r} climbs out of the root with '..'")
+            parts.pop()
+        else:
+            parts.append(p)
+    return "/".join(parts)
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    while "/" in path:
+        path = path.rpartition("/")[0]
+        yield path
+
+
+class _Layer:
+    """What one layer has said so far, to check each new member against it and ``below``:
+    one entry per path, no whiteout and add of one path, no entry under a non-directory."""
+
+    def __init__(self, below: Mapping[str, Entry]) -> None:
+        self.below = below
+        self.added: dict[str, Entry] = {}
+        self.said: dict[str, str] = {}     # path -> "add" / "wh": what this layer said of it
+        self.whiteouts: set[str] = set()
+        self.opaque: set[str] = set()
+
+    def _hidden(self, path: str) -> bool:
+        """A lower entry this layer's whiteouts or opaque markers have hidden."""
+        return path in self.whiteouts or any(a in self.whiteouts or a in self.opaque for a in _ancestors(path))
+
+    def lookup(self, path: str) -> Entry | None:
+        e = self.added.get(path)
+        if e is not None or path in self.said:
+            return e
+        return None if self._hidden(path) else self.below.get(path)
+
+    def say(self, op: str, path: str, raw: str) -> None:
+        if op != "opq":
+            if path in self.said:
+                what = ("a whiteout and an entry" if {op, self.said[path]} == {"add", "wh"}
+                        else "two entries" if op == "add" else "two whiteouts")
+                raise Refused(f"{what} for /{path} (member {raw!r})")
+            self.said[path] = op
+        for a in _ancestors(path if op != "opq" else path + "/x"):
+            e = self.lookup(a)
+            if e is not None:
+                if e.type != "d":
+                    raise Refused(f"member {raw!r} is under /{a}, a {e.describe()}, not a directory")
+                break
+        if op == "wh":
+            self.whiteouts.add(path)
+        elif op == "opq":
+            self.opaque.add(path)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one untrusted layer may cost to read (each an ``IMAGEFARM_RELAYER_*`` setting)."""
+
+    header_bytes: int = 1 << 20          #: one PAX or GNU long-name header, read into memory
+    entries: int = 2_000_000             #: tar members in one layer
+    unpacked_bytes: int = 32 << 30       #: the tar stream of one layer, uncompressed
+    ratio: float = 50.0                  #: unpacked / compressed size, once past ``ratio_floor``
+    ratio_floor: int = 64 << 20          #: small layers of tiny files compress far better than 50x
+    spool_bytes: int = 32 << 30          #: file contents a group keeps on disk at once
+
+    def unpacked(self, compressed: int) -> int:
+        return min(self.unpacked_bytes, max(self.ratio_floor, int(self.ratio * compressed)))
+
+
+def _tarinfo(limits: Limits) -> type[tarfile.TarInfo]:
+    """tarfile reads a PAX or GNU long-name header's body into memory whole: check its
+    size first (stream mode reads members only through these hooks)."""
+
+    class Info(tarfile.TarInfo):
+        def _check(self) -> None:
+            if self.size > limits.header_bytes:
+                raise Refused(f"a {self.size}-byte tar header (limit {limits.header_bytes}: "
+                              "IMAGEFARM_RELAYER_MAX_HEADER_BYTES)")
+
+        def _proc_pax(self, tarfile):  # type: ignore[no-untyped-def]
+            self._check()
+            return super()._proc_pax(tarfile)
+
+        def _proc_gnulong(self, tarfile):  # type: ignore[no-untyped-def]
+            self._check()
+            return super()._proc_gnulong(tarfile)
+
+    return Info
+
+
+def _decompressed(media_type: str, raw: io.BufferedReader) -> io.RawIOBase | io.BufferedIOBase:
+    if media_type in _GZIP:
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if media_type == oci.OCI_LAYER_ZSTD:
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return raw
+
+
+def _zstd_errors() -> tuple[type[Exception], ...]:
+    import zstandard
+
+    return (zstandard.ZstdError,)
 
 
 def read_ops(chunks: Iterable[bytes], desc: oci.Descriptor, diff_id: str | None, *, below: Mapping[str, Entry],
-             spool: Spool | None, where: str) -> list[Op]:
-    """One layer blob, streamed, as ops; its digest and diff_id are checked at the end.
-    ``below`` resolves hard links to files of lower layers; ``spool`` keeps contents."""
-    if desc.media_type not in (*_GZIP, *_TAR):
+             spool: Spool | None, where: str, limits: Limits = Limits()) -> list[Op]:
+    """One layer blob, streamed, as ops in stream order; its digest and diff_id are
+    checked at the end. ``below`` (the tree under this layer) resolves hard links to
+    lower files and finds entries under a non-directory; ``spool`` keeps contents.
+    A layer that meets ``limits`` or holds a path no tree may is a ``DeriveError``
+    saying which (the read stops there: nothing more is inflated or spooled)."""
+    if desc.media_type not in (*_GZIP, *_TAR, oci.OCI_LAYER_ZSTD):
         raise DeriveError(f"{where}: layer {desc.digest[:19]} is {desc.media_type}; re-layering reads "
-                          "tar and tar+gzip layers")
-    raw = _Chunks(chunks)
-    buffered = io.BufferedReader(raw, CHUNK)
-    stream = gzip.GzipFile(fileobj=buffered, mode="rb") if desc.media_type in _GZIP else buffered
-    inner = _Chunks(iter(lambda: stream.read(CHUNK), b""))
+                          "tar, tar+gzip and tar+zstd layers")
+    what = f"{where}: layer {desc.digest[:19]}"
+    raw = _Chunks(chunks, desc.size, f"the registry sent more than its descriptor's {desc.size} bytes")
+    stream = _decompressed(desc.media_type, io.BufferedReader(raw, CHUNK))
+    cap = limits.unpacked(desc.size)
+    inner = _Chunks(iter(lambda: stream.read(CHUNK), b""), cap,
+                    f"it unpacks to more than {cap} bytes ({desc.size} compressed; limits: "
+                    f"IMAGEFARM_RELAYER_MAX_UNPACKED_BYTES={limits.unpacked_bytes}, "
+                    f"IMAGEFARM_RELAYER_MAX_RATIO={limits.ratio:g})")
     ops: list[Op] = []
-    files: dict[str, Entry] = {}
+    layer = _Layer(below)
     keep = spool.put if spool is not None else _hash_only
     try:
-        with tarfile.open(fileobj=io.BufferedReader(inner, CHUNK), mode="r|") as tar:
-            for m in tar:
+        with tarfile.open(fileobj=io.BufferedReader(inner, CHUNK), mode="r|", tarinfo=_tarinfo(limits)) as tar:
+            n = 0
+            while (m := tar.next()) is not None:
+                tar.members.clear()  # stream mode would keep every member's header
+                n += 1
+                if n > limits.entries:
+                    raise Refused(f"more than {limits.entries} entries (IMAGEFARM_RELAYER_MAX_ENTRIES)")
                 path = norm(m.name)
-                base = path.rsplit("/", 1)[-1]
-                parent = path.rsplit("/", 1)[0] if "/" in path else ""
                 if not path:
                     continue
+                parent, _, base = path.rpartition("/")
                 if base == OPAQUE:
+                    layer.say("opq", parent, m.name)
                     ops.append(("opq", parent, None))
                     continue
                 if base.startswith(WHITEOUT):
-                    ops.append(("wh", "/".join(x for x in (parent, base[len(WHITEOUT):]) if x), None))
+                    hidden = "/".join(x for x in (parent, base[len(WHITEOUT):]) if x)
+                    layer.say("wh", hidden, m.name)
+                    ops.append(("wh", hidden, None))
                     continue
+                layer.say("add", path, m.name)
                 xattrs = tuple(sorted((k, v) for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")))
-                common = dict(mode=m.mode, uid=m.uid, gid=m.gid, xattrs=xattrs, mtime=m.mtime)
+                # Go's archive/tar (Docker, BuildKit, buildah, podman) keeps the file-type
+                # bits in the mode field; Python's drops them: the meaning is the low bits
+                common = dict(mode=m.mode & 0o7777, uid=m.uid, gid=m.gid, xattrs=xattrs, mtime=m.mtime)
                 if m.islnk():
-                    target = files.get(norm(m.linkname)) or below.get(norm(m.linkname))
+                    target = layer.lookup(norm(m.linkname))
                     if target is None or target.type != "f":
                         raise DeriveError(f"{where}: hard link /{path} names /{norm(m.linkname)}, "
                                           "which is no file of this image")
@@ -199,13 +355,14 @@ def read_ops(chunks: Iterable[bytes], desc: oci.Descriptor, diff_id: str | None,
                               dev=(m.devmajor, m.devminor) if m.ischr() or m.isblk() else (0, 0), **common)
                 else:
                     raise DeriveError(f"{where}: /{path} is a tar member of type {m.type!r}")
-                if e.type == "f":
-                    files[path] = e
+                layer.added[path] = e
                 ops.append(("add", path, e))
         inner.drain()
         raw.drain()
-    except (tarfile.TarError, OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DeriveError(f"{where}: layer {desc.digest[:19]} is no readable tar stream: {exc}") from None
+    except Refused as exc:
+        raise DeriveError(f"{what} refused: {exc}") from None
+    except (tarfile.TarError, OSError, EOFError, ValueError, *_zstd_errors()) as exc:
+        raise DeriveError(f"{what} is no readable tar stream: {exc}") from None
     if "sha256:" + raw.hash.hexdigest() != desc.digest:
         raise DeriveError(f"{where}: layer {desc.digest[:19]} read back with another digest")
     if diff_id and "sha256:" + inner.hash.hexdigest() != diff_id:
@@ -213,30 +370,31 @@ def read_ops(chunks: Iterable[bytes], desc: oci.Descriptor, diff_id: str | None,
     return ops
 
 
-def _drop_under(tree: Tree, path: str) -> None:
+def _drop_under(tree: Tree, path: str, keep: set[str] | None = None) -> None:
     prefix = path + "/" if path else ""
-    for p in [p for p in tree if p.startswith(prefix)]:
+    for p in [p for p in tree if p.startswith(prefix) and (keep is None or p not in keep)]:
         del tree[p]
 
 
 def apply(tree: Tree, ops: Iterable[Op]) -> Tree:
-    """Apply one layer's ops to ``tree`` in place: its whiteouts and opaque dirs hide
-    what lower layers put there, then its entries land (a non-directory over a
-    directory replaces the whole subtree)."""
-    ops = list(ops)
-    for op, path, _ in ops:
+    """Apply one layer's ops to ``tree`` in place, in stream order as container engines
+    unpack a layer: a whiteout removes the path (and what is under it) as it stands at
+    that point; an opaque marker hides what lower layers put under its directory (this
+    layer's own entries stay, before or after it); a non-directory over a directory
+    replaces the whole subtree."""
+    mine: set[str] = set()
+    for op, path, e in ops:
         if op == "opq":
-            _drop_under(tree, path)
+            _drop_under(tree, path, mine)
         elif op == "wh":
             tree.pop(path, None)
             _drop_under(tree, path)
-    for op, path, e in ops:
-        if op != "add":
-            continue
-        old = tree.get(path)
-        if old is not None and old.type == "d" and e.type != "d":
-            _drop_under(tree, path)
-        tree[path] = e
+        else:
+            old = tree.get(path)
+            if old is not None and old.type == "d" and e.type != "d":
+                _drop_under(tree, path)
+            tree[path] = e
+            mine.add(path)
     return tree
 
 

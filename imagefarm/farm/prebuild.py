@@ -73,6 +73,8 @@ class BatchState:
     redelivered: int = 0           #: tasks the broker delivered more than once (a worker was lost)
     extra_deliveries: int = 0      #: deliveries beyond the first (and beyond a task's own retries)
     failures: list[dict[str, str]] = field(default_factory=list)
+    #: re-layering groups derived plainly instead: {"group": first base, "bases": n, "reason": ...}
+    relayer_fallbacks: list[dict[str, Any]] = field(default_factory=list)
     lockfile: str = ""
 
     @property
@@ -352,20 +354,16 @@ def choose_verify(bases: list[str], verify: str) -> set[str]:
     return set(sorted(bases, key=lambda b: hash_of(b))[:max(0, n)])
 
 
-#: the most bases one re-layering task takes (its trees are held in memory)
-RELAYER_GROUP_MAX = 32
-
-
-def relayer_groups(bases: list[str]) -> list[list[str]]:
+def relayer_groups(bases: list[str], size: int = 32) -> list[list[str]]:
     """The bases of one repository (registry and path), in dataset order, in groups of
-    at most ``RELAYER_GROUP_MAX``: what ``--relayer`` re-layers together."""
+    at most ``size`` (``IMAGEFARM_RELAYER_GROUP_MAX``): what ``--relayer`` re-layers together."""
     from imagefarm.names.reference import parse
 
     by_repo: dict[str, list[str]] = {}
     for b in bases:
         ref = parse(b)
         by_repo.setdefault(f"{ref.registry}/{ref.repository}", []).append(b)
-    return [bs[i:i + RELAYER_GROUP_MAX] for bs in by_repo.values() for i in range(0, len(bs), RELAYER_GROUP_MAX)]
+    return [bs[i:i + size] for bs in by_repo.values() for i in range(0, len(bs), size)]
 
 
 def _queue(stage: str) -> str:
@@ -414,7 +412,7 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
     to_verify = choose_verify(bases, verify)
     outcomes = {b: Outcome(b) for b in bases}
     pending: dict[Any, tuple[str, str]] = {}
-    groups = {g[0]: g for g in relayer_groups(bases) if len(g) > 1} if relayer else {}
+    groups = {g[0]: g for g in relayer_groups(bases, settings.relayer_group_max) if len(g) > 1} if relayer else {}
     interrupted = False
     old_handler = signal.getsignal(signal.SIGTERM)
 
@@ -455,6 +453,8 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
                 if stage == "relayer" and not res.get("ok"):  # nothing lost: the plain path
                     log(f"re-layering the {len(groups[base])} bases of {base.rsplit(':', 1)[0]} failed "
                         f"({res.get('error', 'unknown error')}): deriving them one by one")
+                    state.relayer_fallbacks.append({"group": base, "bases": len(groups[base]),
+                                                    "reason": res.get("error", "unknown error")})
                     for b in groups[base]:
                         submit("derive", b)
                     continue
