@@ -274,3 +274,15 @@ def test_a_batch_derives_hostile_groups_plainly_and_relayers_the_rest(cli_env, r
             relayered = oci.ANN_RELAYER_GROUP in r.json().get("annotations", {})
             assert relayered == (repo == "hostile/fine"), (repo, tag, r.json().get("annotations"))
     assert start - lowest[0] < 2 << 30, f"free disk dropped by {(start - lowest[0]) / 2**30:.1f} GiB"
+
+
+@pytest.mark.parametrize("var,value", [("IMAGEFARM_RELAYER_MAX_RATIO", "x"), ("IMAGEFARM_RELAYER_MAX_SPOOL_BYTES", "-1")])
+def test_a_bad_limit_is_one_line_and_exit_2(var, value, tmp_path):
+    import os
+
+    from tests.conftest import imagefarm_cli
+
+    env = {**os.environ, "IMAGEFARM_STATE_DIR": str(tmp_path), var: value}
+    proc = imagefarm_cli("prebuild", "--dataset", str(tmp_path / "none.txt"), "--relayer", env=env, timeout=60)
+    text = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 2 and len(text.splitlines()) == 1 and text.startswith(f"error: {var}="), text
