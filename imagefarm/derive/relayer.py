@@ -42,7 +42,8 @@ from imagefarm.registry.manifests import Manifest
 from imagefarm.settings import Settings
 from . import surgery
 from .append import Appender, existing_derive, payload_home
-from .tree import Entry, Limits, Op, Spool, Tree, apply, first_difference, read_ops, write_layer
+from .tree import (Entry, Limits, Op, Spool, Tree, apply, first_difference, link_groups, read_ops, settle_links,
+                   write_layer)
 from .values import AppendPayload, DeriveResult, PayloadLike
 
 #: bump when the choice of common files changes: a group id names the algorithm too
@@ -104,7 +105,7 @@ class Layers:
         t: Tree = dict(start or {})
         for d, diff_id in zip(layers, diff_ids):
             apply(t, self.ops(ref, d, diff_id, t, keep=keep))
-        return t
+        return settle_links(t)
 
 
 def choose_common(lower: Tree, trees: Sequence[Tree], share: float) -> Tree:
@@ -131,6 +132,10 @@ def choose_common(lower: Tree, trees: Sequence[Tree], share: float) -> Tree:
         if parent and (above.type != "d" if above is not None else parent in named):
             continue
         common[path] = first[(path, e)]
+    # a hard link goes in only with the file it names: one layer holds each inode
+    for path, e in list(common.items()):
+        if e.type == "f" and e.link and common.get(e.link) != replace(e, link=""):
+            del common[path]
     return common
 
 
@@ -138,6 +143,10 @@ def own_items(common_tree: Tree, full: Tree) -> list[tuple[str, Entry | None]]:
     """What one image's own layer holds over ``common_tree`` (lower + common) to give
     ``full``: entries that differ or are new, whiteouts (topmost) for paths it lacks."""
     items: list[tuple[str, Entry | None]] = [(p, e) for p, e in full.items() if common_tree.get(p) != e]
+    own = {p for p, _ in items}
+    for group in link_groups(full).values():  # a group written at all is written whole, here
+        if own.intersection(group):
+            items += [(p, full[p]) for p in group if p not in own]
     for p in common_tree:
         if p in full:
             continue
@@ -299,7 +308,7 @@ class Relayer:
 
     def _prove(self, layers: Layers, g: _Base, digest: str, base_tree: Tree, payload: PayloadLike) -> Proof:
         pl = payload.layer
-        want = apply(dict(base_tree), layers.ops(g.target, pl.descriptor, pl.diff_id, base_tree))
+        want = settle_links(apply(dict(base_tree), layers.ops(g.target, pl.descriptor, pl.diff_id, base_tree)))
         return prove_tree(layers, g.target.with_digest(digest), want)
 
     def _result(self, g: _Base, digest: str, skipped: bool, published: bool, st) -> DeriveResult:
@@ -362,5 +371,5 @@ def prove(client: RegistryClient, base: Reference, derived: Reference, work: Pat
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         layers = layers or Layers(client, Spool(Path(tmp)))
         want = layers.tree(base, b.layers, (bcfg.get("rootfs") or {}).get("diff_ids") or [])
-        apply(want, layers.ops(derived, m.layers[-1], dcfg["rootfs"]["diff_ids"][-1], want))
+        settle_links(apply(want, layers.ops(derived, m.layers[-1], dcfg["rootfs"]["diff_ids"][-1], want)))
         return prove_tree(layers, derived, want)

@@ -24,7 +24,7 @@ import io
 import os
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -52,13 +52,14 @@ class Entry:
     gid: int
     digest: str = ""              #: sha256 of a file's content
     size: int = 0
-    link: str = ""                #: a symlink's target
+    link: str = ""                #: a symlink's target; for a file, the path it is hard-linked to
     dev: tuple[int, int] = (0, 0)
     xattrs: tuple[tuple[str, str], ...] = ()
     mtime: float = field(default=0, compare=False)
 
     def describe(self) -> str:
-        what = {"f": f"file {self.digest[:19]} ({self.size} B)", "d": "directory", "l": f"symlink -> {self.link}",
+        what = {"f": f"file {self.digest[:19]} ({self.size} B)" + (f" hard-linked to /{self.link}" if self.link
+                                                                    else ""), "d": "directory", "l": f"symlink -> {self.link}",
                 "c": f"char device {self.dev}", "b": f"block device {self.dev}", "p": "fifo"}[self.type]
         extra = f" xattrs {dict(self.xattrs)}" if self.xattrs else ""
         return f"{what} mode {self.mode:o} owner {self.uid}:{self.gid}{extra}"
@@ -342,11 +343,14 @@ def read_ops(chunks: Iterable[bytes], desc: oci.Descriptor, diff_id: str | None,
                 # bits in the mode field; Python's drops them: the meaning is the low bits
                 common = dict(mode=m.mode & 0o7777, uid=m.uid, gid=m.gid, xattrs=xattrs, mtime=m.mtime)
                 if m.islnk():
-                    target = layer.lookup(norm(m.linkname))
+                    name = norm(m.linkname)
+                    target = layer.lookup(name)
                     if target is None or target.type != "f":
-                        raise DeriveError(f"{where}: hard link /{path} names /{norm(m.linkname)}, "
+                        raise DeriveError(f"{where}: hard link /{path} names /{name}, "
                                           "which is no file of this image")
-                    e = Entry("f", digest=target.digest, size=target.size, **common)
+                    # one inode: the target's metadata; a link to a lower layer's file is
+                    # a copy (an engine unpacks a layer on its own: it cannot link across)
+                    e = replace(target, link=(target.link or name) if name in layer.added else "")
                 elif m.isreg():
                     digest, size = keep(tar.extractfile(m))
                     e = Entry("f", digest=digest, size=size, **common)
@@ -398,6 +402,35 @@ def apply(tree: Tree, ops: Iterable[Op]) -> Tree:
     return tree
 
 
+def settle_links(tree: Tree) -> Tree:
+    """Hard links as the merged tree has them, in one canonical form: a file stays linked
+    only while the path it names is still that file (a later layer that replaced or
+    removed it left a copy), and every group of linked paths names its first path in
+    sorted order (written first, so each group is written in one layer as one inode)."""
+    groups: dict[str, list[str]] = {}
+    for path, e in tree.items():
+        if e.type == "f" and e.link:
+            t = tree.get(e.link)
+            if t is None or t.type != "f" or t.link or replace(t, mtime=0) != replace(e, link="", mtime=0):
+                tree[path] = replace(e, link="")
+            else:
+                groups.setdefault(e.link, []).append(path)
+    for leader, members in groups.items():
+        first = min([leader, *members])
+        for p in [leader, *members]:
+            tree[p] = replace(tree[p], link="" if p == first else first)
+    return tree
+
+
+def link_groups(tree: Mapping[str, Entry]) -> dict[str, list[str]]:
+    """First path -> every path of its hard-link group (itself included)."""
+    groups: dict[str, list[str]] = {}
+    for path, e in tree.items():
+        if e.type == "f" and e.link:
+            groups.setdefault(e.link, [e.link]).append(path)
+    return groups
+
+
 def first_difference(want: Mapping[str, Entry], got: Mapping[str, Entry]) -> str | None:
     """The first path (in sorted order) where two trees disagree, or None."""
     for path in sorted(want.keys() | got.keys()):
@@ -420,9 +453,13 @@ def write_layer(items: Iterable[tuple[str, Entry | None]], out_dir: Path, spool:
             info = tarfile.TarInfo(path)
             info.type, info.mode, info.uid, info.gid, info.mtime = _TAR_TYPES[e.type], e.mode, e.uid, e.gid, e.mtime
             info.uname = info.gname = ""
-            info.linkname = e.link
+            info.linkname = e.link if e.type == "l" else ""
             info.devmajor, info.devminor = e.dev
             info.pax_headers = dict(e.xattrs)
+            if e.type == "f" and e.link:  # the target sorts first (``settle_links``)
+                info.type, info.linkname = tarfile.LNKTYPE, e.link
+                tar.addfile(info)
+                continue
             if e.type == "f":
                 info.size = e.size
                 try:

@@ -165,3 +165,55 @@ def go_tar(members: list[tuple["tarfile.TarInfo", bytes | None]]) -> bytes:
             out.write(data + bytes(-len(data) % 512))
     out.write(bytes(1024))
     return out.getvalue()
+
+
+def buildah_group(settings, host: str, repo: str, work: Path, n: int, compression: str = "gzip",
+                  mtime: float = 1_700_000_000) -> list[str]:
+    """``n`` images of one repository made as Docker or podman would make them: buildah
+    copies a /testbed tree onto a shared busybox base and commits, and pushes with
+    ``compression`` (gzip or zstd): Go's archive/tar writes every layer. Each /testbed
+    holds shared files (one with a hard link), a symlink, a 0750 directory, a file of
+    its own and, from the second image on, one shared file changed."""
+    import os
+
+    from imagefarm.host.containers import run
+
+    base = f"localhost/{repo.replace('/', '-')}-base"
+    if run(settings, ["buildah", "images", "-q", base], check=False).returncode != 0:
+        c = run(settings, ["buildah", "from", "scratch"]).stdout.strip()
+        root = work / "base-root"
+        (root / "bin").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(BUSYBOX, root / "bin/busybox")
+        for name in ("sh", "ls", "cat"):
+            if not (root / "bin" / name).exists():
+                os.symlink("busybox", root / "bin" / name)
+        run(settings, ["buildah", "copy", c, str(root), "/"])
+        run(settings, ["buildah", "config", "--env", "PATH=/bin", "--workingdir", "/testbed", c])
+        run(settings, ["buildah", "commit", "--rm", "-q", c, base])
+    refs = []
+    for i in range(n):
+        tree = work / f"{repo.replace('/', '-')}-{compression}-{i}" / "testbed"
+        (tree / "pkg").mkdir(parents=True, exist_ok=True)
+        (tree / "private").mkdir(exist_ok=True)
+        os.chmod(tree / "private", 0o750)
+        for k in range(20):
+            (tree / "pkg" / f"mod_{k}.py").write_text(f"# module {k}\n" + "x = 1\n" * (50 + k))
+        if i:
+            (tree / "pkg" / "mod_0.py").write_text(f"# module 0, changed at commit {i}\n")
+        (tree / "README").write_text("shared readme\n" * 40)
+        if not (tree / "README.link").exists():
+            os.link(tree / "README", tree / "README.link")
+        if not (tree / "latest").is_symlink():
+            os.symlink("pkg/mod_1.py", tree / "latest")
+        (tree / "private" / f"own_{i}").write_text(f"image {i}\n")
+        for p in sorted(tree.rglob("*")):
+            os.utime(p, (mtime, mtime), follow_symlinks=False)
+        c = run(settings, ["buildah", "from", "--pull-never", base]).stdout.strip()
+        run(settings, ["buildah", "copy", c, str(tree), "/testbed"])
+        local = f"localhost/{repo.replace('/', '-')}:{compression}-{i}"
+        run(settings, ["buildah", "commit", "--rm", "-q", c, local])
+        ref = f"{host}/{repo}:{compression}-{i}"
+        run(settings, ["buildah", "push", "-q", "--tls-verify=false", "--compression-format", compression,
+                       local, f"docker://{ref}"])
+        refs.append(ref)
+    return refs
