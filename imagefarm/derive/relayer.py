@@ -71,6 +71,11 @@ class GroupResult:
     own: tuple[oci.Layer, ...] = ()
     bytes_read: int = 0          #: layer bytes read from the registry
 
+    @property
+    def mtime_differs(self) -> int:
+        """Paths, over the group's images, whose mtime is not their base's (see ``choose_common``)."""
+        return sum(p.mtime_differs for p in self.proofs)
+
 
 def group_id(base_digests: Sequence[str], share: float) -> str:
     """Names what was re-layered: the set of base digests, the share and the algorithm."""
@@ -111,15 +116,17 @@ class Layers:
 def choose_common(lower: Tree, trees: Sequence[Tree], share: float) -> Tree:
     """The entries (path and everything compared) more than ``share`` of the group holds
     above ``lower``; each kept only where its parent is a directory below it or named
-    by no layer (a common file never conjures a directory an image lacks). Each entry's mtime is that of the
-    first image holding it (images in group order)."""
+    by no layer (a common file never conjures a directory an image lacks), a hard link
+    only with the file it names. Each entry's mtime is the one most of its holders have."""
     counts: Counter[tuple[str, Entry]] = Counter()
     first: dict[tuple[str, Entry], Entry] = {}
+    mtimes: dict[tuple[str, Entry], Counter[float]] = {}
     for t in trees:
         for path, e in t.items():
             if lower.get(path) != e:
                 counts[(path, e)] += 1
                 first.setdefault((path, e), e)
+                mtimes.setdefault((path, e), Counter())[e.mtime] += 1
     need = share * len(trees)
     named = {p for p, _ in counts}  # paths some image holds as an entry of its own
     common: Tree = {}
@@ -131,7 +138,9 @@ def choose_common(lower: Tree, trees: Sequence[Tree], share: float) -> Tree:
         # a parent no layer names (tar's implicit directories) is no obstacle
         if parent and (above.type != "d" if above is not None else parent in named):
             continue
-        common[path] = first[(path, e)]
+        # the mtime the most images holding it have (the first image's on a tie): exact
+        # wherever the group agrees; each image's other mtimes are counted by its proof
+        common[path] = replace(first[(path, e)], mtime=mtimes[(path, e)].most_common(1)[0][0])
     # a hard link goes in only with the file it names: one layer holds each inode
     for path, e in list(common.items()):
         if e.type == "f" and e.link and common.get(e.link) != replace(e, link=""):

@@ -75,6 +75,7 @@ class BatchState:
     failures: list[dict[str, str]] = field(default_factory=list)
     #: re-layering groups derived plainly instead: {"group": first base, "bases": n, "reason": ...}
     relayer_fallbacks: list[dict[str, Any]] = field(default_factory=list)
+    relayer_mtime_differs: int = 0  #: re-layered paths whose mtime is not their base's (derive.relayer)
     lockfile: str = ""
 
     @property
@@ -458,6 +459,8 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
                     for b in groups[base]:
                         submit("derive", b)
                     continue
+                if stage == "relayer":
+                    state.relayer_mtime_differs += res.get("mtime_differs", 0)
                 for b, r in (zip(groups[base], res["results"]) if stage == "relayer" else [(base, res)]):
                     _apply(state, outcomes[b], "verify" if stage == "verify" else "derive", r)
                     if stage != "verify" and outcomes[b].ok and b in to_verify:

@@ -173,7 +173,8 @@ def buildah_group(settings, host: str, repo: str, work: Path, n: int, compressio
     copies a /testbed tree onto a shared busybox base and commits, and pushes with
     ``compression`` (gzip or zstd): Go's archive/tar writes every layer. Each /testbed
     holds shared files (one with a hard link), a symlink, a 0750 directory, a file of
-    its own and, from the second image on, one shared file changed."""
+    its own and, from the second image on, one shared file changed; the third image's
+    copy of one shared file has another mtime."""
     import os
 
     from imagefarm.host.containers import run
@@ -206,10 +207,14 @@ def buildah_group(settings, host: str, repo: str, work: Path, n: int, compressio
         if not (tree / "latest").is_symlink():
             os.symlink("pkg/mod_1.py", tree / "latest")
         (tree / "private" / f"own_{i}").write_text(f"image {i}\n")
-        for p in sorted(tree.rglob("*")):
+        # differs per compression: else buildah reuses the layer the other push compressed
+        (tree / "pushed-with").write_text(compression)
+        for p in [tree, *sorted(tree.rglob("*"))]:
             os.utime(p, (mtime, mtime), follow_symlinks=False)
+        if i == 2:  # the same file, touched later in one image only
+            os.utime(tree / "pkg" / "mod_5.py", (mtime + 100, mtime + 100))
         c = run(settings, ["buildah", "from", "--pull-never", base]).stdout.strip()
-        run(settings, ["buildah", "copy", c, str(tree), "/testbed"])
+        run(settings, ["buildah", "copy", c, str(tree.parent), "/"])  # /testbed with its own mtime
         local = f"localhost/{repo.replace('/', '-')}:{compression}-{i}"
         run(settings, ["buildah", "commit", "--rm", "-q", c, local])
         ref = f"{host}/{repo}:{compression}-{i}"

@@ -252,3 +252,5 @@ def test_images_made_by_buildah_relayer_and_prove(rl, settings, registry, payloa
         ops = read_ops(chunks, got.common.descriptor, got.common.diff_id, below={}, spool=None, where="common")
     linked = {p: e.link for _, p, e in ops if e is not None and e.type == "f" and e.link}
     assert linked == {"testbed/README.link": "testbed/README"}  # one inode, as in the bases
+    # mtimes: exact where the images agree; mod_5.py gets the two images' that agree
+    assert [p.mtime_differs for p in got.proofs] == [0, 0, 1] and got.mtime_differs == 1
