@@ -18,15 +18,18 @@ the regular files they name and written as copies: same content, mode and owner.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
+import json
 import os
+import sqlite3
 import tarfile
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from imagefarm import oci
 from imagefarm.errors import DeriveError
@@ -317,7 +320,8 @@ def read_ops(chunks: Iterable[bytes], desc: oci.Descriptor, diff_id: str | None,
     layer = _Layer(below)
     keep = spool.put if spool is not None else _hash_only
     try:
-        with tarfile.open(fileobj=io.BufferedReader(inner, CHUNK), mode="r|", tarinfo=_tarinfo(limits)) as tar:
+        with tarfile.open(fileobj=io.BufferedReader(inner, CHUNK), mode="r|", tarinfo=_tarinfo(limits),
+                          bufsize=CHUNK) as tar:  # (its default: 10 kB reads)
             n = 0
             while (m := tar.next()) is not None:
                 tar.members.clear()  # stream mode would keep every member's header
@@ -375,6 +379,8 @@ def read_ops(chunks: Iterable[bytes], desc: oci.Descriptor, diff_id: str | None,
 
 
 def _drop_under(tree: Tree, path: str, keep: set[str] | None = None) -> None:
+    if isinstance(tree, StoredTree):
+        return tree.drop_under(path, keep)
     prefix = path + "/" if path else ""
     for p in [p for p in tree if p.startswith(prefix) and (keep is None or p not in keep)]:
         del tree[p]
@@ -402,13 +408,161 @@ def apply(tree: Tree, ops: Iterable[Op]) -> Tree:
     return tree
 
 
+_KEY = ("type", "mode", "uid", "gid", "digest", "size", "link", "dmaj", "dmin", "xattrs")  # what Entry compares
+_ENTRY_COLS = (*_KEY, "mtime")
+_COLS = ", ".join(_ENTRY_COLS)
+_SAME = " AND ".join(f"a.{c} IS b.{c}" for c in _KEY)
+
+
+def _row(e: Entry) -> tuple:
+    return (e.type, e.mode, e.uid, e.gid, e.digest, e.size, e.link, e.dev[0], e.dev[1],
+            json.dumps(e.xattrs) if e.xattrs else "", e.mtime)
+
+
+def _entry(r: Sequence) -> Entry:
+    return Entry(r[0], r[1], r[2], r[3], r[4], r[5], r[6], (r[7], r[8]),
+                 tuple(tuple(x) for x in json.loads(r[9])) if r[9] else (), r[10])
+
+
+def _key(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+def _path(key: bytes) -> str:
+    return key.decode("utf-8", "surrogateescape")
+
+
+class TreeStore:
+    """Trees on disk: one SQLite file holds a group's trees as rows (tree, path, entry),
+    so what re-layering holds in memory does not grow with its images' sizes or number
+    (SQLite's page cache is capped). Paths are byte strings: their order is tar's."""
+
+    def __init__(self, path: Path, cache_mib: int = 64) -> None:
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{cache_mib * 1024}", "temp_store=FILE"):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.execute(f"CREATE TABLE IF NOT EXISTS e (t INTEGER, path BLOB, {_COLS}, PRIMARY KEY (t, path)) "
+                        "WITHOUT ROWID")
+        self._next = 0
+
+    def new(self, copy_of: "StoredTree | None" = None) -> "StoredTree":
+        self._next += 1
+        t = StoredTree(self, self._next)
+        if copy_of is not None:
+            self.db.execute(f"INSERT INTO e SELECT ?, path, {_COLS} FROM e WHERE t = ?", (t.t, copy_of.t))
+        return t
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Many writes as one transaction (one commit, not one per row)."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class StoredTree:
+    """One tree of a ``TreeStore``: the mapping ``apply`` and the checks use, on disk."""
+
+    def __init__(self, store: TreeStore, t: int) -> None:
+        self.store, self.db, self.t = store, store.db, t
+
+    def get(self, path: str, default: Entry | None = None) -> Entry | None:
+        r = self.db.execute(f"SELECT {_COLS} FROM e WHERE t = ? AND path = ?", (self.t, _key(path))).fetchone()
+        return _entry(r) if r else default
+
+    def __getitem__(self, path: str) -> Entry:
+        e = self.get(path)
+        if e is None:
+            raise KeyError(path)
+        return e
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and self.db.execute(
+            "SELECT 1 FROM e WHERE t = ? AND path = ?", (self.t, _key(path))).fetchone() is not None
+
+    def __setitem__(self, path: str, e: Entry) -> None:
+        self.db.execute(f"INSERT OR REPLACE INTO e VALUES (?, ?, {', '.join('?' * 11)})",
+                        (self.t, _key(path), *_row(e)))
+
+    def pop(self, path: str, default: Entry | None = None) -> Entry | None:
+        e = self.get(path, default)
+        self.db.execute("DELETE FROM e WHERE t = ? AND path = ?", (self.t, _key(path)))
+        return e
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM e WHERE t = ?", (self.t,)).fetchone()[0]
+
+    def items(self) -> Iterator[tuple[str, Entry]]:
+        """In path order, streamed (a cursor of its own: the tree may be read meanwhile)."""
+        for r in self.db.execute(f"SELECT path, {_COLS} FROM e WHERE t = ? ORDER BY path", (self.t,)):
+            yield _path(r[0]), _entry(r[1:])
+
+    def __iter__(self) -> Iterator[str]:
+        return (p for p, _ in self.items())
+
+    def keys(self) -> Iterator[str]:
+        return iter(self)
+
+    def _range(self, path: str) -> tuple[bytes, bytes]:
+        lo = _key(path) + b"/" if path else b""
+        return lo, (_key(path) + b"0" if path else b"\xff" * 4096)
+
+    def drop_under(self, path: str, keep: set[str] | None = None) -> None:
+        lo, hi = self._range(path)
+        if keep is None:
+            self.db.execute("DELETE FROM e WHERE t = ? AND path >= ? AND path < ?", (self.t, lo, hi))
+            return
+        gone = [(self.t, k) for (k,) in self.db.execute(
+            "SELECT path FROM e WHERE t = ? AND path >= ? AND path < ?", (self.t, lo, hi)).fetchall()
+            if _path(k) not in keep]
+        self.db.executemany("DELETE FROM e WHERE t = ? AND path = ?", gone)
+
+    def linked(self) -> list[tuple[str, Entry]]:
+        """The files that name a hard link (few: loaded whole)."""
+        return [(_path(r[0]), _entry(r[1:])) for r in self.db.execute(
+            f"SELECT path, {_COLS} FROM e WHERE t = ? AND type = 'f' AND link != ''", (self.t,)).fetchall()]
+
+    def differing(self, other: "StoredTree") -> Iterator[tuple[str, Entry | None, Entry | None]]:
+        """Paths where this tree and ``other`` (same store) disagree, in path order:
+        (path, this tree's entry or None, other's or None)."""
+        q = (f"SELECT a.path, {', '.join('a.' + c for c in (*_KEY, 'mtime'))}, "
+             f"{', '.join('b.' + c for c in (*_KEY, 'mtime'))} FROM e a LEFT JOIN e b ON b.t = ? AND b.path = a.path "
+             f"WHERE a.t = ? AND (b.path IS NULL OR NOT ({_SAME}))")
+        mine = self.db.execute(q, (other.t, self.t))
+        only = self.db.execute("SELECT b.path FROM e b WHERE b.t = ? AND NOT EXISTS "
+                               "(SELECT 1 FROM e a WHERE a.t = ? AND a.path = b.path) ORDER BY b.path",
+                               (other.t, self.t))
+        rows = sorted([(r[0], r) for r in mine] + [(r[0], None) for r in only], key=lambda x: x[0])
+        for key, r in rows:
+            if r is None:
+                yield _path(key), None, other.get(_path(key))
+            else:
+                n = len(_KEY) + 1
+                yield _path(key), _entry(r[1:1 + n]), (_entry(r[1 + n:]) if r[1 + n] is not None else None)
+
+    def mtimes_differ(self, other: "StoredTree") -> int:
+        """Paths both trees hold whose mtimes differ."""
+        return self.db.execute("SELECT COUNT(*) FROM e a JOIN e b ON b.t = ? AND b.path = a.path "
+                               "WHERE a.t = ? AND a.mtime IS NOT b.mtime", (other.t, self.t)).fetchone()[0]
+
+    def drop(self) -> None:
+        self.db.execute("DELETE FROM e WHERE t = ?", (self.t,))
+
+
 def settle_links(tree: Tree) -> Tree:
     """Hard links as the merged tree has them, in one canonical form: a file stays linked
     only while the path it names is still that file (a later layer that replaced or
     removed it left a copy), and every group of linked paths names its first path in
     sorted order (written first, so each group is written in one layer as one inode)."""
     groups: dict[str, list[str]] = {}
-    for path, e in tree.items():
+    for path, e in _linked(tree):
         if e.type == "f" and e.link:
             t = tree.get(e.link)
             if t is None or t.type != "f" or t.link or replace(t, mtime=0) != replace(e, link="", mtime=0):
@@ -425,25 +579,34 @@ def settle_links(tree: Tree) -> Tree:
 def link_groups(tree: Mapping[str, Entry]) -> dict[str, list[str]]:
     """First path -> every path of its hard-link group (itself included)."""
     groups: dict[str, list[str]] = {}
-    for path, e in tree.items():
-        if e.type == "f" and e.link:
-            groups.setdefault(e.link, [e.link]).append(path)
+    for path, e in _linked(tree):
+        groups.setdefault(e.link, [e.link]).append(path)
     return groups
+
+
+def _linked(tree: Mapping[str, Entry]) -> list[tuple[str, Entry]]:
+    if isinstance(tree, StoredTree):
+        return tree.linked()
+    return [(p, e) for p, e in tree.items() if e.type == "f" and e.link]
 
 
 def first_difference(want: Mapping[str, Entry], got: Mapping[str, Entry]) -> str | None:
     """The first path (in sorted order) where two trees disagree, or None."""
+    if isinstance(want, StoredTree) and isinstance(got, StoredTree):
+        return next((p for p, _, _ in want.differing(got)), None)
     for path in sorted(want.keys() | got.keys()):
         if want.get(path) != got.get(path):
             return path
     return None
 
 
-def write_layer(items: Iterable[tuple[str, Entry | None]], out_dir: Path, spool: Spool) -> oci.Layer:
+def write_layer(items: Iterable[tuple[str, Entry | None]], out_dir: Path, spool: Spool, *,
+                presorted: bool = False) -> oci.Layer:
     """A reproducible layer of ``items`` (path, entry; None is a whiteout), sorted by
-    path, contents from ``spool``, every entry's own mode, owner, mtime and xattrs."""
+    path (``presorted``: streamed as given, e.g. from a ``StoredTree``), contents from
+    ``spool``, every entry's own mode, owner, mtime and xattrs."""
     with oci.layer_writer(out_dir) as (tar, done):
-        for path, e in sorted(items, key=lambda kv: kv[0]):
+        for path, e in (items if presorted else sorted(items, key=lambda kv: kv[0])):
             if e is None:
                 parent, _, base = path.rpartition("/")
                 info = tarfile.TarInfo("/".join(x for x in (parent, WHITEOUT + base) if x))
