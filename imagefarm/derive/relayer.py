@@ -18,9 +18,13 @@ gives the same digests, and a rerun after a crash uploads nothing the registry
 already has (blobs are HEAD-skipped, tags are put last). The tag is the one a plain
 derive of the base gets: lookups find re-layered images exactly as plain ones.
 
-Limits: each image's merged tree is held in memory (metadata only: one small value a
-path), file contents are kept on disk once per digest while the group runs; tar and
-tar+gzip layers only (zstd is refused); mtimes and hard links as ``tree`` says.
+Limits: every tree is kept on disk (one SQLite file per group, under the work
+directory) and file contents once per digest while the group runs; what reading an
+untrusted base layer may cost is bounded by the ``IMAGEFARM_RELAYER_*`` settings, and a
+group that meets a limit fails as a whole (the farm then derives its bases plainly and
+says why). tar, tar+gzip and tar+zstd layers. A common entry carries the mtime most of
+the group's images hold it with (exact wherever they agree); each proof counts the paths
+whose mtime is not their base's. Hard links as ``tree`` says.
 """
 
 from __future__ import annotations

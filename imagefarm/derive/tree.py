@@ -1,19 +1,29 @@
 """Root filesystem trees read from layer blobs as they stream, and written back.
 
-A layer is read once, in stream mode (tar over gzip over the registry's chunks: no
-layer is ever whole in memory or on disk), both its digest and diff_id checked while
-reading, each file's content hashed and, for layers whose files may be written
-again, kept once per content digest in a ``Spool`` on disk. Applying layers in
-order (whiteouts and opaque directories as the OCI image spec says) gives the merged
-tree an image's container sees: ``{path: Entry}``.
+A layer is read once, in stream mode (tar over gzip or zstd over the registry's chunks:
+no layer is ever whole in memory or on disk), both its digest and diff_id checked while
+reading, each file's content hashed and, for layers whose files may be written again,
+kept once per content digest in a ``Spool`` on disk. Applying layers in order, each in
+stream order as container engines unpack them (whiteouts, opaque directories), gives the
+merged tree an image's container sees; trees live on disk (``TreeStore``: SQLite rows),
+so memory does not grow with an image's size.
 
-What two trees must agree on is ``Entry`` equality: type, mode, owner, content
-digest, link target, device numbers and xattrs. The mtime is carried (and written
-back) but not compared: git stamps every checkout, pip every install, with the time
-they ran, so consecutive commits of one repository would share no file at all if it
-were; nothing a repository's tests read depends on it (a timestamp-based ``.pyc``
-whose source has another mtime is recompiled, not misread). Hard links are read as
-the regular files they name and written as copies: same content, mode and owner.
+Base layers are untrusted. Member names are cleaned as engines clean them (``a//b``,
+``a/./b`` and ``a/x/../b`` are ``a/b``); refused, as a ``DeriveError`` naming the layer:
+a name that is absolute or climbs out of the root, two entries (or a whiteout and an
+entry) for one path in one layer, an entry under a non-directory. ``Limits`` bound what
+reading one costs (header size, entries, unpacked bytes absolute and as a ratio to the
+compressed size, spool bytes), and a blob stream stops at its descriptor's size.
+
+What two trees must agree on is ``Entry`` equality, by meaning rather than raw header
+fields: type, permission bits (Go's archive/tar, which Docker, BuildKit, buildah and
+podman use, also writes the type bits into the mode field), owner, content digest, link
+target, hard-link group, device numbers and xattrs. The mtime is carried (and written
+back) but not compared: git stamps every checkout, pip every install, with the time they
+ran, so consecutive commits of one repository would share no file at all if it were.
+Hard links stay hard links when both paths come from one layer (each group written
+whole, in one layer); a link to a lower layer's file is a copy, as an engine unpacking
+that layer on its own makes it.
 """
 
 from __future__ import annotations
@@ -320,8 +330,8 @@ def read_ops(chunks: Iterable[bytes], desc: oci.Descriptor, diff_id: str | None,
     layer = _Layer(below)
     keep = spool.put if spool is not None else _hash_only
     try:
-        with tarfile.open(fileobj=io.BufferedReader(inner, CHUNK), mode="r|", tarinfo=_tarinfo(limits),
-                          bufsize=CHUNK) as tar:  # (its default: 10 kB reads)
+        with tarfile.open(fileobj=io.BufferedReader(inner, CHUNK), mode="r|",
+                          tarinfo=_tarinfo(limits)) as tar:  # (a larger bufsize is slower: it copies its buffer)
             n = 0
             while (m := tar.next()) is not None:
                 tar.members.clear()  # stream mode would keep every member's header
