@@ -116,8 +116,8 @@ class Layers:
     def tree(self, ref: Reference, layers: Sequence[oci.Descriptor], diff_ids: Sequence[str | None],
              start: StoredTree | None = None, *, keep: bool = False) -> StoredTree:
         """A new tree (the caller's: it may change it): ``start`` (or nothing) plus
-        ``layers``. Without ``start`` the chain is remembered, and the longest chain
-        already read (with contents kept, if ``keep``) is where reading starts."""
+        ``layers``. Without ``start`` each prefix of the chain is remembered, and the
+        longest one already read (with contents kept, if ``keep``) is where reading starts."""
         if len(diff_ids) != len(layers):
             raise DeriveError(f"{ref}: its config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
         digests = tuple(d.digest for d in layers)
@@ -129,14 +129,14 @@ class Layers:
                     start, done = hit[0], k
                     break
         t = self.store.new(copy_of=start)
-        for d, diff_id in zip(layers[done:], diff_ids[done:]):
-            ops = self.ops(ref, d, diff_id, t, keep=keep)
+        for k in range(done, len(digests)):
+            ops = self.ops(ref, layers[k], diff_ids[k], t, keep=keep)
             with self.store.batch():
                 apply(t, ops)
             del ops
-        settle_links(t)
-        if chain and done < len(digests):
-            self._chains[digests] = (self.store.new(copy_of=t), keep)
+            settle_links(t)
+            if chain:  # every prefix: siblings share their lower layers, proofs the common one
+                self._chains[digests[:k + 1]] = (self.store.new(copy_of=t), keep)
         return t
 
 
