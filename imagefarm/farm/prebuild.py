@@ -356,16 +356,23 @@ def choose_verify(bases: list[str], verify: str) -> set[str]:
 RELAYER_GROUP_MAX = 32
 
 
-def relayer_groups(bases: list[str]) -> list[list[str]]:
-    """The bases of one repository (registry and path), in dataset order, in groups of
-    at most ``RELAYER_GROUP_MAX``: what ``--relayer`` re-layers together."""
+def relayer_groups(bases: list[str], most: int = RELAYER_GROUP_MAX) -> list[list[str]]:
+    """The bases of one repository (registry and path), in dataset order, split into
+    as few groups of at most ``most`` as it takes, their sizes within one of each other
+    (33 bases are 17 + 16, not 32 + a lone base that would take the plain path): what
+    ``--relayer`` re-layers together. Largest groups first: the longest tasks start first."""
     from imagefarm.names.reference import parse
 
     by_repo: dict[str, list[str]] = {}
     for b in bases:
         ref = parse(b)
         by_repo.setdefault(f"{ref.registry}/{ref.repository}", []).append(b)
-    return [bs[i:i + RELAYER_GROUP_MAX] for bs in by_repo.values() for i in range(0, len(bs), RELAYER_GROUP_MAX)]
+    out = []
+    for bs in by_repo.values():
+        parts = -(-len(bs) // most)
+        cuts = [len(bs) * i // parts for i in range(parts + 1)]
+        out += [bs[a:b] for a, b in zip(cuts, cuts[1:])]
+    return sorted(out, key=len, reverse=True)
 
 
 def _queue(stage: str) -> str:
@@ -442,10 +449,10 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
     check = 20.0
     try:
         grouped = {b for g in groups.values() for b in g}
+        for first in groups:  # the groups first, largest first (``relayer_groups``' order)
+            submit("relayer", first)
         for b in bases:
-            if b in groups:
-                submit("relayer", b)
-            elif b not in grouped:
+            if b not in grouped:
                 submit("derive", b)
         last_save, last_result, last_check = 0.0, time.monotonic(), time.monotonic()
         while pending:
