@@ -769,6 +769,9 @@ def render(results: dict[str, Any], out: Path) -> None:
                   title="## 7. Re-layering one repository's bases (`prebuild --relayer`): plain vs re-layered")
     L += _section(S, "v0", when, res.get("v0"), _v0,
                   title="## 8. V0 clients: the action execution server's image beside the agent server's")
+    from .relayer import render_real
+    L += _section(S, "relayer-real", when, res.get("relayer-real"), render_real,
+                  title="## 9. Re-layering at real size: 16 buildah-made images of a real project, plain vs re-layered (#27)")
     L += _notes()
     (out / "BENCHMARKS.md").write_text("\n".join(L).rstrip() + "\n")
 
