@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from imagefarm import oci
+from imagefarm.derive.relayer import _shared_prefix as shared_prefix  # the rule the engine re-layers by
 from imagefarm.errors import ImagefarmError
 from imagefarm.names.reference import parse
 from imagefarm.registry import RegistryClient
@@ -139,16 +140,6 @@ def _group(client: RegistryClient, bases: list[str], res: list[Any], log, like: 
     log(f"plan: {gp.repository}: {len(bases)} bases, re-layered own bytes about {gp.relayer_own_bytes:,} "
         f"of {gp.plain_own_bytes:,}")
     return gp
-
-
-def shared_prefix(layer_lists: Sequence[Sequence[oci.Descriptor]]) -> int:
-    """How many lower layers every base holds by digest, in order; at least one layer
-    each stays above (the rule ``derive.relayer`` re-layers by)."""
-    n = min(len(ls) for ls in layer_lists) - 1
-    k = 0
-    while k < n and len({ls[k].digest for ls in layer_lists}) == 1:
-        k += 1
-    return k
 
 
 def _entry_bytes(v: tuple) -> int:
