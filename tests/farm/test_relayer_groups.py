@@ -3,7 +3,7 @@ path), balanced splits of at most the cap, largest first. A unit: no services.""
 
 from __future__ import annotations
 
-from imagefarm.farm.prebuild import RELAYER_GROUP_MAX, relayer_groups
+from imagefarm.farm.selection import RELAYER_GROUP_MAX, relayer_groups
 
 
 def _refs(host: str, repo: str, n: int) -> list[str]:
