@@ -164,7 +164,7 @@ class _Pauses:
             if self.executor == "celery":
                 from imagefarm.worker.ratelimit import RedisGate
 
-                self._gate = RedisGate.from_url(self.settings.broker_url)
+                self._gate = RedisGate.from_url(self.settings.broker)
             else:
                 self._gate = ratelimit.current()
         try:
