@@ -91,12 +91,14 @@ class Batch:
         self.pending: dict[Any, tuple[str, str]] = {}  #: executor handle -> (stage, base)
 
     def start(self) -> None:
-        """Submit every base: a group's re-layering under its first base, the rest one by one."""
+        """Submit every base: a group's re-layering under its first base (the groups first,
+        in ``relayer_groups``' order: largest first, the longest tasks start first), the
+        rest one by one."""
         grouped = {b for g in self.groups.values() for b in g}
+        for first in self.groups:
+            self.submit("relayer", first)
         for b in self.bases:
-            if b in self.groups:
-                self.submit("relayer", b)
-            elif b not in grouped:
+            if b not in grouped:
                 self.submit("derive", b)
 
     def submit(self, stage: str, base: str) -> None:
