@@ -46,6 +46,7 @@ from .ports import parse_command
 from .records import LIVE, Records
 from .resolver import Resolver, Resolving, pinned_image, recipe_for_command
 from .state import Store
+from .warm import Template, Templates
 
 log = logging.getLogger("imagefarm.runtime.fleet")
 
@@ -107,6 +108,8 @@ class Node:
     last_seen: float = 0.0         #: monotonic
     images: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    warm: dict[str, int] = field(default_factory=dict)        #: warm sandboxes per pinned image
+    payloads: list[dict[str, Any]] = field(default_factory=list)
 
     def persist(self) -> dict[str, Any]:
         d = asdict(self)
@@ -131,6 +134,7 @@ class Fleet:
         self.nodes: dict[str, Node] = {}
         self._touched: dict[str, set[str]] = {}
         self.records.on_touch.append(lambda rec: self._touched.setdefault(rec.node_id, set()).add(rec.runtime_id))
+        self.templates = Templates(self.store, settings.recipe)  #: start shapes, for the nodes' warm sandboxes
         self._http: httpx.AsyncClient | None = None
         self._bg: list[asyncio.Task] = []
         self._rng = random.Random(0)
@@ -222,8 +226,10 @@ class Fleet:
             if r.status in LIVE:
                 used[r.node_id] = used.get(r.node_id, 0.0) + slots_needed(r.resource_factor)
                 images.setdefault(r.node_id, set()).add(r.prebuilt)
+        # warm sandboxes are not counted: they give their slots up to real starts (the node's admission)
         return [NodeView(n.node_id, n.slots, used.get(n.node_id, 0.0), frozenset(images.get(n.node_id, ())),
-                         ready=n.ready and n.state == "up") for n in self.nodes.values()]
+                         ready=n.ready and n.state == "up", warm=frozenset(i for i, k in n.warm.items() if k))
+                for n in self.nodes.values()]
 
     def _place(self, image: str, resource_factor: float, exclude: set[str]) -> Node | None:
         views = [v for v in self.views() if v.node_id not in exclude]
@@ -236,10 +242,12 @@ class Fleet:
         if rec is not None:
             self.touch(rec)
             return rec
-        hit = await self.resolving.resolve(req.image, recipe_for_command(self.settings, parse_command(req.command)),
-                                           version=req.agent_server_version)
+        argv = parse_command(req.command)
+        recipe = recipe_for_command(self.settings, argv)
+        hit = await self.resolving.resolve(req.image, recipe, version=req.agent_server_version)
         size = await self.resolving.image_size(hit)
         prebuilt = pinned_image(hit)
+        self.templates.learn(recipe, Template.of(req, argv, "image"))
         tried: set[str] = set()
         while True:
             rec = self.records.live_session(req.session_id)
@@ -344,20 +352,25 @@ class Fleet:
                      for v in self.views()]
             holder = next((v for v in views if pinned in v.images), None)
             if holder is not None:
-                out.append({"image": image, "prebuilt_image": pinned, "node": holder.node_id, "pull": False})
-                continue
-            ready = [v for v in views if v.ready]
-            if not ready:
-                raise CapacityFull("no node has joined the fleet yet: nothing to prefetch onto")
-            # spread: the node with the fewest images (planned included), then the most free slots
-            chosen = min(ready, key=lambda v: (len(v.images), -v.free, v.node_id))
-            planned.setdefault(chosen.node_id, set()).add(pinned)
-            out.append({"image": image, "prebuilt_image": pinned, "node": chosen.node_id, "pull": True,
-                        "size": size})
+                chosen = holder
+            else:
+                ready = [v for v in views if v.ready]
+                if not ready:
+                    raise CapacityFull("no node has joined the fleet yet: nothing to prefetch onto")
+                # spread: the node with the fewest images (planned included), then the most free slots
+                chosen = min(ready, key=lambda v: (len(v.images), -v.free, v.node_id))
+                planned.setdefault(chosen.node_id, set()).add(pinned)
+            out.append({"image": image, "prebuilt_image": pinned, "node": chosen.node_id, "pull": holder is None,
+                        "warm": 0, "_item": {"image": pinned, "size": size, "base": getattr(hit, "base", None),
+                                             "recipe": req.recipe, "warm": req.warm}})
+        template = self.templates.get(req.recipe)
         by_node: dict[str, list[dict[str, Any]]] = {}
-        for item in out:
-            if item["pull"]:
-                by_node.setdefault(item["node"], []).append({"image": item["prebuilt_image"], "size": item["size"]})
+        for row in out:
+            item = row.pop("_item")
+            if row["pull"] or req.warm:
+                if template is not None:
+                    item["template"] = template.to_json()
+                by_node.setdefault(row["node"], []).append(item)
         for node_id, items in by_node.items():
             node = self.nodes[node_id]
             try:
@@ -365,6 +378,10 @@ class Fleet:
                 r.raise_for_status()
             except httpx.HTTPError as exc:
                 raise NodeError(f"node {node_id} ({node.url}) did not take the prefetch: {exc}") from None
+            warm = r.json().get("warm") or {}
+            for row in out:
+                if row["node"] == node_id:
+                    row["warm"] = int(warm.get(row["prebuilt_image"], 0))
         return out
 
     # -- reports from nodes ------------------------------------------------------------------
@@ -384,6 +401,8 @@ class Fleet:
         node.last_seen = time.monotonic()
         node.images = list(data.get("images") or [])
         node.stats = dict(data.get("stats") or {})
+        node.warm = dict(data.get("warm") or {})
+        node.payloads = list(data.get("payloads") or [])
         self._save_nodes()
         reported = {r["runtime_id"]: r for r in data.get("runtimes") or []}
         remove = []
@@ -449,9 +468,6 @@ class Fleet:
                 self._chore(self._forward_stop(rec))
 
     # -- what GET /nodes and the metrics show ----------------------------------------------------
-    def counters(self) -> dict[str, int]:
-        return {}
-
     def node_rows(self) -> list[dict[str, Any]]:
         views = {v.node_id: v for v in self.views()}
         now = time.monotonic()
@@ -465,8 +481,8 @@ class Fleet:
                     states[k] = states.get(k, 0) + 1
             rows.append({"node_id": n.node_id, "url": n.url, "address": n.address, "state": n.state,
                          "ready": n.ready, "slots": n.slots, "free_slots": v.free if n.state == "up" else 0,
-                         "runtimes": states, "images": len(n.images),
-                         "last_report_s": round(now - n.last_seen, 2), **{"stats": n.stats}})
+                         "runtimes": states, "images": len(n.images), "warm": n.warm, "payloads": n.payloads,
+                         "last_report_s": round(now - n.last_seen, 2), "stats": n.stats})
         return rows
 
 
@@ -487,6 +503,8 @@ class NodeReport(BaseModel):
     images: list[str] = Field(default_factory=list, max_length=100000)
     runtimes: list[dict[str, Any]] = Field(default_factory=list, max_length=100000)
     stats: dict[str, Any] = Field(default_factory=dict)
+    warm: dict[str, int] = Field(default_factory=dict)
+    payloads: list[dict[str, Any]] = Field(default_factory=list, max_length=64)
 
 
 class NodeLeave(BaseModel):

@@ -123,7 +123,8 @@ class Upkeep:
         idle = self.config.idle_timeout
         if not idle:
             return
-        candidates = [r for r in self.records.values() if r.status in LIVE and now - r.last_activity > idle]
+        candidates = [r for r in self.records.values()  # warm sandboxes expire in their pool
+                      if r.status in LIVE and now - r.last_activity > idle and not r.extra.get("warm")]
         if not candidates:
             return
         need_cpu = []
