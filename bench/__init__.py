@@ -14,7 +14,8 @@ registry: ``--plan`` vs what the run moves, and the run's pauses), ``fleet`` (pl
 at 512 concurrent sandboxes, image-aware vs random: a model fed with the runtime
 section's measured costs), ``relayer`` (one repository's bases re-layered vs plain:
 bytes a node pulls, stored, unique per image, time to re-layer), ``v0`` (``/start`` to ready of the V0 action execution
-server's image beside the agent server's, same base, interleaved).
+server's image beside the agent server's, same base, interleaved), ``starts`` (``/start`` to ready by
+what the node holds: warm hit, image, base + payload, payload only; default and V0).
 """
 
-SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "ratelimit", "fleet", "relayer", "v0")
+SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "ratelimit", "fleet", "relayer", "v0", "starts")

@@ -54,6 +54,9 @@ def _runner(name: str) -> Callable[[Bench], dict[str, Any]]:
     if name == "v0":
         from .v0 import run_v0
         return run_v0
+    if name == "starts":
+        from .runtime import run_starts
+        return run_starts
     raise ValueError(name)
 
 

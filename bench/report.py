@@ -667,7 +667,8 @@ def _fleet(flt: dict[str, Any]) -> list[str]:
       "A model, not a cluster run: the registry's egress and the nodes' CPUs during boot are not modelled. "
       "The real fleet on a two-node SLURM cluster is tested in `tests/runtime/test_fleet_slurm.py`.")
     w("")
-    return L
+    from .fleet import render_foresight
+    return L + render_foresight(flt)
 
 
 def _relayer(r: dict[str, Any]) -> list[str]:
@@ -769,6 +770,9 @@ def render(results: dict[str, Any], out: Path) -> None:
                   title="## 7. Re-layering one repository's bases (`prebuild --relayer`): plain vs re-layered")
     L += _section(S, "v0", when, res.get("v0"), _v0,
                   title="## 8. V0 clients: the action execution server's image beside the agent server's")
+    from .runtime import render_starts
+    L += _section(S, "starts", when, res.get("starts"), render_starts,
+                  title="## 9. Starts by what the node holds: warm sandboxes, payloads at join")
     L += _notes()
     (out / "BENCHMARKS.md").write_text("\n".join(L).rstrip() + "\n")
 

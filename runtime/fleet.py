@@ -41,7 +41,7 @@ from imagefarm.settings import Settings
 from .config import ServeConfig
 from .errors import CapacityFull, NodeError, RuntimeServerError
 from .models import PrefetchRequest, RuntimeInfo, StartRequest
-from .placement import NodeView, place, slots_needed
+from .placement import NodeView, place, prefetch_target, slots_needed
 from .ports import parse_command
 from .records import LIVE, Records
 from .resolver import Resolver, Resolving, pinned_image, recipe_for_command
@@ -341,33 +341,32 @@ class Fleet:
 
     # -- prefetch ----------------------------------------------------------------------------
     async def prefetch(self, req: PrefetchRequest) -> list[dict[str, Any]]:
-        """Pull images onto nodes ahead of the trainer: each to the node placement would
-        choose for its first sample (a node holding it already: nothing to do)."""
+        """Pull images onto nodes ahead of the trainer and keep ``req.warm`` sandboxes of
+        each there: each image to ``placement.prefetch_target`` (a node holding it, else
+        the one with the most room for warm sandboxes, else the fewest images), where the
+        trainer's starts are then placed (``place`` prefers a node with a warm sandbox)."""
         planned: dict[str, set[str]] = {}
+        promised: dict[str, int] = {}  #: warm sandboxes this prefetch asked of each node
         out = []
         for image in req.images:
             hit = await self.resolving.resolve(image, req.recipe, version=req.agent_server_version)
             pinned, size = pinned_image(hit), await self.resolving.image_size(hit)
             views = [NodeView(v.node_id, v.slots, v.used, v.images | planned.get(v.node_id, set()), v.ready)
                      for v in self.views()]
-            holder = next((v for v in views if pinned in v.images), None)
-            if holder is not None:
-                chosen = holder
-            else:
-                ready = [v for v in views if v.ready]
-                if not ready:
-                    raise CapacityFull("no node has joined the fleet yet: nothing to prefetch onto")
-                # spread: the node with the fewest images (planned included), then the most free slots
-                chosen = min(ready, key=lambda v: (len(v.images), -v.free, v.node_id))
-                planned.setdefault(chosen.node_id, set()).add(pinned)
-            out.append({"image": image, "prebuilt_image": pinned, "node": chosen.node_id, "pull": holder is None,
+            chosen = prefetch_target(views, pinned, req.warm, promised)
+            if chosen is None:
+                raise CapacityFull("no node has joined the fleet yet: nothing to prefetch onto")
+            pull = pinned not in chosen.images
+            planned.setdefault(chosen.node_id, set()).add(pinned)
+            promised[chosen.node_id] = promised.get(chosen.node_id, 0) + req.warm
+            out.append({"image": image, "prebuilt_image": pinned, "node": chosen.node_id, "pull": pull,
                         "warm": 0, "_item": {"image": pinned, "size": size, "base": getattr(hit, "base", None),
                                              "recipe": req.recipe, "warm": req.warm}})
         template = self.templates.get(req.recipe)
         by_node: dict[str, list[dict[str, Any]]] = {}
         for row in out:
             item = row.pop("_item")
-            if row["pull"] or req.warm:
+            if row["pull"] or req.warm or self.nodes[row["node"]].warm.get(item["image"]):  # warm 0: none kept
                 if template is not None:
                     item["template"] = template.to_json()
                 by_node.setdefault(row["node"], []).append(item)

@@ -366,7 +366,7 @@ class RuntimeManager:
         pull = pinned not in self.images.present
         if pull:
             self._chore(self._prefetch_one(pinned, size))
-        return pull, self.warm.want(hit, pinned, recipe, warm, template) if warm else 0
+        return pull, self.warm.want(hit, pinned, recipe, warm, template)
 
     async def _prefetch_one(self, image: str, size: int) -> None:
         try:
@@ -427,7 +427,7 @@ class RuntimeManager:
                  "ready": self.ready, "slots": cfg.max_runtimes,
                  "free_slots": max(0.0, cfg.max_runtimes - self.used_slots(warm=False)),
                  "runtimes": self.states(), "images": len(self.images.present), "last_report_s": 0.0,
-                 "warm": self.warm.by_image(), "payloads": [p.row() for p in self.images.payloads],
+                 "warm": self.warm.by_image(), "warm_ready": self.warm.by_image(ready=True), "payloads": [p.row() for p in self.images.payloads],
                  "stats": self.stats()}]
 
     def states(self) -> dict[str, int]:

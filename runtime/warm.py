@@ -19,7 +19,7 @@ Warm sandboxes hold slots (``placement.admits``, the one rule) but give them up 
 real starts first: a real start that finds no free slot has the warm sandboxes it
 needs stopped, and its container is created only once theirs are removed. A pool
 refills after a hit and expires ``warm_idle_timeout`` after the last prefetch or
-hit. ``WarmPool`` is given what it uses (the records, the admission check, and how
+hit (or at once when a prefetch of the image asks for ``warm: 0``). ``WarmPool`` is given what it uses (the records, the admission check, and how
 to boot and stop a runtime) and keeps the hit and miss counts ``/metrics`` shows.
 """
 
@@ -158,11 +158,11 @@ class WarmPool:
     def warm_records(self, key: str | None = None) -> list[Record]:
         return [r for r in self.records.values() if r.extra.get("warm") and (key is None or r.extra["warm"] == key)]
 
-    def by_image(self) -> dict[str, int]:
-        """Live warm sandboxes per pinned image (``GET /nodes``)."""
+    def by_image(self, *, ready: bool = False) -> dict[str, int]:
+        """Live warm sandboxes per pinned image, booting ones too unless ``ready`` (``GET /nodes``)."""
         out: dict[str, int] = {}
         for r in self.warm_records():
-            if r.status == "running":
+            if r.status == "running" and (not ready or r.pod_status == "ready"):
                 out[r.prebuilt] = out.get(r.prebuilt, 0) + 1
         return out
 
@@ -174,8 +174,10 @@ class WarmPool:
         template = self.templates.get(recipe) or template or SDK_TEMPLATE
         key = warm_key(image, template)
         deadline = time.monotonic() + self.idle_timeout
-        if count <= 0:
-            return len(self.warm_records(key))
+        if count <= 0:  # none wanted any more: the ones waiting go at the next tick
+            if self.targets.pop(key, None) is not None:
+                self._wake.set()
+            return 0
         t = self.targets.get(key)
         if t is None:
             self.targets[key] = Target(image, template, count, hit, deadline)

@@ -399,8 +399,28 @@ def test_real_v0_client(cli_server, prebuilt, v0_images, rt_settings, v0_python)
     assert steps["image_exists"] == {"step": "image_exists", "base": True, "v0_runtime": False}
     assert steps["build"]["refused"] is True and "prebuilt images only" in steps["build"]["error"]
     # the V0 command was served by the v0 recipe's image of that base
-    assert f"-> {v0_images['r2e'].image.rsplit(':', 1)[0]}@{v0_images['r2e'].digest}" in srv.output()
+    pinned = f"{v0_images['r2e'].image.rsplit(':', 1)[0]}@{v0_images['r2e'].digest}"
+    assert f"-> {pinned}" in srv.output()
     assert httpx.get(f"{url}/list", headers={"X-API-Key": API_KEY}).json() == {"runtimes": []}
+
+    # the trainer foresaw the next start: one warm V0 sandbox (the shape of the start just
+    # seen); the same client, started again, is handed it and runs its command in /testbed
+    keyed = {"X-API-Key": API_KEY}
+    r = httpx.post(f"{url}/prefetch", headers=keyed, timeout=60,
+                   json={"images": [v0_images["r2e_base"]], "recipe": "v0", "warm": 1})
+    assert r.status_code == 200 and r.json()["images"][0]["warm"] == 1, r.text
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{url}/nodes", headers=keyed).json()[0]["warm"] != {pinned: 1}:
+        assert time.monotonic() < deadline, srv.output()[-3000:]
+        time.sleep(0.2)
+    proc = v0_python.run(Path(__file__).with_name("v0_client.py"), url, API_KEY,
+                         v0_images["r2e_base"], prebuilt["busybox_base"], timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:] + srv.output()[-3000:]
+    again = {s["step"]: s for s in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
+    assert again["action"]["exit_code"] == 0 and again["action"]["content"].split() == ["/testbed/.venv", "/testbed"]
+    stats = httpx.get(f"{url}/nodes", headers=keyed).json()[0]["stats"]
+    assert (stats["warm_hits"], stats["warm_misses"]) == (1, 1), stats
+    assert "warm sandbox handed to session" in srv.output()
 
 
 def test_cli_refuses_to_serve_without_a_key_and_warns_without_auth(rt_settings, tmp_path):

@@ -63,6 +63,20 @@ def test_a_node_pulls_the_payload_before_any_start_and_a_new_image_then_fetches_
         assert gets, "the image's own layers were pulled"
         assert not [p for p in gets if prebuilt["payload_layer"] in p]  # the payload's layer was there
 
+        # the front forwards warm sandboxes to the node placement picks, and places the start there
+        pinned = f"{prebuilt['busybox'].image.rsplit(':', 1)[0]}@{prebuilt['busybox'].digest}"
+        r = client.post(f"{fl.front.url}/prefetch", json={"images": [prebuilt["busybox_base"]], "warm": 1})
+        assert r.status_code == 200 and r.json()["images"][0]["warm"] == 1, r.text
+        deadline = time.monotonic() + 60
+        while client.get(f"{fl.front.url}/nodes").json()[0]["warm"] != {pinned: 1}:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        hit = client.post(f"{fl.front.url}/start", json=sdk_start_body(prebuilt["busybox_base"], _sid("fw"))).json()
+        wait_pod_status(client, f"{fl.front.url}/sessions/{hit['session_id']}")
+        text = client.get(f"{fl.front.url}/metrics").text
+        assert _metric(text, "imagefarm_runtime_warm_hits_total") == 1
+        assert _metric(text, "imagefarm_runtime_warm_misses_total") == 1
+
 
 def test_warm_sandboxes_are_handed_to_matching_starts_hold_slots_and_yield_them(
         server_factory, client, prebuilt, rt_settings):
