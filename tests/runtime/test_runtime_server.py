@@ -350,26 +350,6 @@ def test_sbatch_script_writes_url_atomically_and_cleans_up(rt_settings, prebuilt
     assert "stopping 1 runtime(s) on exit" in out and key not in out
 
 
-def test_real_sdk_client_against_standin(server_factory, client, prebuilt, rt_settings, sdk_python):
-    """openhands-workspace's own APIRemoteWorkspace: start -> ready -> pause -> resume -> stop.
-
-    The end-to-end test (tests/e2e) runs the same script with ``--exec`` on a real
-    agent-server image.
-    """
-    from pathlib import Path
-
-    with server_factory() as srv:
-        proc = sdk_python.run(Path(__file__).with_name("sdk_client.py"), srv.url, API_KEY,
-                              prebuilt["r2e_base"], timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        steps = {s["step"]: s for s in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
-        assert steps["ready"]["alive"] is True and steps["ready"]["host"].startswith("http://127.0.0.1:")
-        assert steps["resumed"]["alive"] is True
-        assert steps["stopped"]["runtime_id"] == steps["ready"]["runtime_id"]
-        assert srv.manager.records == {}
-        assert our_containers(rt_settings, srv.manager.server_id) == []
-
-
 @pytest.mark.timeout(900)
 def test_real_v0_client(cli_server, prebuilt, v0_images, rt_settings, v0_python):
     """openhands-ai 0.59's own RemoteRuntime (connect, a command in /testbed, close) on the

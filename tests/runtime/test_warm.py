@@ -135,7 +135,8 @@ def test_warm_sandboxes_are_handed_to_matching_starts_hold_slots_and_yield_them(
 def test_real_sdk_client_is_handed_a_warm_sandbox_and_runs_in_testbed(server_factory, client, sdk_image,
                                                                         sdk_python, rt_settings):
     """openhands-workspace's own APIRemoteWorkspace, on the real agent server: the trainer
-    prefetched one warm sandbox; the client's start is handed it and runs in /testbed."""
+    prefetched one warm sandbox; the client's start is handed it and runs in /testbed,
+    then pauses, resumes and stops it (the stand-in SDK test this replaces did only those)."""
     base, derived = sdk_image
     pinned = f"{derived.image.rsplit(':', 1)[0]}@{derived.digest}"
     with server_factory(memory_mib_per_factor=2048) as srv:
@@ -151,3 +152,7 @@ def test_real_sdk_client_is_handed_a_warm_sandbox_and_runs_in_testbed(server_fac
         assert steps["exec"]["exit_code"] == 0 and "from-sdk" in steps["exec"]["stdout"]
         assert "/testbed/.venv" in steps["exec"]["stdout"]
         assert _metric(client.get(f"{srv.url}/metrics").text, "imagefarm_runtime_warm_hits_total") == 1
+        # the rest of the client's life as before: pause, resume, stop (cleanup)
+        assert steps["resumed"]["alive"] is True and steps["stopped"]["runtime_id"] == warm.runtime_id
+        assert srv.manager.runtimes() == []
+        assert set(our_containers(rt_settings, srv.manager.server_id)) == {r.container for r in srv.manager.warm.warm_records()}
