@@ -38,7 +38,7 @@ from pydantic import BaseModel, Field
 from imagefarm.serve.apikey import HEADER
 from imagefarm.settings import Settings
 
-from .config import ServeConfig
+from .config import FrontOptions, ServeConfig
 from .errors import CapacityFull, NodeError, RuntimeServerError
 from .models import PrefetchRequest, RuntimeInfo, StartRequest
 from .placement import NodeView, place, prefetch_target, slots_needed
@@ -49,13 +49,6 @@ from .state import Store
 from .warm import Template, Templates
 
 log = logging.getLogger("imagefarm.runtime.fleet")
-
-
-@dataclass(frozen=True)
-class FrontOptions:
-    fleet_key: str
-    node_timeout: float = 5.0     #: seconds without a node report before its runtimes are failed
-    placement: str = "image"      #: image | random (random: for comparison only)
 
 
 @dataclass
@@ -120,13 +113,12 @@ class Node:
 class Fleet:
     """The ``RuntimeService`` of a fleet's front: runtimes on the nodes that joined it."""
 
-    def __init__(self, settings: Settings, resolver: Resolver, config: ServeConfig, *, fleet_key: str,
-                 node_timeout: float = 5.0, placement: str = "image") -> None:
+    def __init__(self, settings: Settings, resolver: Resolver, config: ServeConfig, options: FrontOptions) -> None:
         self.settings, self.config = settings, config
         self.resolving = Resolving(settings, resolver)
-        self.fleet_key = fleet_key
-        self.node_timeout = node_timeout
-        self.placement = placement
+        self.fleet_key = options.fleet_key
+        self.node_timeout = options.node_timeout
+        self.placement = options.placement
         self.to = self.resolving.to
         self.store = Store(config.state_dir or settings.state_dir / "fleet", record=FrontRecord)
         self.server_id = ""

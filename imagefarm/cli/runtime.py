@@ -9,8 +9,11 @@ from pathlib import Path
 import typer
 
 from imagefarm.errors import ConfigError
+from imagefarm.runtime.config import FrontOptions
 from imagefarm.settings import Settings
 from ._app import app, console, friendly
+
+_FRONT = FrontOptions(fleet_key="x" * 16)  # the defaults, stated once (runtime/fleet.py)
 
 runtime_app = typer.Typer(help="The runtime server: OpenHands remote runtime API over podman, "
                                "starting prebuilt agent-server images only.", no_args_is_help=True)
@@ -61,9 +64,9 @@ def serve_cmd(
                                                      "join (`imagefarm runtime node --join URL`), none here"),
     fleet_key_file: Path = typer.Option(None, "--fleet-key-file",
                                         help="file holding the key nodes join with (else IMAGEFARM_FLEET_KEY)"),
-    node_timeout: float = typer.Option(5.0, "--node-timeout",
+    node_timeout: float = typer.Option(_FRONT.node_timeout, "--node-timeout",
                                        help="seconds without a node's report before its runtimes are failed"),
-    placement: str = typer.Option("image", "--placement", help="image (a node holding the image, else the "
+    placement: str = typer.Option(_FRONT.placement, "--placement", help="image (a node holding the image, else the "
                                                                "least loaded) | random (for comparison)"),
     payload: list[str] = typer.Option([], "--payload", metavar="RECIPE[@VERSION]",
                                       help="payload to pull at start-up, before the server reports ready (repeat; "
@@ -78,10 +81,6 @@ def serve_cmd(
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if placement not in ("image", "random"):
-        raise ConfigError(f"--placement {placement!r}: expected image or random")
-    if not node_timeout > 0:
-        raise ConfigError("--node-timeout must be a positive number of seconds")
     settings = Settings.load(to=to, agent_server_version=agent_server_version)
     config = ServeConfig(
         api_key=api_key, disable_auth=disable_auth, max_runtimes=max_runtimes,
@@ -91,7 +90,7 @@ def serve_cmd(
         image_cache_gib=image_cache_gib, payloads=_payloads(payload), warm_idle_timeout=warm_idle_timeout)
     front = None
     if fleet:
-        from imagefarm.runtime.fleet import FrontOptions
+        from imagefarm.runtime.config import FrontOptions
 
         front = FrontOptions(fleet_key=_fleet_key(fleet_key_file), node_timeout=node_timeout, placement=placement)
     os.environ.pop("IMAGEFARM_RUNTIME_API_KEY", None)  # not inherited by podman and its children
@@ -125,7 +124,7 @@ def _fleet_key(path: Path | None) -> str:
             raise ConfigError(f"--fleet-key-file {path}: {exc.strerror}") from None
     else:
         key = (env or "").strip()
-    if len(key) < 16:
+    if len(key) < 16:  # FrontOptions checks too; a node has none
         raise ConfigError("a fleet key of at least 16 characters is required: IMAGEFARM_FLEET_KEY or "
                           "--fleet-key-file (the same on the front and every node)")
     return key

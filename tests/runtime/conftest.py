@@ -156,7 +156,7 @@ def fleet_factory(rt_settings, lookup, tmp_path):
     in threads of this process, each node with its own podman storage and state
     (``tmp_path/nodeN``), its API and runtimes on its own loopback address 127.0.1.N."""
     from imagefarm.runtime import ServeConfig
-    from imagefarm.runtime.fleet import FrontOptions
+    from imagefarm.runtime.config import FrontOptions
     from imagefarm.runtime.node import NodeConfig
     from imagefarm.runtime.serve import ServerThread
 

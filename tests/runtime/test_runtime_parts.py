@@ -108,12 +108,14 @@ def record(rid: str, *, factor: float = 1.0, status: str = "running", pod: str =
 def test_front_and_node_agree_at_the_edge(tmp_path, used, factor, fits):
     """8 slots: the front's placement (``Fleet``'s own views) and the node's ``admit``
     give the same answer for the same occupancy, at the edge included (factor 8)."""
+    from imagefarm.runtime.config import FrontOptions
     from imagefarm.runtime.fleet import Fleet, FrontRecord, Node
     from imagefarm.runtime.manager import RuntimeManager
 
     cfg = ServeConfig(api_key="k", max_runtimes=8, state_dir=tmp_path / "node")
     node = RuntimeManager(settings(tmp_path), FakePodman(), resolver=None, config=cfg)
-    front = Fleet(settings(tmp_path), None, ServeConfig(api_key="k", state_dir=tmp_path / "front"), fleet_key="f" * 16)
+    front = Fleet(settings(tmp_path), None, ServeConfig(api_key="k", state_dir=tmp_path / "front"),
+                  FrontOptions(fleet_key="f" * 16))
     front.nodes["n1"] = Node("n1", "http://n1", "n1", slots=8, ready=True)
     if used:
         node.records.add(record("aa", factor=used))
