@@ -271,23 +271,15 @@ def run_starts(b: Bench) -> dict[str, Any]:
     sandbox prefetched with ``warm: 1``), the image on the node, the base and the payload
     on the node, nothing but the payload on the node. Interleaved per round, so every
     case sees the same load; each runtime stopped before the next."""
-    from imagefarm.derive import AppendPayload
-    from imagefarm.payload import build_payload
-    from imagefarm.payload.recipe import recipe_for
     from imagefarm.payload.remote import push
     from imagefarm.registry import RegistryClient
 
+    from .v0 import both_images
+
     plan = b.plan
-    reg = b.registry()
-    base = b.realistic_set()[0].ref
-    prefix = f"{reg.host}/prebuilt"
-    b.check_recipe_stable()
-    settings = b.settings(to=prefix)
-    v0_recipe = recipe_for(settings, "v0")
-    v0_built = build_payload(settings, v0_recipe, log=b.log)
-    with Appender(settings) as ap:
-        images = {"default": ap.derive(base, b.payload, to=prefix),
-                  "v0": ap.derive(base, AppendPayload.of(v0_built, v0_recipe), to=prefix)}
+    got = both_images(b)
+    base, prefix, settings, images = got["base"], got["prefix"], got["settings"], got["images"]
+    v0_recipe, v0_built = got["v0_recipe"], got["v0_built"]
     with RegistryClient(settings) as client:  # what `imagefarm payload push` does
         for payload in (b.payload, v0_built):
             push(client, payload, prefix)

@@ -461,8 +461,11 @@ class RuntimeManager:
         any image of these recipes then pulls only that image's base layers."""
         t0 = time.monotonic()
         payloads = []
-        for name, version in specs:
-            payloads.append(await asyncio.to_thread(self._locate_payload, name, version))
+        try:
+            for name, version in specs:
+                payloads.append(await asyncio.to_thread(self._locate_payload, name, version))
+        except Exception as exc:  # noqa: BLE001 - never keep the server unready (and its pulls waiting)
+            log.warning("payloads could not be located: %s; taking starts without them", exc)
         await self.images.pull_payloads(payloads)
         log.info("payloads %s in %.1fs: ready", ", ".join(f"{p.recipe}@{p.agent_server_version}: "
                                                           f"{'present' if p.present else p.error}" for p in payloads),

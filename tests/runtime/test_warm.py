@@ -129,6 +129,11 @@ def test_warm_sandboxes_are_handed_to_matching_starts_hold_slots_and_yield_them(
         bad = client.get(f"{srv.url}/image_exists", params={"image": prebuilt["r2e_base"],
                                                              "agent_server_version": "not-a-version"})
         assert bad.status_code == 422
+        # warm 0: none kept for the image any more
+        assert client.post(f"{srv.url}/prefetch", json={"images": [prebuilt["r2e_base"]], "warm": 0}).json() \
+            ["images"][0]["warm"] == 0
+        _wait_warm(client, srv.url, pinned, 0)
+        assert our_containers(rt_settings, sid) == []
 
 
 @pytest.mark.timeout(900)
