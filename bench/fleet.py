@@ -35,7 +35,7 @@ With foresight (``foresight=True``, image-aware placement), as the runtime does 
   sandboxes have stopped (during the trainer's update, which takes longer than a boot),
   as far as its slots allow. A step-k+1 ``/start`` placed (``place`` prefers a node
   with a warm sandbox of its image) where one waits is ready in ``WARM_HIT_SECONDS``
-  (measured, section 9); any other start takes the normal path. Step 0 is not foreseen.
+  (assumed until section 9 measures it); any other start takes the normal path. Step 0 is not foreseen.
 
     .venv/bin/python -m bench --only fleet     # into docs/BENCHMARKS.md, with the other sections
     .venv/bin/python -m bench.fleet --nodes 64 # other sizes: prints the table
@@ -55,7 +55,8 @@ PAYLOAD_BYTES = 222.4 * MB
 PAYLOAD_SECONDS = 24.44 - 5.09
 BASE_RATE = 323.3 * MB / (30.74 - 24.44)
 BOOT_SECONDS = 5.09
-#: /start -> ready of a warm hit, default recipe (section 9, p50, `python -m bench --quick --only starts`)
+#: /start -> ready of a warm hit: ASSUMED, not yet measured (section 9, `python -m bench --quick --only
+#: starts`, did not finish on the loaded machine): a hit answers ready in the /start answer itself
 WARM_HIT_SECONDS = 0.10
 
 
@@ -209,8 +210,8 @@ def render_foresight(flt: dict) -> list[str]:
     rows = [*flt["results"], flt["foresight"]]
     later = flt["foresight"]["steps_after_first"]
     return ["With foresight, in the same run: payloads pulled when a node joins, and the next step prefetched with "
-            f"`warm` = samples while the current one runs (a warm hit ready in {flt['warm_hit_seconds']:.2f} s, "
-            "measured in section 9). p50 / p99 / p99÷p50 of `/start` → ready:", "", table(rows), "",
+            f"`warm` = samples while the current one runs (a warm hit ready in {flt['warm_hit_seconds']:.2f} s: "
+            "assumed, not measured yet). p50 / p99 / p99÷p50 of `/start` → ready:", "", table(rows), "",
             f"Foreseen steps: p99 = **{later['p99_over_p50']:.2f} × p50** (target ≤ 2); the first step, which nothing "
             "foresaw, still pulls every base: its spread is the pulls'.", ""]
 
