@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     mirrors: dict[str, str] = Field(
         default_factory=dict,
         description='registry -> the mirror its images are read through, as JSON ({"docker.io": '
-                    '"127.0.0.1:5001"}, e.g. `imagefarm dev up --mirror docker.io`); images keep the '
+                    '"127.0.0.1:5001"}, e.g. `imagefarm dev up --cache-registry docker.io`); images keep the '
                     "registry's name",
     )
 

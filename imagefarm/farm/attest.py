@@ -58,14 +58,3 @@ def record(client: RegistryClient, image: Reference, digest: str, result: dict[s
 def is_verified(client: RegistryClient, image: Reference, digest: str) -> bool:
     tagged = Reference(image.registry, image.repository, record_tag(digest))
     return client.head_manifest(tagged) is not None
-
-
-def read(client: RegistryClient, image: Reference, digest: str) -> dict[str, Any] | None:
-    """The recorded verification result, or None if the image was never verified."""
-    tagged = Reference(image.registry, image.repository, record_tag(digest))
-    try:
-        manifest = client.get_manifest(tagged)
-    except NotFound:
-        return None
-    layer = manifest.layers[0]  # type: ignore[union-attr]
-    return json.loads(client.get_blob_bytes(tagged, layer.digest))

@@ -31,7 +31,7 @@ class ManifestCache:
             return None
         if oci.sha256_digest(raw) != digest:
             return None
-        return mf.parse(raw, media_type.decode(), digest=digest, where=where)
+        return mf.parse_manifest(raw, media_type.decode(), digest=digest, where=where)
 
     def put(self, got: mf.Manifest | mf.Index) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)

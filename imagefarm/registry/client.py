@@ -301,7 +301,7 @@ class RegistryClient:
         digest = oci.sha256_digest(raw)
         if ref.digest and ref.digest != digest:
             raise RegistryError(f"{what}: registry {ref.registry} returned content with digest {digest}")
-        return mf.parse(raw, resp.headers.get("Content-Type"), digest=digest, where=what)
+        return mf.parse_manifest(raw, resp.headers.get("Content-Type"), digest=digest, where=what)
 
     def head_manifest(self, ref: Reference, *, scopes: Sequence[str] | None = None) -> Descriptor | None:
         """Descriptor of ``ref`` (digest from Docker-Content-Digest) or None if absent."""
