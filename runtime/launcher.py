@@ -58,6 +58,12 @@ class Launcher:
                 del self.tasks[rid]
         task.add_done_callback(done)
 
+    def rename(self, old: str, new: str) -> None:
+        task = self.tasks.pop(old, None)
+        if task is not None and not task.done():
+            self.tasks[new] = task
+            task.add_done_callback(lambda t: self.tasks.pop(new, None) if self.tasks.get(new) is t else None)
+
     def busy(self, rid: str) -> bool:
         return rid in self.tasks
 

@@ -42,7 +42,7 @@ import httpx
 from imagefarm.errors import ImagefarmError
 from imagefarm.settings import Settings
 
-from .backend import LABEL, LABEL_ID, LABEL_SERVER, PodmanBackend
+from .backend import LABEL, LABEL_SERVER, PodmanBackend
 from .config import ServeConfig
 from .errors import BackendError, CapacityFull, RuntimeServerError
 from .images import NodeImages, Payload
@@ -156,8 +156,9 @@ class RuntimeManager:
     async def reconcile(self) -> None:
         """Match records with containers: leftovers removed, lost records dropped."""
         containers = await self.backend.list({LABEL_SERVER: self.server_id})
-        by_rid = {c.labels.get(LABEL_ID, ""): c for c in containers}
-        leftovers = [c for c in containers if c.labels.get(LABEL_ID, "") not in self.records]
+        by_name = {c.name: c for c in containers}
+        mine = {r.container for r in self.records.values()}
+        leftovers = [c for c in containers if c.name not in mine]
         if leftovers:
             log.warning("removing %d container(s) left by a crash (labels of server %s, no state record): %s",
                         len(leftovers), self.server_id, ", ".join(c.name for c in leftovers))
@@ -167,7 +168,7 @@ class RuntimeManager:
         if others:
             log.info("%d runtime container(s) of other servers left alone", len(others))
         for rid, rec in list(self.records.items()):
-            c = by_rid.get(rid)
+            c = by_name.get(rec.container)
             if c is None:
                 log.warning("runtime %s (session %s): its container is gone; forgetting it", rid, rec.session_id)
                 self.records.forget(rid)
@@ -276,7 +277,7 @@ class RuntimeManager:
             self._chore(self._remove_quietly(old.container))
         warm = self.warm.take(pinned_image(hit), template)
         if warm is not None:
-            return self._hand_over(warm, req)
+            return self._hand_over(warm, req, runtime_id)
         self.admit(req.resource_factor)
         return self._create(req, hit, argv, recipe, runtime_id=runtime_id)
 
@@ -304,8 +305,13 @@ class RuntimeManager:
                  "warm sandbox" if warm else f"session {rec.session_id}", req.image, rec.prebuilt, hport, cport)
         return rec
 
-    def _hand_over(self, rec: Record, req: StartRequest) -> Record:
-        """A warm sandbox becomes the runtime of ``req``: it runs already (often ready)."""
+    def _hand_over(self, rec: Record, req: StartRequest, runtime_id: str | None = None) -> Record:
+        """A warm sandbox becomes the runtime of ``req`` (under ``runtime_id`` when a front
+        named it): it runs already (often ready). Containers are matched by name, so a
+        renamed record keeps its container."""
+        if runtime_id and runtime_id != rec.runtime_id:
+            self.launcher.rename(rec.runtime_id, runtime_id)
+            self.records.rename(rec, runtime_id)
         now = time.time()
         rec.image, rec.created_at, rec.last_activity = req.image, now, now
         rec.extra["warm_hit"] = True

@@ -75,11 +75,11 @@ class Upkeep:
                    and not self.launcher.busy(r.runtime_id)]
         if not watched:
             return
-        containers = {c.labels.get(LABEL_ID, ""): c for c in await self.backend.list({LABEL_SERVER: self.server_id})}
+        containers = {c.name: c for c in await self.backend.list({LABEL_SERVER: self.server_id})}
         for rec in watched:
             if rec.runtime_id not in self.records:
                 continue
-            c = containers.get(rec.runtime_id)
+            c = containers.get(rec.container)  # by name: a handed-over warm sandbox may be renamed
             if c is None or c.state in ("exited", "stopped", "dead", "removing"):
                 await self.launcher.mark_exited(rec, await self.backend.inspect(rec.container) if c else None)
             elif c.state == "paused" and rec.status != "paused":

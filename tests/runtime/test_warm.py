@@ -47,7 +47,7 @@ def _wait_warm(client, url: str, image: str, n: int, *, timeout: float = 120, ma
 def test_a_node_pulls_the_payload_before_any_start_and_a_new_image_then_fetches_no_payload_blob(
         fleet_factory, client, prebuilt, registry):
     mark = registry.mark()
-    with fleet_factory(nodes=1, slots=2) as fl:  # returns once the node reports ready
+    with fleet_factory(nodes=1, slots=2, node_timeout=10) as fl:  # returns once the node reports ready
         joined = [a for a in registry.accesses(mark) if a.method == "GET" and "/blobs/" in a.path]
         assert [a.status for a in joined if prebuilt["payload_layer"] in a.path] == [200]
         row = client.get(f"{fl.front.url}/nodes").json()[0]
@@ -134,7 +134,8 @@ def test_warm_sandboxes_are_handed_to_matching_starts_hold_slots_and_yield_them(
             ["images"][0]["warm"] == 0
         _wait_warm(client, srv.url, pinned, 0)
         deadline = time.monotonic() + 60
-        while our_containers(rt_settings, sid):  # its container goes right after its record
+        hit_container = srv.manager.get(started["runtime_id"]).container  # the client's runtime stays
+        while our_containers(rt_settings, sid) != [hit_container]:  # the warm one goes right after its record
             assert time.monotonic() < deadline
             time.sleep(0.2)
 
