@@ -70,6 +70,9 @@ def dev_up(
         devstack.remote_url(mirror)  # a bad name fails here, before anything starts
     for ep in devstack.up(settings, mirror, mirror_port):
         out.print(f"{ep.name:9} {ep.host}:{ep.port}  pid {ep.pid}")
+        if ep.name == "redis" and devstack.dev_password_file(settings.state_dir).exists():
+            out.print(f"          password (ACL user farm) in {devstack.dev_password_file(settings.state_dir)} "
+                      "(0600): commands and workers on this machine read it there", markup=False, soft_wrap=True)
         if ep.name == "mirror":
             out.print(f"          read {mirror} through it: export IMAGEFARM_MIRRORS="
                       f"'{{\"{parse(f'{mirror}/x/y:z').registry}\": \"{ep.host}:{ep.port}\"}}'", markup=False)

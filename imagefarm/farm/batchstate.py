@@ -74,6 +74,7 @@ def save_state(settings: Settings, state: BatchState) -> None:
 
 def load_state(settings: Settings, batch_id: str | None = None) -> BatchState | None:
     d = batches_dir(settings)
+    state_subdir(d.parent, d.name)  # a planted batch state is refused like any other
     try:
         batch_id = batch_id or (d / "latest").read_text().strip()
         state = BatchState(**json.loads((d / f"{batch_id}.json").read_text()))

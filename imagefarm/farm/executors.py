@@ -130,9 +130,9 @@ class CeleryExecutor:
     CHUNK = 2000
 
     def __init__(self, settings: Settings, layer: dict[str, Any] | None, verify_timeout: float = 120.0) -> None:
-        from imagefarm.worker.app import app
+        from imagefarm.worker.app import app, use_broker
 
-        app.conf.broker_url = app.conf.result_backend = settings.broker_url
+        use_broker(app, settings.broker)
         self.settings, self.layer, self.verify_timeout, self.app = settings, layer, verify_timeout, app
         self.submitted: list[str] = []
 
