@@ -16,7 +16,10 @@ section's measured costs), ``relayer`` (one repository's bases re-layered vs pla
 bytes a node pulls, stored, unique per image, time to re-layer), ``v0`` (``/start`` to ready of the V0 action execution
 server's image beside the agent server's, same base, interleaved), ``relayer-real`` (#27:
 16 buildah-made images of a real PyPI project, plain vs re-layered, each in its own
-process: stored and own bytes, sibling pulls, peak RSS, seconds per image).
+process: stored and own bytes, sibling pulls, peak RSS, seconds per image), ``starts``
+(``/start`` to ready by what the node holds: warm hit, image, base + payload, payload
+only; default and V0).
 """
 
-SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "ratelimit", "fleet", "relayer", "v0", "relayer-real")
+SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "ratelimit", "fleet", "relayer", "v0",
+            "relayer-real", "starts")

@@ -57,6 +57,9 @@ def _runner(name: str) -> Callable[[Bench], dict[str, Any]]:
     if name == "relayer-real":
         from .relayer import run_relayer_real
         return run_relayer_real
+    if name == "starts":
+        from .runtime import run_starts
+        return run_starts
     raise ValueError(name)
 
 
