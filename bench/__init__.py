@@ -14,9 +14,13 @@ registry: ``--plan`` vs what the run moves, and the run's pauses), ``fleet`` (pl
 at 512 concurrent sandboxes, image-aware vs random: a model fed with the runtime
 section's measured costs), ``relayer`` (one repository's bases re-layered vs plain:
 bytes a node pulls, stored, unique per image, time to re-layer), ``v0`` (``/start`` to ready of the V0 action execution
-server's image beside the agent server's, same base, interleaved), ``coldpull`` (cold
-``podman pull`` of each recipe's payload, old tree layout beside the zip layout, with
-download/decompress/unpack apart).
+server's image beside the agent server's, same base, interleaved), ``relayer-real`` (#27:
+16 buildah-made images of a real PyPI project, plain vs re-layered, each in its own
+process: stored and own bytes, sibling pulls, peak RSS, seconds per image), ``starts``
+(``/start`` to ready by what the node holds: warm hit, image, base + payload, payload
+only; default and V0), ``coldpull`` (cold ``podman pull`` of each recipe's payload, old
+tree layout beside the zip layout, with download/decompress/unpack apart).
 """
 
-SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "ratelimit", "fleet", "relayer", "v0", "coldpull")
+SECTIONS = ("derive", "scale", "farm", "copy", "runtime", "lookup", "ratelimit", "fleet", "relayer", "v0",
+            "relayer-real", "starts", "coldpull")

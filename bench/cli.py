@@ -54,6 +54,12 @@ def _runner(name: str) -> Callable[[Bench], dict[str, Any]]:
     if name == "v0":
         from .v0 import run_v0
         return run_v0
+    if name == "relayer-real":
+        from .relayer import run_relayer_real
+        return run_relayer_real
+    if name == "starts":
+        from .runtime import run_starts
+        return run_starts
     if name == "coldpull":
         from .coldpull import run_coldpull
         return run_coldpull

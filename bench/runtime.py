@@ -40,7 +40,7 @@ LIMITS = ["--cpus", "1", "--memory", "4096m", "--pids-limit", "4096"]
 
 
 class Server:
-    def __init__(self, b: Bench, prefix: str) -> None:
+    def __init__(self, b: Bench, prefix: str, extra: tuple[str, ...] = ()) -> None:
         self.b = b
         self.key = secrets.token_urlsafe(24)
         url_file = b.work / "runtime.url"
@@ -48,7 +48,7 @@ class Server:
         exe = str(Path(sys.executable).parent / "imagefarm")
         self.proc = b.spawn("runtime", [exe, "runtime", "serve", "--port", "0", "--url-file", str(url_file),
                                         "--to", prefix, "--stop-on-exit", "--idle-timeout", "0",
-                                        "--max-runtimes", "32", "--log-level", "info"],
+                                        "--max-runtimes", "32", "--log-level", "info", *extra],
                             env={"IMAGEFARM_RUNTIME_API_KEY": self.key, "IMAGEFARM_STATE_DIR": str(b.state_dir)})
         deadline = time.monotonic() + 90
         while not url_file.exists():
@@ -92,6 +92,23 @@ class Server:
         health = httpx.get(data["url"].rstrip("/") + probe, timeout=10, trust_env=False).status_code
         return {"session": sid, "runtime_id": rid, "ready_s": ready, "start_answer_s": answered,
                 "health": health, "url": data["url"]}
+
+    def prefetch(self, image: str, *, recipe: str | None = None, warm: int = 0) -> dict[str, Any]:
+        r = self.http.post("/prefetch", json={"images": [image], "recipe": recipe, "warm": warm})
+        if r.status_code != 200:
+            raise RuntimeError(f"/prefetch answered {r.status_code}: {r.text[:500]}")
+        return r.json()["images"][0]
+
+    def node(self) -> dict[str, Any]:
+        return self.http.get("/nodes").json()[0]
+
+    def wait_node(self, ok, what: str, timeout: float = 900) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not ok(row := self.node()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"runtime server: no {what} within {timeout:g}s: {row}")
+            time.sleep(0.1)
+        return row
 
     def timings(self, rid: str) -> dict[str, float]:
         """The server's own log: when the container was created and when it was ready."""
@@ -246,3 +263,96 @@ def run_runtime(b: Bench) -> dict[str, Any]:
         "loadavg": [load0, loadavg()],
     })
     return out
+
+
+def run_starts(b: Bench) -> dict[str, Any]:
+    """``/start`` -> ready by what the node already holds, default and V0 side by side in
+    one server (which pulled both payloads at start-up, ``--payload``): a warm hit (one
+    sandbox prefetched with ``warm: 1``), the image on the node, the base and the payload
+    on the node, nothing but the payload on the node. Interleaved per round, so every
+    case sees the same load; each runtime stopped before the next."""
+    from imagefarm.payload.remote import push
+    from imagefarm.registry import RegistryClient
+
+    from .v0 import both_images
+
+    plan = b.plan
+    got = both_images(b)
+    base, prefix, settings, images = got["base"], got["prefix"], got["settings"], got["images"]
+    v0_recipe, v0_built = got["v0_recipe"], got["v0_built"]
+    with RegistryClient(settings) as client:  # what `imagefarm payload push` does
+        for payload in (b.payload, v0_built):
+            push(client, payload, prefix)
+    pinned = {k: f"{v.image.rsplit(':', 1)[0]}@{v.digest}" for k, v in images.items()}
+    shape = {"default": {}, "v0": {"command": list(v0_recipe.command), "probe": "/alive", "v0": True}}
+    b.containers(["podman", "rmi", "--all", "--force"], check=False)
+    load0 = loadavg()
+    t0 = time.perf_counter()
+    srv = Server(b, prefix, ("--payload", "default", "--payload", "v0", "--warm-idle-timeout", "600"))
+    cases = ("warm_hit", "image_on_node", "base_and_payload", "payload_only")
+    got: dict[str, dict[str, list[float]]] = {r: {c: [] for c in cases} for r in shape}
+    try:
+        row = srv.wait_node(lambda r: r["ready"], "payloads")
+        payload_pull_s = time.perf_counter() - t0
+        b.log(f"starts: both payloads on the node in {payload_pull_s:.1f}s: {row['payloads']}")
+        for i in range(plan.warm_starts):
+            for recipe, kw in shape.items():
+                b.log(f"starts: round {i + 1}/{plan.warm_starts}, {recipe}")
+                b.containers(["podman", "pull", "--quiet", "--tls-verify=false", pinned[recipe]])
+                rt = srv.start(base, **kw)  # also the shape the warm sandbox is booted in
+                got[recipe]["image_on_node"].append(rt["ready_s"])
+                srv.stop(rt)
+                srv.prefetch(base, recipe=recipe, warm=1)
+                srv.wait_node(lambda r: r["warm_ready"].get(pinned[recipe]) == 1, "warm sandbox")
+                rt = srv.start(base, **kw)
+                got[recipe]["warm_hit"].append(rt["ready_s"])
+                srv.stop(rt)
+                srv.prefetch(base, recipe=recipe, warm=0)  # no refill: the next cases start cold
+                srv.wait_node(lambda r: not r["warm"], "warm sandbox gone")
+                b.containers(["podman", "rmi", "--force", pinned[recipe]], check=False)
+                b.containers(["podman", "pull", "--quiet", "--tls-verify=false", base])
+                rt = srv.start(base, **kw)
+                got[recipe]["base_and_payload"].append(rt["ready_s"])
+                srv.stop(rt)
+                b.containers(["podman", "rmi", "--force", pinned[recipe], base], check=False)
+                rt = srv.start(base, **kw)
+                got[recipe]["payload_only"].append(rt["ready_s"])
+                srv.stop(rt)
+        row = srv.node()
+    finally:
+        srv.close()
+    out = {"base": base, "images": pinned, "payload_pull_s": payload_pull_s,
+           "payload_bytes": {"default": b.payload.layer.size, "v0": v0_built.layer.size},
+           "stats": row["stats"], "samples": got,
+           "summary": {r: {c: summary(v) for c, v in cases_.items()} for r, cases_ in got.items()},
+           "loadavg": [load0, loadavg()]}
+    out["warm_over_on_node"] = {r: out["summary"][r]["warm_hit"]["p50"] / out["summary"][r]["image_on_node"]["p50"]
+                                for r in shape}
+    for r in shape:
+        b.log(f"  {r}: warm hit p50 {out['summary'][r]['warm_hit']['p50']:.2f}s, image on node "
+              f"{out['summary'][r]['image_on_node']['p50']:.2f}s (ratio {out['warm_over_on_node'][r]:.3f})")
+    return out
+
+
+def render_starts(r: dict[str, Any]) -> list[str]:
+    """The section's figures (``bench/report.py`` calls this)."""
+    L = [f"One server (`imagefarm runtime serve --payload default --payload v0`), the base "
+         f"`{r['base'].split('/', 1)[1][:60]}…`; it pulled both payloads at start-up in "
+         f"{r['payload_pull_s']:.1f} s (default {r['payload_bytes']['default'] / 1e6:.1f} MB, V0 "
+         f"{r['payload_bytes']['v0'] / 1e6:.1f} MB compressed) and reported ready after. Per round and recipe, "
+         "in this order: the image on the node; a warm hit (`POST /prefetch` with `warm: 1`, the start "
+         "sent once the sandbox was ready); the base and the payload on the node (`podman rmi` of the "
+         "prebuilt image); nothing but the payload (`podman rmi` of the base too). Each runtime stopped "
+         "before the next.", "",
+         "| recipe | case | n | p50 | p95 | min | max |", "|---|---|---|---|---|---|---|"]
+    names = {"warm_hit": "warm hit", "image_on_node": "image on the node",
+             "base_and_payload": "base + payload on the node", "payload_only": "nothing but the payload"}
+    for recipe, cases in r["summary"].items():
+        for case, st in cases.items():
+            if st.get("n"):
+                L.append(f"| {recipe} | {names[case]} | {st['n']} | {st['p50']:.2f} s | {st['p95']:.2f} s | "
+                         f"{st['min']:.2f} s | {st['max']:.2f} s |")
+    L += ["", "Warm hit over image on the node (p50, same run; target ≤ 0.2): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in r["warm_over_on_node"].items())
+          + f". Server counts: {r['stats'].get('warm_hits', 0)} hits, {r['stats'].get('warm_misses', 0)} misses.", ""]
+    return L

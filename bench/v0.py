@@ -18,8 +18,9 @@ from .machine import loadavg, summary
 from .runtime import Server, direct_start
 
 
-def run_v0(b: Bench) -> dict[str, Any]:
-    plan = b.plan
+def both_images(b: Bench) -> dict[str, Any]:
+    """The first realistic base derived with the default and the ``v0`` payload (shared
+    with the ``starts`` section): base, prefix, settings, v0 recipe and payload, images."""
     reg = b.registry()
     base = b.realistic_set()[0].ref
     prefix = f"{reg.host}/prebuilt"
@@ -27,10 +28,19 @@ def run_v0(b: Bench) -> dict[str, Any]:
     settings = b.settings(to=prefix)
     v0_recipe = recipe_for(settings, "v0")
     v0_built = build_payload(settings, v0_recipe, log=b.log)
-    v0_command = list(v0_recipe.command)
     with Appender(settings) as ap:
-        default_img = ap.derive(base, b.payload, to=prefix)
-        v0_img = ap.derive(base, AppendPayload.of(v0_built, v0_recipe), to=prefix)
+        images = {"default": ap.derive(base, b.payload, to=prefix),
+                  "v0": ap.derive(base, AppendPayload.of(v0_built, v0_recipe), to=prefix)}
+    return {"base": base, "prefix": prefix, "settings": settings, "v0_recipe": v0_recipe, "v0_built": v0_built,
+            "images": images}
+
+
+def run_v0(b: Bench) -> dict[str, Any]:
+    plan = b.plan
+    got = both_images(b)
+    base, prefix, v0_recipe, v0_built = got["base"], got["prefix"], got["v0_recipe"], got["v0_built"]
+    v0_command = list(v0_recipe.command)
+    default_img, v0_img = got["images"]["default"], got["images"]["v0"]
     for img in (default_img, v0_img):  # on the node first: warm starts only
         b.containers(["podman", "pull", "--quiet", "--tls-verify=false", img.ref])
     load0 = loadavg()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from imagefarm.errors import ImagefarmError
+from imagefarm.errors import ConfigError, ImagefarmError
 from imagefarm.serve.apikey import check_key_config
 
 
@@ -70,3 +70,21 @@ class ServeConfig:
     @property
     def probe_host(self) -> str:
         return "127.0.0.1" if self.publish_address in ("", "0.0.0.0", "::") else self.publish_address
+
+
+@dataclass(frozen=True)
+class FrontOptions:
+    """What a front is told beside its ``ServeConfig``; validated here (the CLI's defaults too)."""
+
+    fleet_key: str
+    node_timeout: float = 5.0     #: seconds without a node report before its runtimes are failed
+    placement: str = "image"      #: image | random (random: for comparison only)
+
+    def __post_init__(self) -> None:
+        if self.placement not in ("image", "random"):
+            raise ConfigError(f"--placement {self.placement!r}: expected image or random")
+        if not self.node_timeout > 0:
+            raise ConfigError("--node-timeout must be a positive number of seconds")
+        if len(self.fleet_key) < 16:
+            raise ConfigError("a fleet key of at least 16 characters is required: IMAGEFARM_FLEET_KEY or "
+                              "--fleet-key-file (the same on the front and every node)")

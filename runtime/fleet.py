@@ -38,23 +38,17 @@ from pydantic import BaseModel, Field
 from imagefarm.serve.apikey import HEADER
 from imagefarm.settings import Settings
 
-from .config import ServeConfig
+from .config import FrontOptions, ServeConfig
 from .errors import NodeForbidden, CapacityFull, NodeError, RuntimeServerError
 from .models import PrefetchRequest, RuntimeInfo, StartRequest
-from .placement import NodeView, place, slots_needed
+from .placement import NodeView, place, prefetch_target, slots_needed
 from .ports import parse_command
 from .records import LIVE, Records
 from .resolver import Resolver, Resolving, pinned_image, recipe_for_command
 from .state import Store
+from .warm import Template, Templates
 
 log = logging.getLogger("imagefarm.runtime.fleet")
-
-
-@dataclass(frozen=True)
-class FrontOptions:
-    fleet_key: str
-    node_timeout: float = 5.0     #: seconds without a node report before its runtimes are failed
-    placement: str = "image"      #: image | random (random: for comparison only)
 
 
 @dataclass
@@ -107,6 +101,8 @@ class Node:
     last_seen: float = 0.0         #: monotonic
     images: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    warm: dict[str, int] = field(default_factory=dict)        #: warm sandboxes per pinned image
+    payloads: list[dict[str, Any]] = field(default_factory=list)
     token_hash: str = ""           #: sha256 of the token the node got when it joined
 
     def persist(self) -> dict[str, Any]:
@@ -118,13 +114,12 @@ class Node:
 class Fleet:
     """The ``RuntimeService`` of a fleet's front: runtimes on the nodes that joined it."""
 
-    def __init__(self, settings: Settings, resolver: Resolver, config: ServeConfig, *, fleet_key: str,
-                 node_timeout: float = 5.0, placement: str = "image") -> None:
+    def __init__(self, settings: Settings, resolver: Resolver, config: ServeConfig, options: FrontOptions) -> None:
         self.settings, self.config = settings, config
         self.resolving = Resolving(settings, resolver)
-        self.fleet_key = fleet_key
-        self.node_timeout = node_timeout
-        self.placement = placement
+        self.fleet_key = options.fleet_key
+        self.node_timeout = options.node_timeout
+        self.placement = options.placement
         self.to = self.resolving.to
         self.store = Store(config.state_dir or settings.state_dir / "fleet", record=FrontRecord)
         self.server_id = ""
@@ -133,6 +128,7 @@ class Fleet:
         self._tokens: dict[str, str] = {}  # tokens handed out by admit() before the node's first report
         self._touched: dict[str, set[str]] = {}
         self.records.on_touch.append(lambda rec: self._touched.setdefault(rec.node_id, set()).add(rec.runtime_id))
+        self.templates = Templates(self.store, settings.recipe)  #: start shapes, for the nodes' warm sandboxes
         self._http: httpx.AsyncClient | None = None
         self._bg: list[asyncio.Task] = []
         self._rng = random.Random(0)
@@ -224,8 +220,10 @@ class Fleet:
             if r.status in LIVE:
                 used[r.node_id] = used.get(r.node_id, 0.0) + slots_needed(r.resource_factor)
                 images.setdefault(r.node_id, set()).add(r.prebuilt)
+        # warm sandboxes are not counted: they give their slots up to real starts (the node's admission)
         return [NodeView(n.node_id, n.slots, used.get(n.node_id, 0.0), frozenset(images.get(n.node_id, ())),
-                         ready=n.ready and n.state == "up") for n in self.nodes.values()]
+                         ready=n.ready and n.state == "up", warm=frozenset(i for i, k in n.warm.items() if k))
+                for n in self.nodes.values()]
 
     def _place(self, image: str, resource_factor: float, exclude: set[str]) -> Node | None:
         views = [v for v in self.views() if v.node_id not in exclude]
@@ -238,10 +236,12 @@ class Fleet:
         if rec is not None:
             self.touch(rec)
             return rec
-        hit = await self.resolving.resolve(req.image, recipe_for_command(self.settings, parse_command(req.command)),
-                                           version=req.agent_server_version)
+        argv = parse_command(req.command)
+        recipe = recipe_for_command(self.settings, argv)
+        hit = await self.resolving.resolve(req.image, recipe, version=req.agent_server_version)
         size = await self.resolving.image_size(hit)
         prebuilt = pinned_image(hit)
+        self.templates.learn(recipe, Template.of(req, argv, "image"))
         tried: set[str] = set()
         while True:
             rec = self.records.live_session(req.session_id)
@@ -335,31 +335,35 @@ class Fleet:
 
     # -- prefetch ----------------------------------------------------------------------------
     async def prefetch(self, req: PrefetchRequest) -> list[dict[str, Any]]:
-        """Pull images onto nodes ahead of the trainer: each to the node placement would
-        choose for its first sample (a node holding it already: nothing to do)."""
+        """Pull images onto nodes ahead of the trainer and keep ``req.warm`` sandboxes of
+        each there: each image to ``placement.prefetch_target`` (a node holding it, else
+        the one with the most room for warm sandboxes, else the fewest images), where the
+        trainer's starts are then placed (``place`` prefers a node with a warm sandbox)."""
         planned: dict[str, set[str]] = {}
+        promised: dict[str, int] = {}  #: warm sandboxes this prefetch asked of each node
         out = []
         for image in req.images:
             hit = await self.resolving.resolve(image, req.recipe, version=req.agent_server_version)
             pinned, size = pinned_image(hit), await self.resolving.image_size(hit)
             views = [NodeView(v.node_id, v.slots, v.used, v.images | planned.get(v.node_id, set()), v.ready)
                      for v in self.views()]
-            holder = next((v for v in views if pinned in v.images), None)
-            if holder is not None:
-                out.append({"image": image, "prebuilt_image": pinned, "node": holder.node_id, "pull": False})
-                continue
-            ready = [v for v in views if v.ready]
-            if not ready:
+            chosen = prefetch_target(views, pinned, req.warm, promised)
+            if chosen is None:
                 raise CapacityFull("no node has joined the fleet yet: nothing to prefetch onto")
-            # spread: the node with the fewest images (planned included), then the most free slots
-            chosen = min(ready, key=lambda v: (len(v.images), -v.free, v.node_id))
+            pull = pinned not in chosen.images
             planned.setdefault(chosen.node_id, set()).add(pinned)
-            out.append({"image": image, "prebuilt_image": pinned, "node": chosen.node_id, "pull": True,
-                        "size": size})
+            promised[chosen.node_id] = promised.get(chosen.node_id, 0) + req.warm
+            out.append({"image": image, "prebuilt_image": pinned, "node": chosen.node_id, "pull": pull,
+                        "warm": 0, "_item": {"image": pinned, "size": size, "base": getattr(hit, "base", None),
+                                             "recipe": req.recipe, "warm": req.warm}})
+        template = self.templates.get(req.recipe)
         by_node: dict[str, list[dict[str, Any]]] = {}
-        for item in out:
-            if item["pull"]:
-                by_node.setdefault(item["node"], []).append({"image": item["prebuilt_image"], "size": item["size"]})
+        for row in out:
+            item = row.pop("_item")
+            if row["pull"] or req.warm or self.nodes[row["node"]].warm.get(item["image"]):  # warm 0: none kept
+                if template is not None:
+                    item["template"] = template.to_json()
+                by_node.setdefault(row["node"], []).append(item)
         for node_id, items in by_node.items():
             node = self.nodes[node_id]
             try:
@@ -367,6 +371,10 @@ class Fleet:
                 r.raise_for_status()
             except httpx.HTTPError as exc:
                 raise NodeError(f"node {node_id} ({node.url}) did not take the prefetch: {exc}") from None
+            warm = r.json().get("warm") or {}
+            for row in out:
+                if row["node"] == node_id:
+                    row["warm"] = int(warm.get(row["prebuilt_image"], 0))
         return out
 
     # -- reports from nodes ------------------------------------------------------------------
@@ -387,6 +395,8 @@ class Fleet:
         node.last_seen = time.monotonic()
         node.images = list(data.get("images") or [])
         node.stats = dict(data.get("stats") or {})
+        node.warm = dict(data.get("warm") or {})
+        node.payloads = list(data.get("payloads") or [])
         self._save_nodes()
         reported = {r["runtime_id"]: r for r in data.get("runtimes") or []}
         remove = []
@@ -477,9 +487,6 @@ class Fleet:
                 self._chore(self._forward_stop(rec))
 
     # -- what GET /nodes and the metrics show ----------------------------------------------------
-    def counters(self) -> dict[str, int]:
-        return {}
-
     def node_rows(self) -> list[dict[str, Any]]:
         views = {v.node_id: v for v in self.views()}
         now = time.monotonic()
@@ -493,8 +500,8 @@ class Fleet:
                     states[k] = states.get(k, 0) + 1
             rows.append({"node_id": n.node_id, "url": n.url, "address": n.address, "state": n.state,
                          "ready": n.ready, "slots": n.slots, "free_slots": v.free if n.state == "up" else 0,
-                         "runtimes": states, "images": len(n.images),
-                         "last_report_s": round(now - n.last_seen, 2), **{"stats": n.stats}})
+                         "runtimes": states, "images": len(n.images), "warm": n.warm, "payloads": n.payloads,
+                         "last_report_s": round(now - n.last_seen, 2), "stats": n.stats})
         return rows
 
 
@@ -540,6 +547,8 @@ class NodeReport(BaseModel):
     images: list[str] = Field(default_factory=list, max_length=100000)
     runtimes: list[dict[str, Any]] = Field(default_factory=list, max_length=100000)
     stats: dict[str, Any] = Field(default_factory=dict)
+    warm: dict[str, int] = Field(default_factory=dict)
+    payloads: list[dict[str, Any]] = Field(default_factory=list, max_length=64)
 
 
 class NodeLeave(BaseModel):

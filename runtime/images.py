@@ -31,6 +31,22 @@ log = logging.getLogger("imagefarm.runtime.images")
 
 
 @dataclass
+class Payload:
+    """A payload image this node pulls before it reports ready (``imagefarm payload push``)."""
+
+    recipe: str
+    agent_server_version: str
+    image: str = ""         #: pinned payload image; "" when it could not be found
+    size: int = 0
+    present: bool = False
+    error: str = ""
+
+    def row(self) -> dict[str, object]:
+        return {"recipe": self.recipe, "agent_server_version": self.agent_server_version, "image": self.image,
+                "present": self.present, **({"error": self.error} if self.error else {})}
+
+
+@dataclass
 class PullStats:
     pulls: int = 0
     bytes: int = 0          #: compressed bytes of the images pulled (their manifests' layers + config)
@@ -51,6 +67,26 @@ class NodeImages:
         self._users: dict[str, str] = {}
         self._room = asyncio.Lock()
         self._lru: dict[str, float] = json.loads(store.meta("image_lru") or "{}")
+        self.payloads: list[Payload] = []
+        #: set once the payloads are in storage (or failed): other pulls wait for it, so a
+        #: payload blob is never fetched twice (an image pull reuses the payload's layer)
+        self.payloads_ready = asyncio.Event()
+        self.payloads_ready.set()
+
+    async def pull_payloads(self, payloads: list[Payload]) -> None:
+        self.payloads = payloads
+        try:
+            for p in payloads:
+                if not p.image:
+                    continue
+                try:
+                    await self.ensure(p.image, size=p.size, first=True)
+                    p.present = True
+                except BackendError as exc:
+                    p.error = str(exc)
+                    log.warning("payload %s could not be pulled: %s", p.image, exc)
+        finally:
+            self.payloads_ready.set()
 
     # -- what is here -------------------------------------------------------------------
     async def scan(self) -> list[ImageInfo]:
@@ -65,8 +101,9 @@ class NodeImages:
         self.store.set_meta("image_lru", json.dumps(self._lru))
 
     # -- pull ---------------------------------------------------------------------------
-    async def ensure(self, image: str, *, size: int = 0, policy: str | None = None) -> bool:
-        """Have ``image`` in storage; True when this call (or one it joined) pulled it."""
+    async def ensure(self, image: str, *, size: int = 0, policy: str | None = None, first: bool = False) -> bool:
+        """Have ``image`` in storage; True when this call (or one it joined) pulled it.
+        ``first``: a payload, pulled before everything else."""
         self.used(image)
         if image in self.present:
             return False
@@ -77,7 +114,7 @@ class NodeImages:
             raise BackendError(f"{image} is not on this node and image_pull_policy is Never")
         pull = self._pulls.get(image)
         if pull is None:  # one pull per image, owned by no runtime
-            pull = asyncio.create_task(self._pull(image, size), name=f"pull-{image[-12:]}")
+            pull = asyncio.create_task(self._pull(image, size, first), name=f"pull-{image[-12:]}")
             self._pulls[image] = pull
             pull.add_done_callback(lambda _t: self._pulls.pop(image, None))
         await asyncio.shield(pull)
@@ -86,7 +123,9 @@ class NodeImages:
     def pulling(self) -> set[str]:
         return set(self._pulls)
 
-    async def _pull(self, image: str, size: int) -> None:
+    async def _pull(self, image: str, size: int, first: bool = False) -> None:
+        if not first:
+            await self.payloads_ready.wait()
         t0 = time.monotonic()
         await self.make_room(size)
         try:
@@ -118,7 +157,7 @@ class NodeImages:
             total = sum(i.size for i in images)
             if need is not None and total + need <= self.budget:
                 return
-            keep = self.in_use() | self.pulling()
+            keep = self.in_use() | self.pulling() | {p.image for p in self.payloads if p.image}
             idle = [i for i in images if i.containers == 0 and not keep.intersection(i.names)]
             idle.sort(key=lambda i: max((self._lru.get(n, 0.0) for n in i.names), default=0.0))
             for img in idle:

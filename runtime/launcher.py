@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import httpx
 
@@ -41,6 +41,8 @@ class Launcher:
         self.server_id, self.backend, self.config = server_id, backend, config
         self.images, self.ports, self.records, self.http = images, ports, records, http
         self.on_ready = on_ready
+        #: awaited before each ``podman run`` (warm sandboxes that gave up a slot are removed)
+        self.before_run: Callable[[], Awaitable[None]] | None = None
         self.tasks: dict[str, asyncio.Task] = {}  #: launch or readiness watch in flight, per runtime
 
     # -- tasks --------------------------------------------------------------------------
@@ -55,6 +57,12 @@ class Launcher:
             if self.tasks.get(rid) is t:
                 del self.tasks[rid]
         task.add_done_callback(done)
+
+    def rename(self, old: str, new: str) -> None:
+        task = self.tasks.pop(old, None)
+        if task is not None and not task.done():
+            self.tasks[new] = task
+            task.add_done_callback(lambda t: self.tasks.pop(new, None) if self.tasks.get(new) is t else None)
 
     def busy(self, rid: str) -> bool:
         return rid in self.tasks
@@ -109,6 +117,8 @@ class Launcher:
                 cpus=min(self.config.cpus_per_factor * factor, float(os.cpu_count() or 1)),
                 memory=f"{int(self.config.memory_mib_per_factor * factor)}m",
                 pids_limit=self.config.pids_limit, extra=extra)
+            if self.before_run is not None:
+                await self.before_run()
             for attempt in range(3):
                 try:
                     await self.backend.run(spec)
@@ -213,7 +223,7 @@ class Launcher:
         rec.pod_status = "ready"
         rec.ready_at = time.time()
         self.records.save(rec)
-        if t0 is not None:
+        if t0 is not None and not rec.extra.get("warm"):
             log.info("runtime %s: ready in %.2fs after /start", rec.runtime_id, time.monotonic() - t0)
             for fn in self.on_ready:
                 fn(rec, time.monotonic() - t0)

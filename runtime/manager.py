@@ -40,12 +40,13 @@ from typing import Any
 
 import httpx
 
+from imagefarm.errors import ImagefarmError
 from imagefarm.settings import Settings
 
-from .backend import LABEL, LABEL_ID, LABEL_SERVER, PodmanBackend
+from .backend import LABEL, LABEL_SERVER, PodmanBackend
 from .config import ServeConfig
 from .errors import BackendError, CapacityFull, RuntimeServerError
-from .images import NodeImages
+from .images import NodeImages, Payload
 from .launcher import Launcher
 from .models import ContainerStatus, PrefetchRequest, RuntimeInfo, StartRequest
 from .placement import admits, slots_needed
@@ -54,6 +55,7 @@ from .records import LIVE, Records
 from .resolver import Resolver, Resolving, pinned_image, ready_paths, recipe_for_command
 from .state import Record, Store
 from .upkeep import Upkeep
+from .warm import Template, Templates, WarmPool
 
 log = logging.getLogger("imagefarm.runtime")
 
@@ -86,6 +88,11 @@ class RuntimeManager:
                                  ports=self.ports, records=self.records, http=self._http, on_ready=self.on_ready)
         self.upkeep = Upkeep(server_id=self.server_id, backend=backend, config=config, records=self.records,
                              launcher=self.launcher, http=self._http, stop=self.stop)
+        self.templates = Templates(self.store, settings.recipe)
+        self.warm = WarmPool(records=self.records, templates=self.templates, idle_timeout=config.warm_idle_timeout,
+                             room=lambda f: admits(config.max_runtimes, self.used_slots(), f),
+                             boot=self._boot_warm, discard=self._discard)
+        self.launcher.before_run = self._warm_removed
         self._chores: set[asyncio.Task] = set()
 
     # -- lifecycle ------------------------------------------------------------------
@@ -96,14 +103,26 @@ class RuntimeManager:
             await self._clean_start()
         await self.reconcile()
         await self.images.scan()
+        specs = self.payload_specs()
+        if specs:
+            self.images.payloads_ready.clear()  # image pulls wait for the payloads: no payload blob twice
+            self._chore(self._pull_payloads(specs))
         self.upkeep.start()
+        self.warm.start()
         log.info("runtime server %s: %d runtime(s) found again, %d slot(s), ports %d-%d, idle timeout %s",
                  self.server_id, len(self.records), self.config.max_runtimes, *self.config.port_range,
                  f"{self.config.idle_timeout:g}s" if self.config.idle_timeout else "off")
 
     async def shutdown(self) -> None:
         await self.upkeep.close()
+        await self.warm.close()
         await self.launcher.cancel_all()
+        warm = self.warm.warm_records()
+        if warm:  # the server's own: no client holds one, a restarted server would not want them
+            log.info("removing %d warm sandbox(es) on exit", len(warm))
+            await self.backend.remove(*[r.container for r in warm])
+            for r in warm:
+                self.records.forget(r.runtime_id)
         for t in list(self._chores):
             t.cancel()
         await asyncio.gather(*self._chores, return_exceptions=True)
@@ -143,8 +162,9 @@ class RuntimeManager:
     async def reconcile(self) -> None:
         """Match records with containers: leftovers removed, lost records dropped."""
         containers = await self.backend.list({LABEL_SERVER: self.server_id})
-        by_rid = {c.labels.get(LABEL_ID, ""): c for c in containers}
-        leftovers = [c for c in containers if c.labels.get(LABEL_ID, "") not in self.records]
+        by_name = {c.name: c for c in containers}
+        mine = {r.container for r in self.records.values()}
+        leftovers = [c for c in containers if c.name not in mine]
         if leftovers:
             log.warning("removing %d container(s) left by a crash (labels of server %s, no state record): %s",
                         len(leftovers), self.server_id, ", ".join(c.name for c in leftovers))
@@ -154,7 +174,7 @@ class RuntimeManager:
         if others:
             log.info("%d runtime container(s) of other servers left alone", len(others))
         for rid, rec in list(self.records.items()):
-            c = by_rid.get(rid)
+            c = by_name.get(rec.container)
             if c is None:
                 log.warning("runtime %s (session %s): its container is gone; forgetting it", rid, rec.session_id)
                 self.records.forget(rid)
@@ -182,23 +202,36 @@ class RuntimeManager:
         return self.records.by_session_id(session_id)
 
     def runtimes(self) -> list[Record]:
-        """What ``/list`` shows."""
-        return list(self.records.values())
+        """What ``/list`` shows: the clients' runtimes (no warm sandbox)."""
+        return [r for r in self.records.values() if not r.extra.get("warm")]
 
-    def used_slots(self) -> float:
-        return sum(slots_needed(r.resource_factor) for r in self.records.values() if holds_slot(r))
+    def used_slots(self, *, warm: bool = True) -> float:
+        """Slots held (``warm=False``: by the clients' runtimes only, as a front counts them)."""
+        return sum(slots_needed(r.resource_factor) for r in self.records.values()
+                   if holds_slot(r) and (warm or not r.extra.get("warm")))
 
     def live_count(self) -> int:
-        """Runtimes holding a slot: live ones, and failed ones whose container is not removed yet."""
-        return sum(1 for r in self.records.values() if holds_slot(r))
+        """The clients' runtimes holding a slot: live ones, and failed ones whose container
+        is not removed yet."""
+        return sum(1 for r in self.runtimes() if holds_slot(r))
 
     def admit(self, resource_factor: float) -> None:
-        """``CapacityFull`` (429) unless a runtime of ``resource_factor`` fits (``placement.admits``)."""
-        if not admits(self.config.max_runtimes, self.used_slots(), resource_factor):
+        """``CapacityFull`` (429) unless a runtime of ``resource_factor`` fits by
+        ``placement.admits`` (the front's rule) beside the clients' runtimes; warm
+        sandboxes give up the slots it needs (stopped, their containers removed before
+        this one is created)."""
+        slots = self.config.max_runtimes
+        if not admits(slots, self.used_slots(warm=False), resource_factor):
             raise CapacityFull(
-                f"this runtime server is full: {self.used_slots():g} of {self.config.max_runtimes} slot(s) in "
+                f"this runtime server is full: {self.used_slots(warm=False):g} of {slots} slot(s) in "
                 f"use (--max-runtimes; a runtime takes resource_factor slots, this one "
                 f"{slots_needed(resource_factor):g}); stop one (POST /stop) or retry later")
+        self.warm.make_room(lambda: admits(slots, self.used_slots(), resource_factor))
+
+    @property
+    def ready(self) -> bool:
+        """The payloads this server serves are in its storage (or failed to come)."""
+        return self.images.payloads_ready.is_set()
 
     async def refresh(self, rec: Record) -> None:
         """On a status poll: an immediate probe if running but not yet ready."""
@@ -238,6 +271,8 @@ class RuntimeManager:
         argv = parse_command(req.command)
         recipe = recipe_for_command(self.settings, argv)
         hit = hit or await self.resolving.resolve(req.image, recipe, version=req.agent_server_version)
+        template = Template.of(req, argv, self.config.user_policy)
+        self.templates.learn(recipe, template)
         # from here to the record being indexed there is no await: check and reserve atomically
         rec = self.records.live_session(req.session_id)
         if rec is not None:
@@ -246,25 +281,77 @@ class RuntimeManager:
         if old is not None:
             self.launcher.cancel(old.runtime_id)
             self._chore(self._remove_quietly(old.container))
+        warm = self.warm.take(pinned_image(hit), template)
+        if warm is not None:
+            return self._hand_over(warm, req, runtime_id)
         self.admit(req.resource_factor)
+        return self._create(req, hit, argv, recipe, runtime_id=runtime_id)
+
+    def _create(self, req: StartRequest, hit: Any, argv: list[str], recipe: str | None, *,
+                runtime_id: str | None = None, warm: str | None = None) -> Record:
+        """Record a runtime (its slot and port held from here) and launch it in the background."""
         cport = agent_port(argv)
         hport = self.launcher.free_port()
         rid = runtime_id or secrets.token_hex(8)
         now = time.time()
+        extra = {"size": getattr(hit, "size", None), "verified": bool(getattr(hit, "verified", False)),
+                 "agent_server_version": getattr(hit, "agent_server_version", None),
+                 "ready_paths": list(ready_paths(Path(self.settings.recipes_dir), recipe))}
+        if warm:
+            extra["warm"] = warm
         rec = Record(
-            runtime_id=rid, session_id=req.session_id, container=f"imagefarm-rt-{rid}",
+            runtime_id=rid, session_id=f"warm-{rid}" if warm else req.session_id, container=f"imagefarm-rt-{rid}",
             image=req.image, prebuilt=pinned_image(hit), base=getattr(hit, "base", None) or None,
             host_port=hport, container_port=cport, url=f"http://{self.config.url_host}:{hport}",
             session_api_key=secrets.token_urlsafe(32), user=None, status="running", pod_status="pending",
-            created_at=now, last_activity=now, resource_factor=float(req.resource_factor),
-            extra={"size": getattr(hit, "size", None), "verified": bool(getattr(hit, "verified", False)),
-                   "agent_server_version": getattr(hit, "agent_server_version", None),
-                   "ready_paths": list(ready_paths(Path(self.settings.recipes_dir), recipe))})
+            created_at=now, last_activity=now, resource_factor=float(req.resource_factor), extra=extra)
         self.records.add(rec)
         self.launcher.launch(rec, req, argv)
-        log.info("runtime %s: session %s, image %s -> %s, port %d -> %d",
-                 rid, rec.session_id, req.image, rec.prebuilt, hport, cport)
+        log.info("runtime %s: %s, image %s -> %s, port %d -> %d", rid,
+                 "warm sandbox" if warm else f"session {rec.session_id}", req.image, rec.prebuilt, hport, cport)
         return rec
+
+    def _hand_over(self, rec: Record, req: StartRequest, runtime_id: str | None = None) -> Record:
+        """A warm sandbox becomes the runtime of ``req`` (under ``runtime_id`` when a front
+        named it): it runs already (often ready). Containers are matched by name, so a
+        renamed record keeps its container."""
+        if runtime_id and runtime_id != rec.runtime_id:
+            self.launcher.rename(rec.runtime_id, runtime_id)
+            self.records.rename(rec, runtime_id)
+        now = time.time()
+        rec.image, rec.created_at, rec.last_activity = req.image, now, now
+        rec.extra["warm_hit"] = True
+        self.records.rekey(rec, req.session_id)
+        log.info("runtime %s: warm sandbox handed to session %s (%s)", rec.runtime_id, req.session_id, rec.pod_status)
+        if rec.pod_status == "ready":
+            for fn in self.on_ready:
+                fn(rec, 0.0)
+        return rec
+
+    def _boot_warm(self, req: StartRequest, hit: Any, key: str) -> Record:
+        argv = parse_command(req.command)
+        return self._create(req, hit, argv, recipe_for_command(self.settings, argv), warm=key)
+
+    def _discard(self, rec: Record, why: str) -> asyncio.Task:
+        """Forget a warm sandbox now (its slot is free in the books) and remove its container
+        in the task returned (a start that took its slot waits for it)."""
+        launch = self.launcher.cancel(rec.runtime_id)
+        self.records.forget(rec.runtime_id)
+
+        async def remove() -> None:
+            if launch is not None:
+                await asyncio.wait([launch], timeout=15)
+            await self._remove_quietly(rec.container)
+            log.info("warm sandbox %s (%s) removed: %s", rec.runtime_id, rec.prebuilt, why)
+        task = asyncio.create_task(remove(), name=f"warm-rm-{rec.runtime_id}")
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+        return task
+
+    async def _warm_removed(self) -> None:
+        """Before a container is created: warm ones that gave up their slot are gone."""
+        if self.warm.removing:
+            await asyncio.gather(*list(self.warm.removing), return_exceptions=True)
 
     async def _remove_quietly(self, name: str) -> None:
         try:
@@ -274,16 +361,24 @@ class RuntimeManager:
 
     # -- prefetch ---------------------------------------------------------------------------
     async def prefetch(self, req: PrefetchRequest) -> list[dict[str, Any]]:
-        """Pull images onto this node in the background (``POST /prefetch``)."""
+        """Pull images onto this node in the background and boot ``req.warm`` sandboxes of
+        each (``POST /prefetch``)."""
         out = []
         for image in req.images:
             hit = await self.resolving.resolve(image, req.recipe, version=req.agent_server_version)
             pinned, size = pinned_image(hit), await self.resolving.image_size(hit)
-            pull = pinned not in self.images.present
-            if pull:
-                self._chore(self._prefetch_one(pinned, size))
-            out.append({"image": image, "prebuilt_image": pinned, "node": self.server_id, "pull": pull, "warm": 0})
+            pull, warm = self.prefetch_pinned(hit, pinned, size, req.recipe, req.warm)
+            out.append({"image": image, "prebuilt_image": pinned, "node": self.server_id, "pull": pull,
+                        "warm": warm})
         return out
+
+    def prefetch_pinned(self, hit: Any, pinned: str, size: int, recipe: str | None, warm: int,
+                        template: Template | None = None) -> tuple[bool, int]:
+        """Pull ``pinned`` unless here and keep ``warm`` sandboxes of it; (pulls?, warm)."""
+        pull = pinned not in self.images.present
+        if pull:
+            self._chore(self._prefetch_one(pinned, size))
+        return pull, self.warm.want(hit, pinned, recipe, warm, template)
 
     async def _prefetch_one(self, image: str, size: int) -> None:
         try:
@@ -337,19 +432,75 @@ class RuntimeManager:
         log.info("runtime %s (session %s) %s", rid, rec.session_id, why)
 
     # -- what GET /nodes and the metrics show ----------------------------------------------
-    def counters(self) -> dict[str, int]:
-        return {}
-
     def node_rows(self) -> list[dict[str, Any]]:
         """This server as its own only node."""
+        cfg = self.config
+        return [{"node_id": self.server_id, "url": "(this server)", "address": cfg.url_host, "state": "up",
+                 "ready": self.ready, "slots": cfg.max_runtimes,
+                 "free_slots": max(0.0, cfg.max_runtimes - self.used_slots(warm=False)),
+                 "runtimes": self.states(), "images": len(self.images.present), "last_report_s": 0.0,
+                 "warm": self.warm.by_image(), "warm_ready": self.warm.by_image(ready=True), "payloads": [p.row() for p in self.images.payloads],
+                 "stats": self.stats()}]
+
+    def states(self) -> dict[str, int]:
+        """The clients' runtimes by state."""
         states: dict[str, int] = {}
-        for r in self.records.values():
+        for r in self.runtimes():
             k = "paused" if r.status == "paused" else r.pod_status
             states[k] = states.get(k, 0) + 1
-        cfg, st = self.config, self.images.stats
-        return [{"node_id": self.server_id, "url": "(this server)", "address": cfg.url_host, "state": "up",
-                 "ready": True, "slots": cfg.max_runtimes, "free_slots": max(0.0, cfg.max_runtimes - self.used_slots()),
-                 "runtimes": states, "images": len(self.images.present), "last_report_s": 0.0,
-                 "stats": {"pulls": st.pulls, "pull_bytes": st.bytes, "evictions": st.evictions,
-                           "evicted_bytes": st.evicted_bytes, "cache_bytes": st.cache_bytes,
-                           "cache_budget_bytes": self.images.budget}}]
+        return states
+
+    def stats(self) -> dict[str, Any]:
+        st, w = self.images.stats, self.warm.counts
+        return {"pulls": st.pulls, "pull_bytes": st.bytes, "pulling": len(self.images.pulling()),
+                "evictions": st.evictions, "evicted_bytes": st.evicted_bytes, "cache_bytes": st.cache_bytes,
+                "cache_budget_bytes": self.images.budget, "warm_hits": w.hits, "warm_misses": w.misses,
+                "warm_booted": w.booted, "warm_yielded": w.yielded, "warm_expired": w.expired}
+
+    # -- payloads at start-up ---------------------------------------------------------------
+    def payload_specs(self) -> list[tuple[str, str | None]]:
+        """(recipe, version) of each payload this server pulls before it reports ready."""
+        if self.config.payloads is None:
+            return [(self.settings.recipe, self.settings.agent_server_version)]
+        out = []
+        for spec in self.config.payloads:
+            name, _, version = spec.partition("@")
+            out.append((name, version or None))
+        return out
+
+    async def _pull_payloads(self, specs: list[tuple[str, str | None]]) -> None:
+        """Resolve each payload image (``imagefarm payload push``) and pull it: a first start of
+        any image of these recipes then pulls only that image's base layers."""
+        t0 = time.monotonic()
+        payloads = []
+        try:
+            for name, version in specs:
+                payloads.append(await asyncio.to_thread(self._locate_payload, name, version))
+        except Exception as exc:  # noqa: BLE001 - never keep the server unready (and its pulls waiting)
+            log.warning("payloads could not be located: %s; taking starts without them", exc)
+        await self.images.pull_payloads(payloads)
+        log.info("payloads %s in %.1fs: ready", ", ".join(f"{p.recipe}@{p.agent_server_version}: "
+                                                          f"{'present' if p.present else p.error}" for p in payloads),
+                 time.monotonic() - t0)
+
+    def _locate_payload(self, name: str, version: str | None) -> Payload:
+        from imagefarm.payload.recipe import recipe_for
+        from imagefarm.payload.remote import artifact_ref
+
+        try:
+            recipe = recipe_for(self.settings, name)
+            recipe = recipe.at_version(version) if version else recipe
+        except ImagefarmError as exc:
+            return Payload(name, version or "", error=str(exc))
+        ref = artifact_ref(self.to, recipe.digest)
+        p = Payload(recipe.name, recipe.agent_server_version)
+        try:
+            got = self.resolving.registry().resolve(ref)
+        except ImagefarmError as exc:
+            p.error = (f"no payload image {ref} ({exc}): publish it with `imagefarm payload push --to {self.to} "
+                       f"--recipe {recipe.name} --agent-server-version {recipe.agent_server_version}`")
+            log.warning("payload of recipe %s: %s; its images' starts pull it", recipe.name, p.error)
+            return p
+        p.image = ref.with_digest(got.digest).pinned
+        p.size = got.manifest.config.size + sum(layer.size for layer in got.manifest.layers)
+        return p

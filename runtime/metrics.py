@@ -1,7 +1,7 @@
 """Prometheus metrics and ``GET /nodes`` of a runtime server (a front, or its own only node).
 
 Per node: runtimes by state, free slots, image pulls and their bytes, image cache bytes
-and evictions; and one start-to-ready histogram (seconds from ``/start`` to the
+and evictions, warm sandboxes and their hits and misses, payloads ready; and one start-to-ready histogram (seconds from ``/start`` to the
 agent server answering). Values are read from the server's state at scrape time (a
 custom collector), so there is nothing to keep in step. ``/metrics`` needs the API
 key (``X-API-Key``, checked by the app's guard like every route; Prometheus sends it
@@ -47,6 +47,13 @@ class _Collector:
         cache = GaugeMetricFamily("imagefarm_runtime_image_cache_bytes", "bytes of images in node storage",
                                   labels=["node"])
         evict = CounterMetricFamily("imagefarm_runtime_image_evictions", "idle images evicted", labels=["node"])
+        hits = CounterMetricFamily("imagefarm_runtime_warm_hits", "starts handed a warm sandbox", labels=["node"])
+        misses = CounterMetricFamily("imagefarm_runtime_warm_misses", "starts that found no warm sandbox to match",
+                                     labels=["node"])
+        warm = GaugeMetricFamily("imagefarm_runtime_warm_sandboxes", "warm sandboxes waiting for a start",
+                                 labels=["node"])
+        ready = GaugeMetricFamily("imagefarm_runtime_node_ready", "1 once the node holds its payloads",
+                                  labels=["node"])
         for row in rows:
             n = row["node_id"]
             for state in STATES:
@@ -59,7 +66,11 @@ class _Collector:
             pbytes.add_metric([n], st.get("pull_bytes", 0))
             cache.add_metric([n], st.get("cache_bytes", 0))
             evict.add_metric([n], st.get("evictions", 0))
-        yield from (runtimes, free, slots, up, pulls, pbytes, cache, evict)
+            hits.add_metric([n], st.get("warm_hits", 0))
+            misses.add_metric([n], st.get("warm_misses", 0))
+            warm.add_metric([n], sum((row.get("warm") or {}).values()))
+            ready.add_metric([n], 1 if row.get("ready") else 0)
+        yield from (runtimes, free, slots, up, pulls, pbytes, cache, evict, hits, misses, warm, ready)
 
 
 def add_metrics(app: FastAPI, manager: RuntimeService) -> None:

@@ -10,8 +10,11 @@ in one request) and at least every ``heartbeat`` seconds; the front answers whic
 runtimes to remove (stopped while the node was away) and which the trainer touched
 (so the node's idle reaper sees the activity).
 
-Before it takes sandboxes it pulls ``--prefetch`` images (one prebuilt image brings
-the payload layer every image shares): it reports ``ready: false`` until then. It
+Before it takes sandboxes it pulls the payload image of each recipe it serves
+(``--payload``; the manager does, see ``images.NodeImages.pull_payloads``) and any
+``--prefetch`` images: it reports ``ready: false`` until then. ``/node/prefetch`` pulls
+images and keeps warm sandboxes of them (``warm.py``), which the node reports per
+image (never as runtimes: they are the node's until a start is handed one). It
 starts clean (``clean_start``: what a killed node process left was reported failed
 by the front) and removes its runtimes when it stops (the job ends), telling the
 front it left.
@@ -35,10 +38,10 @@ from pydantic import BaseModel, Field, ValidationError
 from imagefarm.host.statedir import state_subdir
 from imagefarm.serve.apikey import HEADER, key_matches, safe_errors
 
-from .errors import BackendError
 from .manager import RuntimeManager
 from .models import RuntimeInfo, StartRequest
 from .resolver import pinned_image
+from .warm import Template
 
 #: the header a node sends its own token in (the front gave it when the node joined)
 NODE_TOKEN = "X-Node-Token"
@@ -58,6 +61,10 @@ class NodeStart(BaseModel):
 class PrefetchItem(BaseModel):
     image: str = Field(min_length=1, max_length=1024, pattern=r"@sha256:[0-9a-f]{64}$")
     size: int = Field(0, ge=0)
+    base: str | None = None
+    recipe: str | None = Field(None, max_length=128)
+    warm: int = Field(0, ge=0, le=64)
+    template: dict[str, Any] | None = None  #: the start shape the front saw for the recipe
 
 
 class NodePrefetch(BaseModel):
@@ -149,32 +156,28 @@ class NodeAgent:
                  time.monotonic() - t0)
         self._changed.set()
 
-    def prefetch(self, items: list[PrefetchItem]) -> None:
-        async def pull(item: PrefetchItem) -> None:
-            try:
-                await self.manager.images.ensure(item.image, size=item.size)
-                self._changed.set()
-            except BackendError as exc:
-                log.warning("prefetch of %s failed: %s", item.image, exc)
-
+    def prefetch(self, items: list[PrefetchItem]) -> dict[str, int]:
+        """Pull what the front sends and keep its warm sandboxes; {image: warm}."""
+        warm = {}
         for item in items:
-            t = asyncio.create_task(pull(item), name=f"prefetch-{item.image[-12:]}")
-            self._prefetches.add(t)
-            t.add_done_callback(self._prefetches.discard)
+            hit = PinnedHit(image=item.image, base=item.base, digest=item.image.rsplit("@", 1)[1],
+                            size=item.size or None)
+            template = Template.from_json(item.template) if item.template else None
+            _pull, warm[item.image] = self.manager.prefetch_pinned(hit, item.image, item.size, item.recipe,
+                                                                   item.warm, template)
+        self._changed.set()
+        return warm
 
     # -- reports -----------------------------------------------------------------------------
     def report_body(self) -> dict[str, Any]:
         m = self.manager
-        st = m.images.stats
         return {
             "node_id": m.server_id, "boot": self.boot, "url": self.config.url, "address": self.config.address,
-            "slots": self.config.slots, "ready": self.ready,
+            "slots": self.config.slots, "ready": self.ready and m.ready,
             "images": sorted(m.images.present | m.images.pulling()),
-            "runtimes": [m.info(r).model_dump(mode="json") for r in m.records.values()],
-            "stats": {"pulls": st.pulls, "pull_bytes": st.bytes, "pulling": len(m.images.pulling()),
-                      "evictions": st.evictions,
-                      "evicted_bytes": st.evicted_bytes, "cache_bytes": st.cache_bytes,
-                      "cache_budget_bytes": m.images.budget},
+            "runtimes": [m.info(r).model_dump(mode="json") for r in m.runtimes()],  # warm ones are the node's
+            "warm": m.warm.by_image(), "payloads": [p.row() for p in m.images.payloads],
+            "stats": m.stats(),
         }
 
     async def _report_loop(self) -> None:
@@ -256,7 +259,6 @@ def add_node_routes(app: FastAPI, agent: NodeAgent) -> None:
         return manager.info(rec)
 
     @app.post("/node/prefetch", tags=["node"])
-    async def node_prefetch(request: Request) -> dict[str, int]:
+    async def node_prefetch(request: Request) -> dict[str, Any]:
         body = await read_body(request, key, NodePrefetch)
-        agent.prefetch(body.images)
-        return {"queued": len(body.images)}
+        return {"queued": len(body.images), "warm": agent.prefetch(body.images)}

@@ -62,3 +62,20 @@ def place(nodes: Iterable[NodeView], image: str, resource_factor: float, *, poli
     warm = [n for n in holding if image in n.warm]
     pool = warm or holding or fits
     return max(pool, key=lambda n: (n.free, -len(n.images), n.node_id))
+
+
+def prefetch_target(nodes: Iterable[NodeView], image: str, warm: int, promised: dict[str, int]) -> NodeView | None:
+    """The node a ``/prefetch`` sends ``image`` to: one holding it (while it has slots for
+    its ``warm`` sandboxes), else, with ``warm``, the node with the most slots not yet
+    promised to warm sandboxes (``promised``: this prefetch's so far), else the node with
+    the fewest images; ties: the most free slots, the node id. None: no node ready."""
+    ready = [n for n in nodes if n.ready]
+    if not ready:
+        return None
+    room = {n.node_id: n.slots - promised.get(n.node_id, 0) for n in ready}
+    holder = next((n for n in ready if image in n.images and (not warm or room[n.node_id] >= warm)), None)
+    if holder is not None:
+        return holder
+    if warm:
+        return min(ready, key=lambda n: (-room[n.node_id], len(n.images), -n.free, n.node_id))
+    return min(ready, key=lambda n: (len(n.images), -n.free, n.node_id))

@@ -68,6 +68,15 @@ class Records(Mapping):
         self.by_session[session_id] = rec.runtime_id
         self.save(rec)
 
+    def rename(self, rec: Any, runtime_id: str) -> None:
+        """Give a record another id (a warm sandbox handed to a start its front named)."""
+        old = rec.runtime_id
+        self._by_id.pop(old, None)
+        self.store.delete(old)
+        rec.runtime_id = runtime_id
+        self._index(rec)
+        self.save(rec)
+
     def touch(self, rec: Any, now: float) -> None:
         rec.last_activity = now
         self.save(rec)

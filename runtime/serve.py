@@ -24,7 +24,7 @@ from .config import ServeConfig
 from .resolver import Resolver
 
 if TYPE_CHECKING:
-    from .fleet import FrontOptions
+    from .config import FrontOptions
     from .node import NodeConfig
 
 log = logging.getLogger("imagefarm.runtime")
@@ -99,8 +99,7 @@ def build_server(settings: Settings, config: ServeConfig, *, host: str = "127.0.
     if front is not None:
         from .fleet import FRONT_PATHS, Fleet, add_front_routes
 
-        fleet = Fleet(settings, resolver, config, fleet_key=front.fleet_key, node_timeout=front.node_timeout,
-                      placement=front.placement)
+        fleet = Fleet(settings, resolver, config, front)
         app = create_app(settings, None, resolver, config, manager=fleet, open_paths=FRONT_PATHS)
         add_front_routes(app, fleet)
     elif node is not None:

@@ -57,7 +57,6 @@ class RuntimeService(Protocol):
 
     # -- operators ------------------------------------------------------------------
     def node_rows(self) -> list[dict[str, Any]]:
-        """``GET /nodes``: per node, capacity, free slots, runtimes by state, images, pulls."""
-
-    def counters(self) -> dict[str, int]:
-        """Counts since start for ``/metrics`` (warm sandbox hits and misses)."""
+        """``GET /nodes``: per node, ``ready``, capacity, free slots, runtimes by state, images,
+        ``payloads``, ``warm`` sandboxes per image, and ``stats`` (pulls, cache, warm hits
+        and misses) that ``/metrics`` reads."""

@@ -75,11 +75,11 @@ class Upkeep:
                    and not self.launcher.busy(r.runtime_id)]
         if not watched:
             return
-        containers = {c.labels.get(LABEL_ID, ""): c for c in await self.backend.list({LABEL_SERVER: self.server_id})}
+        containers = {c.name: c for c in await self.backend.list({LABEL_SERVER: self.server_id})}
         for rec in watched:
             if rec.runtime_id not in self.records:
                 continue
-            c = containers.get(rec.runtime_id)
+            c = containers.get(rec.container)  # by name: a handed-over warm sandbox may be renamed
             if c is None or c.state in ("exited", "stopped", "dead", "removing"):
                 await self.launcher.mark_exited(rec, await self.backend.inspect(rec.container) if c else None)
             elif c.state == "paused" and rec.status != "paused":
@@ -123,7 +123,8 @@ class Upkeep:
         idle = self.config.idle_timeout
         if not idle:
             return
-        candidates = [r for r in self.records.values() if r.status in LIVE and now - r.last_activity > idle]
+        candidates = [r for r in self.records.values()  # warm sandboxes expire in their pool
+                      if r.status in LIVE and now - r.last_activity > idle and not r.extra.get("warm")]
         if not candidates:
             return
         need_cpu = []

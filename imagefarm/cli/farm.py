@@ -189,6 +189,12 @@ def _summary(state: BatchState) -> None:
                   f"asked again by the driver after a stall")
     if state.lockfile:
         out.print(f"lockfile: {state.lockfile}")
+    if state.relayer_mtime_differs:
+        out.print(f"re-layering: {state.relayer_mtime_differs} path(s) carry another mtime than their base's "
+                  "(where a group's images disagree, the one most hold)")
+    for f in state.relayer_fallbacks:
+        out.print(f"re-layering fell back to plain derive for the {f['bases']} bases of {f['group']}: "
+                  f"{f['reason'][:500]}", markup=False, highlight=False)
     if state.failures:
         out.print(f"[bold red]failures[/] ({len(state.failures)}):")
         for f in state.failures[:200]:

@@ -9,8 +9,11 @@ from pathlib import Path
 import typer
 
 from imagefarm.errors import ConfigError
+from imagefarm.runtime.config import FrontOptions
 from imagefarm.settings import Settings
 from ._app import app, console, friendly
+
+_FRONT = FrontOptions(fleet_key="x" * 16)  # the defaults, stated once (runtime/fleet.py)
 
 runtime_app = typer.Typer(help="The runtime server: OpenHands remote runtime API over podman, "
                                "starting prebuilt agent-server images only.", no_args_is_help=True)
@@ -61,10 +64,15 @@ def serve_cmd(
                                                      "join (`imagefarm runtime node --join URL`), none here"),
     fleet_key_file: Path = typer.Option(None, "--fleet-key-file",
                                         help="file holding the key nodes join with (else IMAGEFARM_FLEET_KEY)"),
-    node_timeout: float = typer.Option(5.0, "--node-timeout",
+    node_timeout: float = typer.Option(_FRONT.node_timeout, "--node-timeout",
                                        help="seconds without a node's report before its runtimes are failed"),
-    placement: str = typer.Option("image", "--placement", help="image (a node holding the image, else the "
+    placement: str = typer.Option(_FRONT.placement, "--placement", help="image (a node holding the image, else the "
                                                                "least loaded) | random (for comparison)"),
+    payload: list[str] = typer.Option([], "--payload", metavar="RECIPE[@VERSION]",
+                                      help="payload to pull at start-up, before the server reports ready (repeat; "
+                                           "default: the settings' recipe and version; `none`: no pull)"),
+    warm_idle_timeout: float = typer.Option(600, "--warm-idle-timeout",
+                                            help="seconds a warm sandbox (POST /prefetch warm) waits for a start"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Serve the runtime API (SDK APIRemoteWorkspace and V0 RemoteRuntime)."""
@@ -73,22 +81,16 @@ def serve_cmd(
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if user_policy not in ("image", "requested"):
-        raise ConfigError(f"--user-policy {user_policy!r}: expected image or requested")
-    if placement not in ("image", "random"):
-        raise ConfigError(f"--placement {placement!r}: expected image or random")
-    if not node_timeout > 0:
-        raise ConfigError("--node-timeout must be a positive number of seconds")
     settings = Settings.load(to=to, agent_server_version=agent_server_version)
     config = ServeConfig(
         api_key=api_key, disable_auth=disable_auth, max_runtimes=max_runtimes,
         port_range=_port_range(port_range), idle_timeout=idle_timeout, publish_address=publish_address,
         public_host=public_host, cpus_per_factor=cpus_per_factor, memory_mib_per_factor=memory_per_factor,
         pids_limit=pids_limit, user_policy=user_policy, stop_on_exit=stop_on_exit,  # type: ignore[arg-type]
-        image_cache_gib=image_cache_gib)
+        image_cache_gib=image_cache_gib, payloads=_payloads(payload), warm_idle_timeout=warm_idle_timeout)
     front = None
     if fleet:
-        from imagefarm.runtime.fleet import FrontOptions
+        from imagefarm.runtime.config import FrontOptions
 
         front = FrontOptions(fleet_key=_fleet_key(fleet_key_file), node_timeout=node_timeout, placement=placement)
     os.environ.pop("IMAGEFARM_RUNTIME_API_KEY", None)  # not inherited by podman and its children
@@ -97,6 +99,19 @@ def serve_cmd(
                   f"state in {where}")
     serve(settings, config, host=host, port=port, resolver=default_resolver(settings),
           url_file=url_file, public_host=public_host, log_level=log_level, front=front)
+
+
+def _payloads(values: list[str]) -> tuple[str, ...] | None:
+    """``--payload`` values: None (the settings' recipe) when not given, () for ``none``."""
+    if not values:
+        return None
+    if values == ["none"]:
+        return ()
+    for v in values:
+        name, _, version = v.partition("@")
+        if not name or "/" in name or (_ and not version):
+            raise ConfigError(f"--payload {v!r}: expected RECIPE or RECIPE@VERSION, e.g. default@1.58.2")
+    return tuple(values)
 
 
 def _fleet_key(path: Path | None) -> str:
@@ -109,7 +124,7 @@ def _fleet_key(path: Path | None) -> str:
             raise ConfigError(f"--fleet-key-file {path}: {exc.strerror}") from None
     else:
         key = (env or "").strip()
-    if len(key) < 16:
+    if len(key) < 16:  # FrontOptions checks too; a node has none
         raise ConfigError("a fleet key of at least 16 characters is required: IMAGEFARM_FLEET_KEY or "
                           "--fleet-key-file (the same on the front and every node)")
     return key
@@ -139,6 +154,11 @@ def node_cmd(
     pids_limit: int = typer.Option(4096, "--pids-limit", help="process cap per runtime"),
     heartbeat: float = typer.Option(1.0, "--heartbeat", help="seconds between reports when nothing changes"),
     to: str = typer.Option(None, "--to", help="registry prefix of prebuilt images (IMAGEFARM_TO)"),
+    payload: list[str] = typer.Option([], "--payload", metavar="RECIPE[@VERSION]",
+                                      help="payload to pull at start-up, before the server reports ready (repeat; "
+                                           "default: the settings' recipe and version; `none`: no pull)"),
+    warm_idle_timeout: float = typer.Option(600, "--warm-idle-timeout",
+                                            help="seconds a warm sandbox (POST /prefetch warm) waits for a start"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Run runtimes on this node for a fleet's front (one per SLURM node, under srun)."""
@@ -151,8 +171,6 @@ def node_cmd(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not join.startswith(("http://", "https://")):
         raise ConfigError(f"--join {join!r}: expected the front's URL, http://HOST:PORT")
-    if user_policy not in ("image", "requested"):
-        raise ConfigError(f"--user-policy {user_policy!r}: expected image or requested")
     if slots is not None and slots < 1:
         raise ConfigError("--slots must be at least 1")
     if not heartbeat > 0:
@@ -173,7 +191,8 @@ def node_cmd(
         api_key=key, max_runtimes=n, port_range=_port_range(port_range), idle_timeout=idle_timeout,
         publish_address=host, public_host=address, cpus_per_factor=cpus_per_factor,
         memory_mib_per_factor=memory_per_factor, pids_limit=pids_limit, user_policy=user_policy,  # type: ignore[arg-type]
-        stop_on_exit=True, clean_start=True, image_cache_gib=image_cache_gib)
+        stop_on_exit=True, clean_start=True, image_cache_gib=image_cache_gib, payloads=_payloads(payload),
+        warm_idle_timeout=warm_idle_timeout)
     node = NodeConfig(join=join.rstrip("/"), fleet_key=key, address=address, slots=n, heartbeat=heartbeat,
                       prefetch=list(prefetch))
     console.print(f"runtime node: {n} slot(s), runtimes at {address}, joining {join}, "
@@ -193,8 +212,17 @@ def prefetch_cmd(
     image: list[str] = typer.Option([], "--image", help="an image to pull (repeat)"),
     wait: float = typer.Option(0, "--wait", help="seconds to keep asking while the server is not up "
                                                  "or no node has joined yet"),
+    warm: int = typer.Option(0, "--warm", metavar="K", help="also boot K sandboxes per image ahead (K: the "
+                                                            "samples per instance); a matching /start is "
+                                                            "handed one at once"),
+    recipe: str = typer.Option(None, "--recipe", help="the recipe of the images (default: the server's; v0 for "
+                                                      "V0 RemoteRuntime trainers)"),
+    agent_server_version: str = typer.Option(None, "--agent-server-version", metavar="VERSION",
+                                             help="images of this openhands-agent-server version "
+                                                  "(default: the server's)"),
 ) -> None:
-    """Pull images onto the fleet's nodes ahead of the trainer, spread as its starts would be."""
+    """Pull images onto the fleet's nodes ahead of the trainer, spread as its starts would be,
+    and boot --warm K sandboxes of each."""
     import time
 
     import httpx
@@ -210,10 +238,20 @@ def prefetch_cmd(
         raise ConfigError("nothing to prefetch: give --dataset or --image")
     if wait < 0:
         raise ConfigError("--wait must be a number of seconds, 0 or more")
+    if not 0 <= warm <= 64:
+        raise ConfigError(f"--warm {warm}: expected 0 to 64 sandboxes per image")
+    if agent_server_version is not None:
+        from imagefarm.settings import check_version
+
+        try:
+            check_version(agent_server_version)
+        except ValueError as exc:
+            raise ConfigError(f"--agent-server-version: {exc}") from None
+    body = {"images": images, "warm": warm, "recipe": recipe, "agent_server_version": agent_server_version}
     deadline = time.monotonic() + wait
     while True:
         try:
-            r = httpx.post(f"{url.rstrip('/')}/prefetch", json={"images": images},
+            r = httpx.post(f"{url.rstrip('/')}/prefetch", json=body,
                            headers={"X-API-Key": api_key or ""}, timeout=600, trust_env=False)
         except httpx.HTTPError as exc:
             if time.monotonic() < deadline:
@@ -228,6 +266,9 @@ def prefetch_cmd(
         raise ConfigError(f"the runtime server refused the prefetch ({r.status_code}): {r.text[:500]}")
     rows = r.json()["images"]
     for row in rows:
-        console.print(f"{row['image']} -> node {row['node']}: {'pulling' if row['pull'] else 'already there'}")
+        warm_note = f", {row.get('warm', 0)} warm" if warm else ""
+        console.print(f"{row['image']} -> node {row['node']}: {'pulling' if row['pull'] else 'already there'}"
+                      f"{warm_note}")
     console.print(f"{sum(1 for x in rows if x['pull'])} pull(s) started on "
-                  f"{len({x['node'] for x in rows})} node(s)")
+                  f"{len({x['node'] for x in rows})} node(s)"
+                  + (f"; {sum(x.get('warm', 0) for x in rows)} warm sandbox(es) booting" if warm else ""))

@@ -91,12 +91,14 @@ class Batch:
         self.pending: dict[Any, tuple[str, str]] = {}  #: executor handle -> (stage, base)
 
     def start(self) -> None:
-        """Submit every base: a group's re-layering under its first base, the rest one by one."""
+        """Submit every base: a group's re-layering under its first base (the groups first,
+        in ``relayer_groups``' order: largest first, the longest tasks start first), the
+        rest one by one."""
         grouped = {b for g in self.groups.values() for b in g}
+        for first in self.groups:
+            self.submit("relayer", first)
         for b in self.bases:
-            if b in self.groups:
-                self.submit("relayer", b)
-            elif b not in grouped:
+            if b not in grouped:
                 self.submit("derive", b)
 
     def submit(self, stage: str, base: str) -> None:
@@ -121,9 +123,13 @@ class Batch:
         if stage == "relayer" and not res.get("ok"):  # nothing lost: the plain path
             self.log(f"re-layering the {len(self.groups[base])} bases of {base.rsplit(':', 1)[0]} failed "
                      f"({res.get('error', 'unknown error')}): deriving them one by one")
+            self.state.relayer_fallbacks.append({"group": base, "bases": len(self.groups[base]),
+                                                 "reason": res.get("error", "unknown error")})
             for b in self.groups[base]:
                 self.submit("derive", b)
             return
+        if stage == "relayer":
+            self.state.relayer_mtime_differs += res.get("mtime_differs", 0)
         for b, r in (zip(self.groups[base], res["results"]) if stage == "relayer" else [(base, res)]):
             apply(self.state, self.outcomes[b], "verify" if stage == "verify" else "derive", r)
             if stage != "verify" and self.outcomes[b].ok and b in self.to_verify:
@@ -182,7 +188,7 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = BatchConfig.e
     save_state(settings, state)
     ex: Executor = (LocalExecutor(settings, layer, workers, verify_timeout=verify_timeout) if executor == "local"
                     else CeleryExecutor(settings, layer, verify_timeout))
-    groups = {g[0]: g for g in relayer_groups(bases) if len(g) > 1} if relayer else {}
+    groups = {g[0]: g for g in relayer_groups(bases, settings.relayer_group_max) if len(g) > 1} if relayer else {}
     batch = Batch(state, ex, bases, choose_verify(bases, verify), groups, log)
     interrupted = False
     old_handler = signal.getsignal(signal.SIGTERM)

@@ -14,8 +14,9 @@ How it estimates, per group (the groups ``prebuild --relayer`` forms):
   layers show (blob bytes / tar bytes). Stored = lower + common + one own layer per
   base; a node holding a sibling pulls one own layer and one config.
 
-Two bases are read, not all: the plan costs two images' layers per group, the run
-reads every layer. A group whose upper layers are one blob for all needs no listing.
+Two bases are read, not all: the plan costs two images' layers per repository (its
+other groups take the first group's estimate), the run reads every layer. A group whose
+upper layers are one blob for all needs no listing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from imagefarm import oci
+from imagefarm.derive.relayer import _shared_prefix as shared_prefix  # the rule the engine re-layers by
 from imagefarm.errors import ImagefarmError
 from imagefarm.names.reference import parse
 from imagefarm.registry import RegistryClient
@@ -68,19 +70,39 @@ class Listing:
 
 
 def plan_groups(client: RegistryClient, resolved: dict[str, Any], *, workers: int = 8,
-                log: Callable[[str], None] = lambda m: None) -> list[GroupPlan]:
+                log: Callable[[str], None] = lambda m: None, most: int | None = None) -> list[GroupPlan]:
     """One ``GroupPlan`` per re-layering group of the bases in ``resolved`` (base name ->
     the plan's resolved manifest), repositories of one base left out (they take the plain path)."""
     from .selection import relayer_groups
 
-    groups = [g for g in relayer_groups(list(resolved)) if len(g) > 1]
-    with ThreadPoolExecutor(max(1, min(workers, len(groups) or 1))) as pool:
-        return list(pool.map(lambda g: _group(client, g, [resolved[b] for b in g], log), groups))
+    groups = [g for g in (relayer_groups(list(resolved), most) if most else relayer_groups(list(resolved)))
+              if len(g) > 1]
+    # one repository's groups are alike: its first group is listed, the others take its
+    # estimate (a dataset of hundreds of groups costs two images per repository)
+    firsts: dict[str, list[str]] = {}
+    for g in groups:
+        firsts.setdefault(_repo(g[0]), g)
+    with ThreadPoolExecutor(max(1, min(workers, len(firsts) or 1))) as pool:
+        listed = dict(zip(map(id, firsts.values()), pool.map(
+            lambda g: _group(client, g, [resolved[b] for b in g], log), firsts.values())))
+    out = []
+    for g in groups:
+        if id(g) in listed:
+            out.append(listed[id(g)])
+        else:
+            like = listed[id(firsts[_repo(g[0])])]
+            out.append(_group(client, g, [resolved[b] for b in g], log, like=like))
+    return out
 
 
-def _group(client: RegistryClient, bases: list[str], res: list[Any], log) -> GroupPlan:
-    ref0 = parse(bases[0])
-    gp = GroupPlan(f"{ref0.registry}/{ref0.repository}", len(bases))
+def _repo(base: str) -> str:
+    ref = parse(base)
+    return f"{ref.registry}/{ref.repository}"
+
+
+def _group(client: RegistryClient, bases: list[str], res: list[Any], log, like: GroupPlan | None = None
+           ) -> GroupPlan:
+    gp = GroupPlan(_repo(bases[0]), len(bases))
     layer_lists = [r.manifest.layers for r in res]
     lower = shared_prefix(layer_lists)
     gp.lower_layers = lower
@@ -93,6 +115,9 @@ def _group(client: RegistryClient, bases: list[str], res: list[Any], log) -> Gro
                                     for ls, c in zip(layer_lists[1:], configs[1:])) / (len(res) - 1))
     if len({tuple(d.digest for d in ls[lower:]) for ls in layer_lists}) == 1:
         gp.how, gp.common_bytes, gp.own_bytes = "manifests", gp.plain_own_bytes, 0
+    elif like is not None and like.listed:
+        gp.how, gp.common_bytes, gp.own_bytes = f"as listed for {like.listed[0]}'s group", like.common_bytes, \
+            like.own_bytes
     else:
         a, b = 0, len(bases) // 2
         try:
@@ -115,16 +140,6 @@ def _group(client: RegistryClient, bases: list[str], res: list[Any], log) -> Gro
     log(f"plan: {gp.repository}: {len(bases)} bases, re-layered own bytes about {gp.relayer_own_bytes:,} "
         f"of {gp.plain_own_bytes:,}")
     return gp
-
-
-def shared_prefix(layer_lists: Sequence[Sequence[oci.Descriptor]]) -> int:
-    """How many lower layers every base holds by digest, in order; at least one layer
-    each stays above (the rule ``derive.relayer`` re-layers by)."""
-    n = min(len(ls) for ls in layer_lists) - 1
-    k = 0
-    while k < n and len({ls[k].digest for ls in layer_lists}) == 1:
-        k += 1
-    return k
 
 
 def _entry_bytes(v: tuple) -> int:

@@ -8,7 +8,7 @@ import hashlib
 from imagefarm.errors import ConfigError
 from imagefarm.names.reference import parse
 
-#: the most bases one re-layering task takes (its trees are held in memory)
+#: the default of ``IMAGEFARM_RELAYER_GROUP_MAX``: one task per group, so a group is the unit of retry
 RELAYER_GROUP_MAX = 32
 
 
@@ -30,11 +30,18 @@ def choose_verify(bases: list[str], verify: str) -> set[str]:
     return set(sorted(bases, key=hash_of)[:max(0, n)])
 
 
-def relayer_groups(bases: list[str]) -> list[list[str]]:
-    """The bases of one repository (registry and path), in dataset order, in groups of
-    at most ``RELAYER_GROUP_MAX``: what ``--relayer`` re-layers together."""
+def relayer_groups(bases: list[str], most: int = RELAYER_GROUP_MAX) -> list[list[str]]:
+    """The bases of one repository (registry and path), in dataset order, split into
+    as few groups of at most ``most`` (``IMAGEFARM_RELAYER_GROUP_MAX``) as it takes, their sizes within one of each other
+    (33 bases are 17 + 16, not 32 + a lone base that would take the plain path): what
+    ``--relayer`` re-layers together. Largest groups first: the longest tasks start first."""
     by_repo: dict[str, list[str]] = {}
     for b in bases:
         ref = parse(b)
         by_repo.setdefault(f"{ref.registry}/{ref.repository}", []).append(b)
-    return [bs[i:i + RELAYER_GROUP_MAX] for bs in by_repo.values() for i in range(0, len(bs), RELAYER_GROUP_MAX)]
+    out = []
+    for bs in by_repo.values():
+        parts = -(-len(bs) // most)
+        cuts = [-(-len(bs) * i // parts) for i in range(parts + 1)]  # the larger parts first
+        out += [bs[a:b] for a, b in zip(cuts, cuts[1:])]
+    return sorted(out, key=len, reverse=True)

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -67,13 +67,21 @@ class Project:
     extras: tuple[str, ...] = ("pytest",)
     #: what pip needs to read the sdists' metadata without an isolated build env
     build_requires: tuple[str, ...] = ("setuptools", "wheel")
+    #: "release": each venv's dependencies as of its release's date (they drift from
+    #: image to image, numpy nearly every release); "group": all as of the newest
+    #: release's date, one dependency set for the group, as an environment pinned for
+    #: a span of commits gives
+    deps: str = "release"
 
     @property
     def repo(self) -> str:
         return f"namanjain12/{self.name}_final"
 
     def head(self, n: int) -> "Project":
-        return Project(self.name, self.releases[:n], self.extras, self.build_requires)
+        return replace(self, releases=self.releases[:n])
+
+    def pinned(self) -> "Project":
+        return replace(self, deps="group")
 
 
 #: the make-test group: four small images (requests and its four dependencies)
@@ -165,7 +173,7 @@ class ProjectImages:
 
     def venv_wheels(self, project: Project, version: str, date: str, python: str) -> tuple[str, ...]:
         """The wheels of the release's venv, resolved as of ``date``, in the shared pool."""
-        record = self.root / "resolved" / project.name / f"{version}-cp{python.replace('.', '')}.json"
+        record = self.root / "resolved" / project.name / f"{version}-cp{python.replace('.', '')}-{date[:10]}.json"
         if record.exists():
             names = tuple(json.loads(record.read_text()))
             if all((self.wheels / n).exists() for n in names):
@@ -256,7 +264,8 @@ class ProjectImages:
                             *flags, "-f", str(ctx / "Containerfile"), "-t", tag, str(ctx)], timeout=3600)
 
     def layout(self, project: Project) -> Path:
-        return self.root / "images" / f"{project.name}-{self.compression}"
+        pins = "" if project.deps == "release" else f"-{project.deps}"
+        return self.root / "images" / f"{project.name}{pins}-{self.compression}"
 
     def build(self, project: Project) -> list[tuple[Release, str]]:
         """Every release's image in the project's OCI layout (built only when its inputs
@@ -268,8 +277,11 @@ class ProjectImages:
         built = json.loads(index.read_text()) if index.exists() else {}
         out = []
         base = None
+        if project.deps not in ("release", "group"):
+            raise ValueError(f"Project.deps must be 'release' or 'group', not {project.deps!r}")
+        newest = max(r.date for r in releases)
         for rel in releases:
-            wheels = self.venv_wheels(project, rel.version, rel.date, python)
+            wheels = self.venv_wheels(project, rel.version, rel.date if project.deps == "release" else newest, python)
             rel = Release(rel.version, rel.commit, rel.date, wheels)
             key = _key(self._rootfs().name, project.name, rel.version, rel.commit, wheels, python,
                        self.compression, RECIPE_VERSION)

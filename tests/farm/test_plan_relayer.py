@@ -67,3 +67,23 @@ def test_plan_relayer_estimate_is_near_what_the_relayer_stores(cli_env, registry
     assert stored / 2 <= g["relayer_own_bytes"] <= stored * 2, (g, stored)
     own_mean = sum(o.size for o in group.own) / len(group.own)
     assert own_mean / 3 <= g["own_bytes"] <= own_mean * 3, (g, own_mean)
+
+
+def test_plan_lists_two_bases_per_repository_not_per_group(settings, registry, project_group):
+    """A repository split into several groups is listed once: its other groups take the
+    first group's estimate (the plan reads two images per repository)."""
+    from imagefarm.farm.relayerplan import plan_groups
+    from imagefarm.registry import RegistryClient
+
+    refs = [i.ref for i in project_group]
+    with RegistryClient(settings) as client:
+        resolved = {r: client.resolve(parse(r)) for r in refs}
+        before = client.stats.total.bytes_down
+        groups = plan_groups(client, resolved, most=2)
+        read = client.stats.total.bytes_down - before
+    assert [g.bases for g in groups] == [2, 2]
+    first, second = groups
+    assert first.how == "listing" and first.listed == refs[:2]
+    assert second.listed == [] and second.how.startswith("as listed for")
+    assert (second.common_bytes, second.own_bytes) == (first.common_bytes, first.own_bytes)
+    assert read == first.plan_read_bytes  # layer bytes of two images, nothing more

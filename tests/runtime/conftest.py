@@ -68,7 +68,25 @@ def prebuilt(rt_settings, fixtures, standin_layer, rt_to):
         out = {"busybox": appender.derive(busybox.ref, payload, to=rt_to),
                "r2e": appender.derive(r2e.ref, payload, to=rt_to)}
     out["busybox_base"], out["r2e_base"] = busybox.ref, r2e.ref
+    # published as `imagefarm payload push` does: every server pulls it at start-up
+    from imagefarm.payload.remote import push
+    from imagefarm.registry import RegistryClient
+
+    with RegistryClient(rt_settings) as client:
+        out["payload_image"], out["payload_manifest"], _ = push(client, payload, rt_to)
+    out["payload_layer"] = standin_layer.digest
     return out
+
+
+@pytest.fixture(scope="session")
+def sdk_image(rt_settings, fixtures, payload, rt_to):
+    """An r2e base with the REAL agent-server payload appended: (base ref, DeriveResult)."""
+    from imagefarm.derive import Appender, AppendPayload
+    from imagefarm.payload.recipe import recipe_for
+
+    base = fixtures.r2e_base(R2E_REPOS[4], "8" * 40)
+    with Appender(rt_settings) as appender:
+        return base.ref, appender.derive(base.ref, AppendPayload.of(payload, recipe_for(rt_settings)), to=rt_to)
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +156,7 @@ def fleet_factory(rt_settings, lookup, tmp_path):
     in threads of this process, each node with its own podman storage and state
     (``tmp_path/nodeN``), its API and runtimes on its own loopback address 127.0.1.N."""
     from imagefarm.runtime import ServeConfig
-    from imagefarm.runtime.fleet import FrontOptions
+    from imagefarm.runtime.config import FrontOptions
     from imagefarm.runtime.node import NodeConfig
     from imagefarm.runtime.serve import ServerThread
 

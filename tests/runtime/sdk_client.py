@@ -5,7 +5,8 @@ project's venv): ``python sdk_client.py URL KEY IMAGE [--exec]`` prints one JSON
 per step (``--startup-timeout=S``: how long to wait for the runtime, default 120 s).
 With ``--exec`` (a real agent-server image) it also runs a command in
 /testbed through the agent server and reports the server's ``/server_info`` version;
-the stand-in image only answers /alive and /health. ``--ask-own-version``: ask the
+the stand-in image only answers /alive and /health; ``--also=CMD`` (repeatable) runs
+CMD in /testbed after it. ``--ask-own-version``: ask the
 runtime server for images of this client's own openhands-sdk version, the way a
 trainer does (``IMAGEFARM_AGENT_SERVER_VERSION`` in ``forward_env``: the /start
 environment).
@@ -45,6 +46,9 @@ def main() -> None:
                                "python -c 'import sys; print(sys.prefix)' && echo PATH=$PATH",
                                cwd="/testbed", timeout=60)
         step(step="exec", exit_code=r.exit_code, stdout=r.stdout)
+        for cmd in [a.split("=", 1)[1] for a in sys.argv if a.startswith("--also=")]:
+            r = ws.execute_command(cmd, cwd="/testbed", timeout=60)
+            step(step="also", command=cmd, exit_code=r.exit_code, stdout=r.stdout)
         step(step="server_info", version=ws.get_server_info().get("version"), sdk=version("openhands-sdk"))
     ws.pause()
     step(step="paused")

@@ -108,12 +108,14 @@ def record(rid: str, *, factor: float = 1.0, status: str = "running", pod: str =
 def test_front_and_node_agree_at_the_edge(tmp_path, used, factor, fits):
     """8 slots: the front's placement (``Fleet``'s own views) and the node's ``admit``
     give the same answer for the same occupancy, at the edge included (factor 8)."""
+    from imagefarm.runtime.config import FrontOptions
     from imagefarm.runtime.fleet import Fleet, FrontRecord, Node
     from imagefarm.runtime.manager import RuntimeManager
 
     cfg = ServeConfig(api_key="k", max_runtimes=8, state_dir=tmp_path / "node")
     node = RuntimeManager(settings(tmp_path), FakePodman(), resolver=None, config=cfg)
-    front = Fleet(settings(tmp_path), None, ServeConfig(api_key="k", state_dir=tmp_path / "front"), fleet_key="f" * 16)
+    front = Fleet(settings(tmp_path), None, ServeConfig(api_key="k", state_dir=tmp_path / "front"),
+                  FrontOptions(fleet_key="f" * 16))
     front.nodes["n1"] = Node("n1", "http://n1", "n1", slots=8, ready=True)
     if used:
         node.records.add(record("aa", factor=used))
@@ -260,4 +262,57 @@ def test_upkeep_notices_an_exit_and_reaps_an_idle_runtime_by_cpu_time(tmp_path):
         pod.cpu[busy.container] = 5.0  # busy used CPU since; idle did not
         await up._reap_once()
         assert stopped == ["i1"] and busy.runtime_id in records
+    asyncio.run(go())
+
+
+# -- warm pool -------------------------------------------------------------------------------------
+def test_warm_pool_hands_over_refills_yields_and_expires(tmp_path):
+    """Against the recording podman: a matching start is handed a ready warm sandbox and
+    the pool refills; a start of another shape misses and takes a warm one's slot (its
+    container removed before the new one is created); an expired pool is removed."""
+    from imagefarm.runtime.manager import RuntimeManager
+    from imagefarm.runtime.node import PinnedHit
+
+    from rtkit import sdk_start_body
+
+    async def go():
+        img = f"r.io/p/x@{D}"
+        pod = FakePodman()
+        pod.stored[img] = ImageInfo("x", (img,), 1)
+        cfg = ServeConfig(api_key="k", max_runtimes=3, payloads=(), port_range=(40200, 40299),
+                          state_dir=tmp_path / "st")
+        m = RuntimeManager(settings(tmp_path), pod, resolver=None, config=cfg)
+        m.launcher.http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+        hit = PinnedHit(image=img, base=None, digest=D)
+
+        async def settle():
+            for _ in range(100):
+                if not m.launcher.tasks and not m.warm.removing:
+                    return
+                await asyncio.sleep(0.01)
+
+        await m.images.scan()
+        assert m.prefetch_pinned(hit, img, 0, None, 2) == (False, 2)
+        m.warm.tick()
+        await settle()
+        warm = m.warm.warm_records()
+        assert len(warm) == 2 and {r.pod_status for r in warm} == {"ready"} and m.runtimes() == []
+        rec = await m.start(StartRequest(**sdk_start_body(img, "s1")), hit=hit)
+        assert rec.runtime_id in {r.runtime_id for r in warm} and rec.pod_status == "ready"
+        assert m.records.session("s1") is rec and m.warm.counts.hits == 1
+        m.warm.tick()  # refilled: 1 real + 2 warm = the 3 slots
+        await settle()
+        assert len(m.warm.warm_records()) == 2 and m.used_slots() == 3
+        other = await m.start(StartRequest(**sdk_start_body(img, "s2", working_dir="/elsewhere")), hit=hit)
+        await settle()
+        assert other.extra.get("warm") is None and m.warm.counts.misses == 1 and m.warm.counts.yielded == 1
+        assert len(m.warm.warm_records()) == 1 and len(pod.containers) == 3  # never more than the slots
+        runs = [c for c in pod.calls if c[0] in ("run", "rm")]
+        assert runs[-2][0] == "rm" and runs[-1][0] == "run"  # the warm one went before the new one came
+        for t in m.warm.targets.values():
+            t.deadline = 0
+        m.warm.tick()
+        await settle()
+        assert m.warm.warm_records() == [] and m.warm.counts.expired == 1 and len(pod.containers) == 2
+        m.store.close()
     asyncio.run(go())

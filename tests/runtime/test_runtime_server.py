@@ -357,26 +357,6 @@ def test_sbatch_script_writes_url_atomically_and_cleans_up(rt_settings, prebuilt
     assert "stopping 1 runtime(s) on exit" in out and key not in out
 
 
-def test_real_sdk_client_against_standin(server_factory, client, prebuilt, rt_settings, sdk_python):
-    """openhands-workspace's own APIRemoteWorkspace: start -> ready -> pause -> resume -> stop.
-
-    The end-to-end test (tests/e2e) runs the same script with ``--exec`` on a real
-    agent-server image.
-    """
-    from pathlib import Path
-
-    with server_factory() as srv:
-        proc = sdk_python.run(Path(__file__).with_name("sdk_client.py"), srv.url, API_KEY,
-                              prebuilt["r2e_base"], timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        steps = {s["step"]: s for s in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
-        assert steps["ready"]["alive"] is True and steps["ready"]["host"].startswith("http://127.0.0.1:")
-        assert steps["resumed"]["alive"] is True
-        assert steps["stopped"]["runtime_id"] == steps["ready"]["runtime_id"]
-        assert srv.manager.records == {}
-        assert our_containers(rt_settings, srv.manager.server_id) == []
-
-
 @pytest.mark.timeout(900)
 def test_real_v0_client(cli_server, prebuilt, v0_images, rt_settings, v0_python):
     """openhands-ai 0.59's own RemoteRuntime (connect, a command in /testbed, close) on the
@@ -406,8 +386,28 @@ def test_real_v0_client(cli_server, prebuilt, v0_images, rt_settings, v0_python)
     assert steps["image_exists"] == {"step": "image_exists", "base": True, "v0_runtime": False}
     assert steps["build"]["refused"] is True and "prebuilt images only" in steps["build"]["error"]
     # the V0 command was served by the v0 recipe's image of that base
-    assert f"-> {v0_images['r2e'].image.rsplit(':', 1)[0]}@{v0_images['r2e'].digest}" in srv.output()
+    pinned = f"{v0_images['r2e'].image.rsplit(':', 1)[0]}@{v0_images['r2e'].digest}"
+    assert f"-> {pinned}" in srv.output()
     assert httpx.get(f"{url}/list", headers={"X-API-Key": API_KEY}).json() == {"runtimes": []}
+
+    # the trainer foresaw the next start: one warm V0 sandbox (the shape of the start just
+    # seen); the same client, started again, is handed it and runs its command in /testbed
+    keyed = {"X-API-Key": API_KEY}
+    r = httpx.post(f"{url}/prefetch", headers=keyed, timeout=60,
+                   json={"images": [v0_images["r2e_base"]], "recipe": "v0", "warm": 1})
+    assert r.status_code == 200 and r.json()["images"][0]["warm"] == 1, r.text
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{url}/nodes", headers=keyed).json()[0]["warm"] != {pinned: 1}:
+        assert time.monotonic() < deadline, srv.output()[-3000:]
+        time.sleep(0.2)
+    proc = v0_python.run(Path(__file__).with_name("v0_client.py"), url, API_KEY,
+                         v0_images["r2e_base"], prebuilt["busybox_base"], timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:] + srv.output()[-3000:]
+    again = {s["step"]: s for s in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
+    assert again["action"]["exit_code"] == 0 and again["action"]["content"].split() == ["/testbed/.venv", "/testbed"]
+    stats = httpx.get(f"{url}/nodes", headers=keyed).json()[0]["stats"]
+    assert (stats["warm_hits"], stats["warm_misses"]) == (1, 1), stats
+    assert "warm sandbox handed to session" in srv.output()
 
 
 def test_cli_refuses_to_serve_without_a_key_and_warns_without_auth(rt_settings, tmp_path):

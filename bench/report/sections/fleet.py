@@ -38,7 +38,8 @@ def body(flt: dict[str, Any], ctx: Context) -> list[str]:
       "A model, not a cluster run: the registry's egress and the nodes' CPUs during boot are not modelled. "
       "The real fleet on a two-node SLURM cluster is tested in `tests/runtime/test_fleet_slurm.py`.")
     w("")
-    return L
+    from bench.fleet import render_foresight
+    return L + render_foresight(flt)
 
 
 def targets(ctx: Context) -> list[str]:
