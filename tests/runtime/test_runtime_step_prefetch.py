@@ -35,6 +35,7 @@ def test_next_step_pulls_the_pinned_images_before_any_start(server_factory, preb
         rows = step.next_step([prompt, prompt, base]).result(timeout=120)
         # the id (through the lockfile) and the base (through the server's lookup) are one image
         assert len(rows) == 1 and rows[0]["image"] == base and rows[0]["prebuilt_image"] == pinned
+        assert rows[0]["warm"] == 2  # the server took the warm field: 2 sandboxes booting for it
         deadline = time.monotonic() + 300
         while pinned not in _images(rt_settings) and time.monotonic() < deadline:
             time.sleep(1)
