@@ -296,6 +296,26 @@ class CeleryExecutor:
     def start_hint(self, queue: str) -> str:
         return f"imagefarm worker --queues {queue} --broker-url {_redacted(self.settings.broker_url)}"
 
+    def last_activity(self, handles) -> float | None:
+        """The latest sign of life among ``handles``' tasks (epoch), from their delivery
+        records: a delivery, or the time a retry's or a pause's countdown ends (in the
+        future while it waits). None when the broker does not answer."""
+        from imagefarm.worker.tasks import task_key
+
+        client = self.app.backend.client
+        latest = 0.0
+        try:
+            ids = [h.id for h in handles]
+            for i in range(0, len(ids), self.CHUNK):
+                pipe = client.pipeline(transaction=False)
+                for tid in ids[i:i + self.CHUNK]:
+                    pipe.hmget(task_key(tid), "seen", "eta")
+                for got in pipe.execute():
+                    latest = max([latest, *(float(x) for x in got if x)])
+        except Exception:  # noqa: BLE001 - a broker that is away: no claim either way
+            return None
+        return latest
+
     def deliveries(self) -> dict[str, int]:
         """From the tasks' delivery records: tasks the broker delivered more than once
         (beyond their own retries and rate-limit pauses), and how many extra deliveries."""
@@ -435,7 +455,8 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
     # Tasks come back through the broker when a worker is lost (acks_late, leases).
     # Two things it cannot fix: no worker consumes a queue (said so, with the command
     # that starts one, every ``check`` seconds of silence), and a result lost between a
-    # worker and the driver: when nothing at all has finished for ``stall`` seconds while
+    # worker and the driver: when nothing at all has finished, been delivered or been
+    # due after a retry's countdown (the tasks' records) for ``stall`` seconds while
     # workers are there, the driver asks again for what it waits on (tasks are
     # idempotent), and counts it.
     stall = max(120.0, 2 * verify_timeout) if executor == "celery" else None
@@ -474,6 +495,10 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
                         f"there; start one with `{ex.start_hint(q)}`")
                 if missing:
                     last_result = now  # a stall with no consumer is not a lost result: do not ask again
+                elif missing is not None and idle > stall and (busy := ex.last_activity(pending)) is None:
+                    pass  # the broker is away again: nothing to judge by
+                elif missing is not None and idle > stall and time.time() - busy < stall:
+                    last_result = now - max(0.0, time.time() - busy)  # delivered, or waits out a countdown
                 elif missing is not None and idle > stall:
                     log(f"no result for {stall:.0f}s: asking again for {len(pending)} task(s) (idempotent)")
                     stale = list(pending.values())
