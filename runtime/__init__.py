@@ -12,7 +12,7 @@ puts it on a SLURM CPU node).
 * ``state`` - sqlite records under ``state_dir/runtime/``
 """
 
-from .manager import ServeConfig
+from .config import ServeConfig
 
 __all__ = ["ServeConfig", "create_app", "serve"]
 

@@ -1,4 +1,4 @@
-"""The FastAPI app: the OpenHands remote runtime API over a ``RuntimeManager``.
+"""The FastAPI app: the OpenHands remote runtime API over a ``service.RuntimeService``.
 
 ``create_app(settings, backend, resolver, config)`` wires everything; the CLI
 (``imagefarm runtime serve``) and the tests run it under uvicorn.
@@ -26,19 +26,21 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from imagefarm.serve.apikey import protect
 from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, RegistryError, http_status
-from imagefarm.settings import Settings
+from imagefarm.settings import Settings, check_version
 
 from .backend import PodmanBackend
-from .errors import BuildRefused, NoPrebuiltImage, RuntimeServerError
-from .manager import RuntimeManager, ServeConfig, pinned_image
-from .metrics import add_metrics, node_rows
+from .config import ServeConfig
+from .errors import BuildRefused, NoPrebuiltImage, RuntimeServerError, UnknownRuntime
+from .metrics import add_metrics
 from .models import (ActionResult, ErrorBody, Health, ImageDetails, ImageExists, PrefetchRequest,
                      RegistryPrefix, RuntimeInfo, RuntimeList, RuntimeRef, StartRequest)
-from .resolver import Resolver
+from .resolver import Resolver, pinned_image
+from .service import RuntimeService
 
 log = logging.getLogger("imagefarm.runtime")
 
@@ -52,14 +54,18 @@ BUILD_REFUSAL = ("this runtime server starts prebuilt images only and never buil
 
 
 def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Resolver,
-               config: ServeConfig, *, manager=None, open_paths: tuple[str, ...] = ()) -> FastAPI:
+               config: ServeConfig, *, manager: RuntimeService | None = None,
+               open_paths: tuple[str, ...] = ()) -> FastAPI:
     """``manager``: a ``fleet.Fleet`` for a front; by default this server is its own only node.
     ``open_paths``: paths the guard leaves to their own key check (a front's ``/fleet/*``,
     which nodes call with the fleet key, never the clients' key).
 
     ``app.state.after_startup`` / ``before_shutdown``: coroutines a node process or a
     front adds (joining, reporting), run after the manager starts and before it stops."""
-    manager = manager or RuntimeManager(settings, backend, resolver, config)
+    if manager is None:
+        from .manager import RuntimeManager
+
+        manager = RuntimeManager(settings, backend, resolver, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -135,9 +141,10 @@ def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Reso
         """The runtimes of the given session ids (unknown ids are left out)."""
         out = []
         for sid in ids:
-            rid = manager.by_session.get(sid)
-            if rid:
-                out.append(manager.info(manager.records[rid]))
+            try:
+                out.append(manager.info(manager.by_session_id(sid)))
+            except UnknownRuntime:
+                continue
         return out
 
     @api.get("/sessions/{session_id}", response_model=RuntimeInfo, tags=["runtimes"])
@@ -156,7 +163,7 @@ def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Reso
 
     @api.get("/list", response_model=RuntimeList, tags=["runtimes"])
     async def list_runtimes() -> RuntimeList:
-        return RuntimeList(runtimes=[manager.info(r) for r in manager.records.values()])
+        return RuntimeList(runtimes=[manager.info(r) for r in manager.runtimes()])
 
     @api.post("/stop", response_model=ActionResult, tags=["runtimes"])
     async def stop(req: RuntimeRef) -> ActionResult:
@@ -175,10 +182,22 @@ def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Reso
                             session_api_key=rec.session_api_key, url=rec.url)
 
     @api.get("/image_exists", response_model=ImageExists, tags=["images"])
-    async def image_exists(image: str = Query(..., min_length=1, max_length=1024)) -> ImageExists:
-        """Whether a prebuilt image serves ``image`` (V0 asks before starting)."""
+    async def image_exists(image: str = Query(..., min_length=1, max_length=1024),
+                           recipe: str | None = Query(None, min_length=1, max_length=128,
+                                                      pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"),
+                           agent_server_version: str | None = Query(None, min_length=1, max_length=64)
+                           ) -> ImageExists:
+        """Whether a prebuilt image of ``recipe`` (None: the server's) at
+        ``agent_server_version`` (None: the server's default) serves ``image`` (V0 asks
+        before starting)."""
+        if agent_server_version is not None:
+            try:
+                check_version(agent_server_version)
+            except ValueError as exc:
+                raise RequestValidationError([{"loc": ("query", "agent_server_version"), "msg": str(exc),
+                                               "type": "value_error"}]) from None
         try:
-            hit = await manager.resolve(image)
+            hit = await manager.resolve(image, recipe, version=agent_server_version)
         except (NoPrebuiltImage, ImageRefused) as exc:
             return ImageExists(exists=False, detail=str(exc))
         size = await manager.image_size(hit)
@@ -205,12 +224,12 @@ def create_app(settings: Settings, backend: PodmanBackend | None, resolver: Reso
     @api.post("/prefetch", tags=["images"])
     async def prefetch(req: PrefetchRequest) -> dict[str, Any]:
         """Pull these images onto the node(s) ahead of the trainer, spread as starts would be."""
-        return {"images": await manager.prefetch(req.images)}
+        return {"images": await manager.prefetch(req)}
 
     @api.get("/nodes", tags=["fleet"])
     async def nodes() -> list[dict[str, Any]]:
         """The nodes runtimes run on: capacity, free slots, runtimes by state, images, pulls."""
-        return node_rows(manager)
+        return manager.node_rows()
 
     app.include_router(api)
     add_metrics(app, manager)

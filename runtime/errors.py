@@ -8,7 +8,8 @@
         ├── UnknownRuntime         (404) no runtime with that id / session
         ├── CapacityFull           (429) --max-runtimes reached
         ├── BuildRefused           (501) /build: this server never builds
-        └── BackendError           (502) podman failed: ``kind`` says how, the message carries stderr
+        ├── BackendError           (502) podman failed: ``kind`` says how, the message carries stderr
+        └── NodeError              (502, or the node's own 4xx) a fleet node did not answer or refused
 
 Each carries the HTTP status the API answers with; the message is the ``detail``.
 """
@@ -82,3 +83,13 @@ class BackendError(RuntimeServerError):
         else:
             kind = cls.OTHER
         return cls(message, kind)
+
+
+class NodeError(RuntimeServerError):
+    """A fleet node failed a call of the front: unreachable (502), or its own 4xx passed on."""
+
+    status_code = 502
+
+    def __init__(self, message: str, status_code: int = 502) -> None:
+        super().__init__(message)
+        self.status_code = status_code if 400 <= status_code < 500 else 502

@@ -38,12 +38,13 @@ from pydantic import BaseModel, Field
 from imagefarm.serve.apikey import HEADER
 from imagefarm.settings import Settings
 
-from .errors import BackendError, CapacityFull, RuntimeServerError, UnknownRuntime
-from .manager import LIVE, Resolving, ServeConfig, pinned_image
-from .models import RuntimeInfo, StartRequest
+from .config import ServeConfig
+from .errors import CapacityFull, NodeError, RuntimeServerError
+from .models import PrefetchRequest, RuntimeInfo, StartRequest
 from .placement import NodeView, place, slots_needed
 from .ports import parse_command
-from .resolver import Resolver, recipe_for_command
+from .records import LIVE, Records
+from .resolver import Resolver, Resolving, pinned_image, recipe_for_command
 from .state import Store
 
 log = logging.getLogger("imagefarm.runtime.fleet")
@@ -113,26 +114,25 @@ class Node:
         return d
 
 
-class Fleet(Resolving):
-    """What ``create_app`` needs of a manager, over the nodes of a fleet."""
+class Fleet:
+    """The ``RuntimeService`` of a fleet's front: runtimes on the nodes that joined it."""
 
     def __init__(self, settings: Settings, resolver: Resolver, config: ServeConfig, *, fleet_key: str,
                  node_timeout: float = 5.0, placement: str = "image") -> None:
-        self.settings, self.resolver, self.config = settings, resolver, config
+        self.settings, self.config = settings, config
+        self.resolving = Resolving(settings, resolver)
         self.fleet_key = fleet_key
         self.node_timeout = node_timeout
         self.placement = placement
-        self.to = str(settings.prefix)
+        self.to = self.resolving.to
         self.store = Store(config.state_dir or settings.state_dir / "fleet", record=FrontRecord)
         self.server_id = ""
-        self.records: dict[str, FrontRecord] = {}
-        self.by_session: dict[str, str] = {}
+        self.records = Records(self.store)
         self.nodes: dict[str, Node] = {}
         self._touched: dict[str, set[str]] = {}
+        self.records.on_touch.append(lambda rec: self._touched.setdefault(rec.node_id, set()).add(rec.runtime_id))
         self._http: httpx.AsyncClient | None = None
         self._bg: list[asyncio.Task] = []
-        self._sizes: dict[str, int] = {}
-        self._registry: Any = None
         self._rng = random.Random(0)
         self._chores: set[asyncio.Task] = set()
         self.on_ready: list = []
@@ -147,9 +147,7 @@ class Fleet(Resolving):
         for d in json.loads(self.store.meta("nodes") or "{}").values():
             node = Node(**d, last_seen=now)  # a grace of node_timeout to report again
             self.nodes[node.node_id] = node
-        for rec in self.store.all():
-            self.records[rec.runtime_id] = rec
-            self.by_session[rec.session_id] = rec.runtime_id
+        self.records.load()
         self._bg = [asyncio.create_task(self._watch_nodes(), name="fleet-watch")]
         log.info("fleet front %s: %d node(s) and %d runtime(s) found again; node timeout %gs, placement %s",
                  self.server_id, len(self.nodes), len(self.records), self.node_timeout, self.placement)
@@ -164,8 +162,7 @@ class Fleet(Resolving):
                                  return_exceptions=True)
         if self._http:
             await self._http.aclose()
-        if self._registry is not None:
-            self._registry.close()
+        self.resolving.close()
         self._save_nodes()
         self.store.close()
 
@@ -175,37 +172,30 @@ class Fleet(Resolving):
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
 
-    def _save(self, rec: FrontRecord) -> None:
-        self.store.put(rec)
-
     def _save_nodes(self) -> None:
         self.store.set_meta("nodes", json.dumps({n.node_id: n.persist() for n in self.nodes.values()}))
-
-    def _forget(self, rid: str) -> None:
-        rec = self.records.pop(rid, None)
-        if rec and self.by_session.get(rec.session_id) == rid:
-            del self.by_session[rec.session_id]
-        self.store.delete(rid)
 
     # -- the manager surface the app uses --------------------------------------------------
     def live_count(self) -> int:
         return sum(1 for r in self.records.values() if r.status in LIVE)
 
     def get(self, runtime_id: str) -> FrontRecord:
-        rec = self.records.get(runtime_id)
-        if rec is None:
-            raise UnknownRuntime(f"no runtime {runtime_id!r} on this server (stopped, reaped or never started)")
-        return rec
+        return self.records.get_or_raise(runtime_id)
 
     def by_session_id(self, session_id: str) -> FrontRecord:
-        rid = self.by_session.get(session_id)
-        if rid is None:
-            raise UnknownRuntime(f"no runtime for session {session_id!r}")
-        return self.records[rid]
+        return self.records.by_session_id(session_id)
+
+    def runtimes(self) -> list[FrontRecord]:
+        return list(self.records.values())
 
     def touch(self, rec: FrontRecord) -> None:
-        rec.last_activity = time.time()
-        self._touched.setdefault(rec.node_id, set()).add(rec.runtime_id)
+        self.records.touch(rec, time.time())  # the node hears of it in its next report's answer
+
+    async def resolve(self, image: str, recipe: str | None = None, *, version: str | None = None) -> Any:
+        return await self.resolving.resolve(image, recipe, version=version)
+
+    async def image_size(self, hit: Any) -> int:
+        return await self.resolving.image_size(hit)
 
     async def refresh(self, rec: FrontRecord) -> None:
         """Polls are answered from the nodes' reports: nothing to ask here."""
@@ -235,65 +225,63 @@ class Fleet(Resolving):
         return [NodeView(n.node_id, n.slots, used.get(n.node_id, 0.0), frozenset(images.get(n.node_id, ())),
                          ready=n.ready and n.state == "up") for n in self.nodes.values()]
 
-    def _place(self, image: str, need: float, exclude: set[str]) -> Node | None:
+    def _place(self, image: str, resource_factor: float, exclude: set[str]) -> Node | None:
         views = [v for v in self.views() if v.node_id not in exclude]
-        chosen = place(views, image, need, policy=self.placement, rng=self._rng)  # type: ignore[arg-type]
+        chosen = place(views, image, resource_factor, policy=self.placement, rng=self._rng)  # type: ignore[arg-type]
         return self.nodes[chosen.node_id] if chosen else None
 
     # -- start / stop / pause / resume ---------------------------------------------------------
     async def start(self, req: StartRequest) -> FrontRecord:
-        existing = self.by_session.get(req.session_id)
-        if existing and self.records[existing].status in LIVE:
-            rec = self.records[existing]
+        rec = self.records.live_session(req.session_id)
+        if rec is not None:
             self.touch(rec)
             return rec
-        hit = await self.resolve(req.image, recipe_for_command(self.settings, parse_command(req.command)),
-                                 version=req.agent_server_version)
-        size = await self.image_size(hit)
+        hit = await self.resolving.resolve(req.image, recipe_for_command(self.settings, parse_command(req.command)),
+                                           version=req.agent_server_version)
+        size = await self.resolving.image_size(hit)
         prebuilt = pinned_image(hit)
-        need = slots_needed(float(req.resource_factor))
         tried: set[str] = set()
         while True:
-            existing = self.by_session.get(req.session_id)
-            if existing:
-                if self.records[existing].status in LIVE:
-                    return self.records[existing]
-                old = self.records[existing]
-                self._forget(existing)
+            rec = self.records.live_session(req.session_id)
+            if rec is not None:
+                return rec
+            old = self.records.replace_session(req.session_id)
+            if old is not None:
                 self._chore(self._forward_stop(old))
-            node = self._place(prebuilt, need, tried)
+            node = self._place(prebuilt, req.resource_factor, tried)
             if node is None:
                 free = {v.node_id: v.free for v in self.views()}
                 raise CapacityFull(
                     f"every node of the fleet is full ({len(self.nodes)} node(s), free slots {free}; this start "
-                    f"needs {need:g}): retry later, or add nodes (`imagefarm runtime node --join ...`)")
+                    f"needs {slots_needed(req.resource_factor):g}): retry later, or add nodes "
+                    "(`imagefarm runtime node --join ...`)")
             now = time.time()
             rec = FrontRecord(runtime_id=secrets.token_hex(8), session_id=req.session_id, node_id=node.node_id,
                               image=req.image, prebuilt=prebuilt, base=getattr(hit, "base", None) or None,
                               resource_factor=float(req.resource_factor), created_at=now, last_activity=now)
             # the slot is held from here (no await before this line), so concurrent starts see it taken
-            self.records[rec.runtime_id] = rec
-            self.by_session[rec.session_id] = rec.runtime_id
+            self.records.add(rec)
             body = {"request": req.model_dump(mode="json"), "runtime_id": rec.runtime_id, "prebuilt": prebuilt,
                     "base": rec.base, "size": size}
             try:
                 r = await self._http.post(f"{node.url}/node/start", json=body)
             except httpx.HTTPError as exc:
-                self._forget(rec.runtime_id)
+                self.records.forget(rec.runtime_id)
                 log.warning("node %s (%s) did not take runtime %s: %s; placing it elsewhere",
                             node.node_id, node.url, rec.runtime_id, exc)
                 tried.add(node.node_id)
                 continue
             if r.status_code == 429:
-                self._forget(rec.runtime_id)
+                self.records.forget(rec.runtime_id)
                 tried.add(node.node_id)
                 continue
             if r.status_code != 200:
-                self._forget(rec.runtime_id)
-                raise BackendError(f"node {node.node_id} refused the start ({r.status_code}): {_detail(r)}")
+                self.records.forget(rec.runtime_id)
+                raise NodeError(f"node {node.node_id} refused the start ({r.status_code}): {_detail(r)}",
+                                r.status_code)
             if rec.runtime_id in self.records:
                 self._merge(rec, r.json(), reported=False)
-                self._save(rec)
+                self.records.save(rec)
             log.info("runtime %s: session %s, image %s -> node %s (%s)", rec.runtime_id, rec.session_id,
                      prebuilt, node.node_id, node.address)
             return rec
@@ -306,13 +294,11 @@ class Fleet(Resolving):
         try:
             r = await self._http.post(f"{node.url}/{verb}", json={"runtime_id": rec.runtime_id})
         except httpx.HTTPError as exc:
-            raise BackendError(f"node {node.node_id} ({node.url}) did not answer /{verb}: {exc}") from None
+            raise NodeError(f"node {node.node_id} ({node.url}) did not answer /{verb}: {exc}") from None
         if r.status_code != 200:
             log.warning("node %s answered /%s of %s with %d: %s", node.node_id, verb, rec.runtime_id,
                         r.status_code, _detail(r))
-            err = RuntimeServerError(f"node {node.node_id}: {_detail(r)}")
-            err.status_code = r.status_code if 400 <= r.status_code < 500 else 502
-            raise err
+            raise NodeError(f"node {node.node_id}: {_detail(r)}", r.status_code)
         return r.json()
 
     async def _forward_stop(self, rec: FrontRecord) -> None:
@@ -327,7 +313,7 @@ class Fleet(Resolving):
 
     async def stop(self, rid: str, why: str = "stopped") -> None:
         rec = self.get(rid)
-        self._forget(rid)
+        self.records.forget(rid)
         await self._forward_stop(rec)
         log.info("runtime %s (session %s) %s", rid, rec.session_id, why)
 
@@ -346,14 +332,14 @@ class Fleet(Resolving):
         return rec
 
     # -- prefetch ----------------------------------------------------------------------------
-    async def prefetch(self, images: list[str]) -> list[dict[str, Any]]:
+    async def prefetch(self, req: PrefetchRequest) -> list[dict[str, Any]]:
         """Pull images onto nodes ahead of the trainer: each to the node placement would
         choose for its first sample (a node holding it already: nothing to do)."""
         planned: dict[str, set[str]] = {}
         out = []
-        for image in images:
-            hit = await self.resolve(image)
-            pinned, size = pinned_image(hit), await self.image_size(hit)
+        for image in req.images:
+            hit = await self.resolving.resolve(image, req.recipe, version=req.agent_server_version)
+            pinned, size = pinned_image(hit), await self.resolving.image_size(hit)
             views = [NodeView(v.node_id, v.slots, v.used, v.images | planned.get(v.node_id, set()), v.ready)
                      for v in self.views()]
             holder = next((v for v in views if pinned in v.images), None)
@@ -378,7 +364,7 @@ class Fleet(Resolving):
                 r = await self._http.post(f"{node.url}/node/prefetch", json={"images": items})
                 r.raise_for_status()
             except httpx.HTTPError as exc:
-                raise BackendError(f"node {node_id} ({node.url}) did not take the prefetch: {exc}") from None
+                raise NodeError(f"node {node_id} ({node.url}) did not take the prefetch: {exc}") from None
         return out
 
     # -- reports from nodes ------------------------------------------------------------------
@@ -436,11 +422,11 @@ class Fleet(Resolving):
             for fn in self.on_ready:
                 fn(rec, rec.ready_at - rec.created_at)
         if was != rec.pod_status:
-            self._save(rec)
+            self.records.save(rec)
 
     def _fail(self, rec: FrontRecord, reason: str) -> None:
         rec.status, rec.pod_status, rec.reason = "error", "failed", reason
-        self._save(rec)
+        self.records.save(rec)
         log.warning("runtime %s (session %s) failed: %s", rec.runtime_id, rec.session_id, reason)
 
     async def _watch_nodes(self) -> None:
@@ -459,10 +445,13 @@ class Fleet(Resolving):
             # failed runtimes nobody polls are forgotten after failed_ttl, as on one node
             ttl = self.config.failed_ttl
             for rec in [r for r in self.records.values() if r.status == "error" and time.time() - r.last_activity > ttl]:
-                self._forget(rec.runtime_id)
+                self.records.forget(rec.runtime_id)
                 self._chore(self._forward_stop(rec))
 
     # -- what GET /nodes and the metrics show ----------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return {}
+
     def node_rows(self) -> list[dict[str, Any]]:
         views = {v.node_id: v for v in self.views()}
         now = time.monotonic()

@@ -6,10 +6,11 @@ node id), ``imagefarm.runtime.id=<runtime id>`` and ``imagefarm.runtime.session=
 id>``, published on ``<publish address>:<host port from the range>`` to the agent
 server's port (``--port N`` in the command, else 60000).
 
-``RuntimeManager`` is split along its seams: ``ports.py`` (host ports), ``images.py``
-(pull once, cache budget, LRU eviction), ``launch.py`` (launch and readiness),
-``upkeep.py`` (monitor and reaping); this module keeps the records, their
-reconciliation after a restart, and the verbs. ``/start`` answers at once (record
+``RuntimeManager`` (a ``service.RuntimeService``) is composed of parts, each given
+what it uses: ``records.Records`` (the index), ``ports.py`` (host ports), ``images.py``
+(pull once, cache budget, LRU eviction), ``launcher.Launcher`` (launch and readiness),
+``upkeep.Upkeep`` (monitor and reaping); this module keeps the reconciliation after a
+restart, admission (``placement.admits``, the front's rule too) and the verbs. ``/start`` answers at once (record
 written, port reserved) and launches in a background task. A fleet's front
 (``fleet.py``) places runtimes on node processes (``node.py``), each running one of
 these managers.
@@ -30,185 +31,97 @@ ignored with a log line: everything runs under podman with runc.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import secrets
-import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
-from imagefarm.serve.apikey import check_key_config
-from imagefarm.errors import ImagefarmError
-from imagefarm.names.reference import parse
 from imagefarm.settings import Settings
 
 from .backend import LABEL, LABEL_ID, LABEL_SERVER, PodmanBackend
-from .errors import BackendError, CapacityFull, NoPrebuiltImage, RuntimeServerError, UnknownRuntime
+from .config import ServeConfig
+from .errors import BackendError, CapacityFull, RuntimeServerError
 from .images import NodeImages
-from .launch import Launching, _Live
-from .models import ContainerStatus, RuntimeInfo, StartRequest
+from .launcher import Launcher
+from .models import ContainerStatus, PrefetchRequest, RuntimeInfo, StartRequest
+from .placement import admits, slots_needed
 from .ports import PortPool, agent_port, parse_command
-from .resolver import Resolver, describe_base, ready_paths, recipe_for_command
+from .records import LIVE, Records
+from .resolver import Resolver, Resolving, pinned_image, ready_paths, recipe_for_command
 from .state import Record, Store
-from .upkeep import LIVE, Upkeep
+from .upkeep import Upkeep
 
 log = logging.getLogger("imagefarm.runtime")
 
 
-
-@dataclass
-class ServeConfig:
-    api_key: str | None = None
-    disable_auth: bool = False
-    max_runtimes: int = 32
-    port_range: tuple[int, int] = (30000, 39999)
-    idle_timeout: float = 3600.0          #: seconds; 0 = never reap
-    publish_address: str = "127.0.0.1"    #: where container ports are published
-    public_host: str | None = None        #: host in the URLs handed out (default: see url_host)
-    cpus_per_factor: float = 1.0
-    memory_mib_per_factor: int = 4096
-    pids_limit: int = 4096
-    user_policy: Literal["image", "requested"] = "image"
-    stop_on_exit: bool = False            #: remove every runtime when the server stops (SLURM)
-    failed_ttl: float = 600.0
-    ready_timeout: float = 900.0
-    monitor_interval: float = 1.0
-    log_tail: int = 50
-    max_body: int = 1 << 20               #: bytes of a request body (413 beyond)
-    state_dir: Path | None = None         #: default: settings.state_dir / "runtime"
-    image_cache_gib: float | None = None  #: disk budget for images; idle ones evicted LRU first
-    clean_start: bool = False             #: remove every container of this node at start-up (node processes)
-
-    def __post_init__(self) -> None:
-        lo, hi = self.port_range
-        if not (1024 <= lo <= hi <= 65535):
-            raise ImagefarmError(f"invalid port range {lo}-{hi}: expected A-B within 1024-65535")
-        check_key_config(self.api_key, self.disable_auth, "IMAGEFARM_RUNTIME_API_KEY")
-        if self.max_runtimes < 1:
-            raise ImagefarmError("--max-runtimes must be at least 1")
-        if self.image_cache_gib is not None and not self.image_cache_gib > 0:
-            raise ImagefarmError("--image-cache-gib must be a positive number of GiB")
-        if not self.cpus_per_factor >= 0.01:  # podman reads a tiny --cpus as no limit
-            raise ImagefarmError(f"--cpus-per-factor {self.cpus_per_factor}: expected at least 0.01")
-        if self.memory_mib_per_factor < 6:  # podman's floor; --memory 0m means no limit
-            raise ImagefarmError(f"--memory-mib-per-factor {self.memory_mib_per_factor}: expected at least 6")
-
-    @property
-    def url_host(self) -> str:
-        if self.public_host:
-            return self.public_host
-        if self.publish_address in ("", "0.0.0.0", "::"):
-            return socket.getfqdn()
-        return self.publish_address
-
-    @property
-    def probe_host(self) -> str:
-        return "127.0.0.1" if self.publish_address in ("", "0.0.0.0", "::") else self.publish_address
+def holds_slot(rec: Record) -> bool:
+    """A live runtime, or a failed one whose container is not removed yet (it may still
+    run and use the node)."""
+    return rec.status in LIVE or not rec.extra.get("removed")
 
 
-class Resolving:
-    """Resolution and image sizes, shared by a node's manager and a fleet's front
-    (needs ``resolver``, ``to``, ``settings``, ``_sizes`` and ``_registry``)."""
+class RuntimeManager:
+    """The ``RuntimeService`` of one node: its runtimes under podman."""
 
-    async def resolve(self, image: str, recipe: str | None = None, *, version: str | None = None):
-        """The resolver's hit for ``image`` of ``recipe`` (None: the settings'; the caller
-        takes it from the client's command with ``recipe_for_command``) at agent-server
-        ``version`` (None: the resolver's default); ``NoPrebuiltImage`` without one."""
-        parse(image)  # InvalidReference (400) before any registry traffic
-        ask = {k: v for k, v in (("recipe", recipe), ("version", version)) if v}
-        hit = await asyncio.to_thread(functools.partial(self.resolver.resolve, image, **ask))
-        if hit is None:
-            raise NoPrebuiltImage(image, describe_base(image), self.to, recipe=recipe, version=version)
-        return hit
-
-    async def image_size(self, hit: Any) -> int:
-        """Bytes of the prebuilt image (config + layers, compressed), from the hit or the registry."""
-        size = getattr(hit, "size", None)
-        if size:
-            return int(size)
-        pinned = pinned_image(hit)
-        if pinned not in self._sizes:
-            def fetch() -> int:
-                from imagefarm.registry import RegistryClient
-
-                if self._registry is None:
-                    self._registry = RegistryClient(self.settings)
-                m = self._registry.resolve(parse(pinned)).manifest
-                return m.config.size + sum(layer.size for layer in m.layers)
-            try:
-                self._sizes[pinned] = await asyncio.to_thread(fetch)
-            except (ImagefarmError, OSError) as exc:
-                log.info("size of %s unknown: %s", pinned, exc)
-                return 0
-        return self._sizes[pinned]
-
-
-class RuntimeManager(Launching, Upkeep, Resolving):
     def __init__(self, settings: Settings, backend: PodmanBackend, resolver: Resolver,
                  config: ServeConfig) -> None:
-        self.settings = settings
-        self.backend = backend
-        self.resolver = resolver
-        self.config = config
-        self.to = str(settings.prefix)
+        self.settings, self.backend, self.config = settings, backend, config
+        self.resolving = Resolving(settings, resolver)
+        self.to = self.resolving.to
         self.store = Store(config.state_dir or settings.state_dir / "runtime")
-        self.server_id = ""
-        self.records: dict[str, Record] = {}
-        self.by_session: dict[str, str] = {}
-        self.live: dict[str, _Live] = {}
+        self.server_id = self.store.server_id()
+        self.records = Records(self.store)
+        #: called with (record, seconds from /start to ready)
+        self.on_ready: list = []
         budget = int(config.image_cache_gib * 2**30) if config.image_cache_gib else None
         self.images = NodeImages(settings, backend, self.store, budget_bytes=budget,
                                  in_use=lambda: {r.prebuilt for r in self.records.values()})
         self.ports = PortPool(config.port_range, config.publish_address)
-        self._sizes: dict[str, int] = {}
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=1.0), trust_env=False)
+        self.launcher = Launcher(server_id=self.server_id, backend=backend, config=config, images=self.images,
+                                 ports=self.ports, records=self.records, http=self._http, on_ready=self.on_ready)
+        self.upkeep = Upkeep(server_id=self.server_id, backend=backend, config=config, records=self.records,
+                             launcher=self.launcher, http=self._http, stop=self.stop)
         self._chores: set[asyncio.Task] = set()
-        self._ticks = 0
-        self._registry: Any = None
-        self._bg: list[asyncio.Task] = []
-        self._http: httpx.AsyncClient | None = None
-        #: called with each record whose state changed (a node reports it to its front)
-        self.on_change: list = []
-        #: called with (record, seconds from /start to ready)
-        self.on_ready: list = []
 
     # -- lifecycle ------------------------------------------------------------------
     async def startup(self) -> None:
         self.store.lock()
-        self.server_id = self.store.server_id()
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=1.0), trust_env=False)
-        for rec in self.store.all():
-            self._index(rec)
+        self.records.load()
         if self.config.clean_start:
             await self._clean_start()
         await self.reconcile()
         await self.images.scan()
-        self._bg = [asyncio.create_task(self._monitor_loop(), name="runtime-monitor"),
-                    asyncio.create_task(self._reaper_loop(), name="runtime-reaper")]
-        log.info("runtime server %s: %d runtime(s) found again, cap %d, ports %d-%d, idle timeout %s",
+        self.upkeep.start()
+        log.info("runtime server %s: %d runtime(s) found again, %d slot(s), ports %d-%d, idle timeout %s",
                  self.server_id, len(self.records), self.config.max_runtimes, *self.config.port_range,
                  f"{self.config.idle_timeout:g}s" if self.config.idle_timeout else "off")
 
     async def shutdown(self) -> None:
-        for t in self._bg + [lv.task for lv in self.live.values() if lv.task]:
+        await self.upkeep.close()
+        await self.launcher.cancel_all()
+        for t in list(self._chores):
             t.cancel()
-        await asyncio.gather(*self._bg, *[lv.task for lv in self.live.values() if lv.task],
-                             return_exceptions=True)
+        await asyncio.gather(*self._chores, return_exceptions=True)
         if self.config.stop_on_exit and self.records:
             log.info("stopping %d runtime(s) on exit (--stop-on-exit)", len(self.records))
             await self.backend.remove(*[r.container for r in self.records.values()])
             for rid in list(self.records):
-                self._forget(rid)
+                self.records.forget(rid)
         elif self.records:
             log.info("leaving %d runtime(s) running; a restarted server finds them again", len(self.records))
-        if self._http:
-            await self._http.aclose()
-        if self._registry is not None:
-            self._registry.close()
+        await self._http.aclose()
+        self.resolving.close()
         self.store.close()
+
+    def _chore(self, coro) -> None:
+        """A background task kept referenced until done (a bare create_task may be collected)."""
+        task = asyncio.create_task(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     async def _clean_start(self) -> None:
         """A node process starting again: what it left is no one's any more (its front
@@ -219,7 +132,7 @@ class RuntimeManager(Launching, Upkeep, Resolving):
                         self.server_id, len(mine), len(self.records))
             await self.backend.remove(*[c.name for c in mine])
         for rid in list(self.records):
-            self._forget(rid)
+            self.records.forget(rid)
 
     async def reconcile(self) -> None:
         """Match records with containers: leftovers removed, lost records dropped."""
@@ -238,63 +151,58 @@ class RuntimeManager(Launching, Upkeep, Resolving):
             c = by_rid.get(rid)
             if c is None:
                 log.warning("runtime %s (session %s): its container is gone; forgetting it", rid, rec.session_id)
-                self._forget(rid)
+                self.records.forget(rid)
             elif c.state == "running":
                 rec.status, rec.pod_status = "running", "running"
-                self._watch(rec)
+                self.launcher.watch(rec)
             elif c.state == "paused":
                 rec.status = "paused"
-                self._save(rec)
+                self.records.save(rec)
             elif c.state in ("created", "configured", "initialized"):
                 log.warning("runtime %s was never started (server crashed while creating it); removing it", rid)
                 await self.backend.remove(rec.container)
-                self._forget(rid)
+                self.records.forget(rid)
             elif rec.status != "error":
-                await self._mark_exited(rec)
+                await self.launcher.mark_exited(rec)
 
-    # -- bookkeeping --------------------------------------------------------------------
-    def _index(self, rec: Record) -> None:
-        self.records[rec.runtime_id] = rec
-        self.by_session[rec.session_id] = rec.runtime_id
-        self.live.setdefault(rec.runtime_id, _Live())
-
-    def _save(self, rec: Record) -> None:
-        self.store.put(rec)
-        for fn in self.on_change:
-            fn(rec)
-
-    def _forget(self, rid: str) -> None:
-        rec = self.records.pop(rid, None)
-        if rec and self.by_session.get(rec.session_id) == rid:
-            del self.by_session[rec.session_id]
-        lv = self.live.pop(rid, None)
-        if lv and lv.task and lv.task is not asyncio.current_task():
-            lv.task.cancel()
-        self.store.delete(rid)
-        if rec:
-            for fn in self.on_change:
-                fn(rec)
-
+    # -- the records the app asks about ------------------------------------------------
     def touch(self, rec: Record) -> None:
-        rec.last_activity = time.time()
-        self._save(rec)
+        self.records.touch(rec, time.time())
 
     def get(self, runtime_id: str) -> Record:
-        rec = self.records.get(runtime_id)
-        if rec is None:
-            raise UnknownRuntime(f"no runtime {runtime_id!r} on this server (stopped, reaped or never started)")
-        return rec
+        return self.records.get_or_raise(runtime_id)
 
     def by_session_id(self, session_id: str) -> Record:
-        rid = self.by_session.get(session_id)
-        if rid is None:
-            raise UnknownRuntime(f"no runtime for session {session_id!r}")
-        return self.records[rid]
+        return self.records.by_session_id(session_id)
+
+    def runtimes(self) -> list[Record]:
+        """What ``/list`` shows."""
+        return list(self.records.values())
+
+    def used_slots(self) -> float:
+        return sum(slots_needed(r.resource_factor) for r in self.records.values() if holds_slot(r))
 
     def live_count(self) -> int:
-        """Runtimes holding a slot of ``--max-runtimes``: live ones, and failed ones whose
-        container is not removed yet (a failed container may still run and use the node)."""
-        return sum(1 for r in self.records.values() if r.status in LIVE or not r.extra.get("removed"))
+        """Runtimes holding a slot: live ones, and failed ones whose container is not removed yet."""
+        return sum(1 for r in self.records.values() if holds_slot(r))
+
+    def admit(self, resource_factor: float) -> None:
+        """``CapacityFull`` (429) unless a runtime of ``resource_factor`` fits (``placement.admits``)."""
+        if not admits(self.config.max_runtimes, self.used_slots(), resource_factor):
+            raise CapacityFull(
+                f"this runtime server is full: {self.used_slots():g} of {self.config.max_runtimes} slot(s) in "
+                f"use (--max-runtimes; a runtime takes resource_factor slots, this one "
+                f"{slots_needed(resource_factor):g}); stop one (POST /stop) or retry later")
+
+    async def refresh(self, rec: Record) -> None:
+        """On a status poll: an immediate probe if running but not yet ready."""
+        await self.launcher.refresh(rec)
+
+    async def resolve(self, image: str, recipe: str | None = None, *, version: str | None = None) -> Any:
+        return await self.resolving.resolve(image, recipe, version=version)
+
+    async def image_size(self, hit: Any) -> int:
+        return await self.resolving.image_size(hit)
 
     def info(self, rec: Record) -> RuntimeInfo:
         state = {"pending": "waiting", "running": "running", "ready": "running"}.get(rec.pod_status, "terminated")
@@ -315,33 +223,26 @@ class RuntimeManager(Launching, Upkeep, Resolving):
     async def start(self, req: StartRequest, *, hit: Any = None, runtime_id: str | None = None) -> Record:
         """A runtime for ``req``; ``hit`` and ``runtime_id`` when a front already resolved
         the image and named the runtime (a node of a fleet)."""
-        existing = self.by_session.get(req.session_id)
-        if existing and self.records[existing].status in LIVE:
-            rec = self.records[existing]
+        rec = self.records.live_session(req.session_id)
+        if rec is not None:
             log.info("runtime %s: /start for session %s which already runs: answering the same runtime",
                      rec.runtime_id, rec.session_id)
             self.touch(rec)
             return rec
         argv = parse_command(req.command)
         recipe = recipe_for_command(self.settings, argv)
-        hit = hit or await self.resolve(req.image, recipe, version=req.agent_server_version)
+        hit = hit or await self.resolving.resolve(req.image, recipe, version=req.agent_server_version)
         # from here to the record being indexed there is no await: check and reserve atomically
-        existing = self.by_session.get(req.session_id)
-        if existing:
-            rec = self.records[existing]
-            if rec.status in LIVE:
-                return rec
-            old = rec.container
-            self._forget(existing)
-            task = asyncio.create_task(self._remove_quietly(old))
-            self._chores.add(task)
-            task.add_done_callback(self._chores.discard)
-        if self.live_count() >= self.config.max_runtimes:
-            raise CapacityFull(
-                f"this runtime server is full: {self.config.max_runtimes} runtimes run (--max-runtimes); "
-                "stop one (POST /stop) or retry later")
+        rec = self.records.live_session(req.session_id)
+        if rec is not None:
+            return rec
+        old = self.records.replace_session(req.session_id)
+        if old is not None:
+            self.launcher.cancel(old.runtime_id)
+            self._chore(self._remove_quietly(old.container))
+        self.admit(req.resource_factor)
         cport = agent_port(argv)
-        hport = self._free_port()
+        hport = self.launcher.free_port()
         rid = runtime_id or secrets.token_hex(8)
         now = time.time()
         rec = Record(
@@ -353,16 +254,11 @@ class RuntimeManager(Launching, Upkeep, Resolving):
             extra={"size": getattr(hit, "size", None), "verified": bool(getattr(hit, "verified", False)),
                    "agent_server_version": getattr(hit, "agent_server_version", None),
                    "ready_paths": list(ready_paths(Path(self.settings.recipes_dir), recipe))})
-        self._index(rec)
-        self._save(rec)
-        lv = self.live[rid]
-        lv.task = asyncio.create_task(self._launch(rec, req, argv), name=f"launch-{rid}")
+        self.records.add(rec)
+        self.launcher.launch(rec, req, argv)
         log.info("runtime %s: session %s, image %s -> %s, port %d -> %d",
                  rid, rec.session_id, req.image, rec.prebuilt, hport, cport)
         return rec
-
-    def _free_port(self) -> int:
-        return self.ports.take(r.host_port for r in self.records.values())
 
     async def _remove_quietly(self, name: str) -> None:
         try:
@@ -370,24 +266,17 @@ class RuntimeManager(Launching, Upkeep, Resolving):
         except BackendError as exc:
             log.warning("could not remove %s: %s", name, exc)
 
-    async def _ensure_image(self, rec: Record, req: StartRequest) -> None:
-        size = int(rec.extra.get("size") or 0)
-        if await self.images.ensure(rec.prebuilt, size=size, policy=req.image_pull_policy):
-            rec.extra["pulled"] = True
-
     # -- prefetch ---------------------------------------------------------------------------
-    async def prefetch(self, images: list[str]) -> list[dict[str, Any]]:
+    async def prefetch(self, req: PrefetchRequest) -> list[dict[str, Any]]:
         """Pull images onto this node in the background (``POST /prefetch``)."""
         out = []
-        for image in images:
-            hit = await self.resolve(image)
-            pinned, size = pinned_image(hit), await self.image_size(hit)
+        for image in req.images:
+            hit = await self.resolving.resolve(image, req.recipe, version=req.agent_server_version)
+            pinned, size = pinned_image(hit), await self.resolving.image_size(hit)
             pull = pinned not in self.images.present
             if pull:
-                task = asyncio.create_task(self._prefetch_one(pinned, size), name=f"prefetch-{pinned[-12:]}")
-                self._chores.add(task)
-                task.add_done_callback(self._chores.discard)
-            out.append({"image": image, "prebuilt_image": pinned, "node": self.server_id, "pull": pull})
+                self._chore(self._prefetch_one(pinned, size))
+            out.append({"image": image, "prebuilt_image": pinned, "node": self.server_id, "pull": pull, "warm": 0})
         return out
 
     async def _prefetch_one(self, image: str, size: int) -> None:
@@ -426,25 +315,35 @@ class RuntimeManager(Launching, Upkeep, Resolving):
         rec.status = "running"
         rec.pod_status = "running"
         self.touch(rec)
-        self._watch(rec)
+        self.launcher.watch(rec)
         await self.refresh(rec)
         log.info("runtime %s resumed", rid)
         return rec
 
     async def stop(self, rid: str, why: str = "stopped") -> None:
         rec = self.get(rid)
-        lv = self.live.get(rid)
-        task = lv.task if lv else None
-        self._forget(rid)  # cancels a launch in flight
-        if task is not None and task is not asyncio.current_task():
+        task = self.launcher.cancel(rid)  # a launch in flight
+        self.records.forget(rid)
+        if task is not None:
             # let a cancelled `podman run` die before removing, or the container could appear after
             await asyncio.wait([task], timeout=15)
         await self.backend.remove(rec.container)
         log.info("runtime %s (session %s) %s", rid, rec.session_id, why)
 
-def pinned_image(hit: Any) -> str:
-    """``repo@sha256:...`` from a resolver hit (``.pinned`` if it has one, else ``.image``)."""
-    image = getattr(hit, "pinned", None) or hit.image
-    if "@" in image:
-        return image
-    return parse(image).with_digest(hit.digest).pinned
+    # -- what GET /nodes and the metrics show ----------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def node_rows(self) -> list[dict[str, Any]]:
+        """This server as its own only node."""
+        states: dict[str, int] = {}
+        for r in self.records.values():
+            k = "paused" if r.status == "paused" else r.pod_status
+            states[k] = states.get(k, 0) + 1
+        cfg, st = self.config, self.images.stats
+        return [{"node_id": self.server_id, "url": "(this server)", "address": cfg.url_host, "state": "up",
+                 "ready": True, "slots": cfg.max_runtimes, "free_slots": max(0.0, cfg.max_runtimes - self.used_slots()),
+                 "runtimes": states, "images": len(self.images.present), "last_report_s": 0.0,
+                 "stats": {"pulls": st.pulls, "pull_bytes": st.bytes, "evictions": st.evictions,
+                           "evicted_bytes": st.evicted_bytes, "cache_bytes": st.cache_bytes,
+                           "cache_budget_bytes": self.images.budget}}]

@@ -18,31 +18,11 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .placement import node_slots, slots_needed
+from .placement import node_slots
+from .service import RuntimeService
 
 STATES = ("pending", "running", "ready", "paused", "failed", "crashloopbackoff")
 BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 900)
-
-
-def node_rows(manager: Any) -> list[dict[str, Any]]:
-    """``GET /nodes``: a fleet's nodes, or this server as its own only node."""
-    if hasattr(manager, "node_rows"):
-        return manager.node_rows()
-    cfg = manager.config
-    states: dict[str, int] = {}
-    used = 0.0
-    for r in manager.records.values():
-        k = "paused" if r.status == "paused" else r.pod_status
-        states[k] = states.get(k, 0) + 1
-        if r.status in ("running", "paused"):
-            used += slots_needed(r.resource_factor)
-    st = manager.images.stats
-    return [{"node_id": manager.server_id, "url": "(this server)", "address": cfg.url_host, "state": "up",
-             "ready": True, "slots": cfg.max_runtimes, "free_slots": max(0.0, cfg.max_runtimes - used),
-             "runtimes": states, "images": len(manager.images.present), "last_report_s": 0.0,
-             "stats": {"pulls": st.pulls, "pull_bytes": st.bytes, "evictions": st.evictions,
-                       "evicted_bytes": st.evicted_bytes, "cache_bytes": st.cache_bytes,
-                       "cache_budget_bytes": manager.images.budget}}]
 
 
 def local_slots(cpus_per_factor: float, memory_mib_per_factor: float) -> int:
@@ -52,11 +32,11 @@ def local_slots(cpus_per_factor: float, memory_mib_per_factor: float) -> int:
 
 
 class _Collector:
-    def __init__(self, manager: Any) -> None:
+    def __init__(self, manager: RuntimeService) -> None:
         self.manager = manager
 
     def collect(self):
-        rows = node_rows(self.manager)
+        rows = self.manager.node_rows()
         runtimes = GaugeMetricFamily("imagefarm_runtime_runtimes", "runtimes by state and node", labels=["node", "state"])
         free = GaugeMetricFamily("imagefarm_runtime_free_slots", "free slots per node", labels=["node"])
         slots = GaugeMetricFamily("imagefarm_runtime_slots", "slots per node", labels=["node"])
@@ -82,7 +62,7 @@ class _Collector:
         yield from (runtimes, free, slots, up, pulls, pbytes, cache, evict)
 
 
-def add_metrics(app: FastAPI, manager: Any) -> None:
+def add_metrics(app: FastAPI, manager: RuntimeService) -> None:
     registry = CollectorRegistry()
     ready = Histogram("imagefarm_runtime_start_to_ready_seconds", "seconds from /start to the agent server answering",
                       buckets=BUCKETS, registry=registry)

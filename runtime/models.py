@@ -181,6 +181,21 @@ class ErrorBody(BaseModel):
 
 
 class PrefetchRequest(BaseModel):
-    """``POST /prefetch``: images (bases or prebuilt references) to pull ahead of the trainer."""
+    """``POST /prefetch``: images (bases or prebuilt references) to pull ahead of the
+    trainer, of ``recipe`` at ``agent_server_version`` (None: the server's), and ``warm``
+    sandboxes per image to boot ahead (a matching ``/start`` is handed one at once).
+
+    Answer: ``{"images": [{"image", "prebuilt_image", "node", "pull", "warm"}, ...]}``
+    (``warm``: sandboxes being booted for that image on that node)."""
 
     images: list[str] = Field(min_length=1, max_length=10000)
+    recipe: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    agent_server_version: str | None = Field(None, min_length=1, max_length=64)
+    warm: int = Field(0, ge=0, le=64)
+
+    @field_validator("agent_server_version")
+    @classmethod
+    def _version(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_version(v)
+        return v

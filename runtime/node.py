@@ -35,6 +35,7 @@ from imagefarm.serve.apikey import HEADER, key_matches
 from .errors import BackendError
 from .manager import RuntimeManager
 from .models import RuntimeInfo, StartRequest
+from .resolver import pinned_image
 
 log = logging.getLogger("imagefarm.runtime.node")
 
@@ -101,7 +102,7 @@ class NodeAgent:
         self._prefetches: set[asyncio.Task] = set()
         self._http: httpx.AsyncClient | None = None
         self._joined = False
-        manager.on_change.append(lambda _rec: self._changed.set())
+        manager.records.on_change.append(lambda _rec: self._changed.set())
 
     # -- lifecycle (app hooks) ---------------------------------------------------------------
     async def start(self) -> None:
@@ -128,8 +129,6 @@ class NodeAgent:
         for image in self.config.prefetch:
             try:
                 hit = await self.manager.resolve(image)
-                from .manager import pinned_image
-
                 await self.manager.images.ensure(pinned_image(hit), size=await self.manager.image_size(hit))
             except Exception as exc:  # noqa: BLE001 - a failed prefetch must not keep the node out
                 log.warning("prefetch of %s failed (the node takes sandboxes anyway): %s", image, exc)

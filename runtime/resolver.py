@@ -18,13 +18,19 @@ Shape (what the server reads from a hit): ``pinned`` or ``image`` (``repo@sha256
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from imagefarm.errors import ConfigError
+from imagefarm.errors import ConfigError, ImagefarmError
 from imagefarm.names.reference import parse
 from imagefarm.payload.recipe import load_recipe
+
+from .errors import NoPrebuiltImage
+
+log = logging.getLogger("imagefarm.runtime")
 
 
 #: the ``/start`` environment variable a client sets to ask for images of one
@@ -88,3 +94,62 @@ def describe_base(image: str) -> str:
     except Exception:  # noqa: BLE001
         return image
     return ref.familiar
+
+
+def pinned_image(hit: Any) -> str:
+    """``repo@sha256:...`` from a resolver hit (``.pinned`` if it has one, else ``.image``)."""
+    image = getattr(hit, "pinned", None) or hit.image
+    if "@" in image:
+        return image
+    return parse(image).with_digest(hit.digest).pinned
+
+
+class Resolving:
+    """Resolution and image sizes for a server (a node's manager, a fleet's front): the
+    resolver called off the event loop, sizes asked of the registry once per image."""
+
+    def __init__(self, settings: Any, resolver: Resolver) -> None:
+        self.settings, self.resolver = settings, resolver
+        self.to = str(settings.prefix)
+        self._sizes: dict[str, int] = {}
+        self._registry: Any = None
+
+    async def resolve(self, image: str, recipe: str | None = None, *, version: str | None = None) -> Any:
+        """The resolver's hit for ``image`` of ``recipe`` (None: the settings'; the caller
+        takes it from the client's command with ``recipe_for_command``) at agent-server
+        ``version`` (None: the resolver's default); ``NoPrebuiltImage`` without one."""
+        parse(image)  # InvalidReference (400) before any registry traffic
+        ask = {k: v for k, v in (("recipe", recipe), ("version", version)) if v}
+        hit = await asyncio.to_thread(functools.partial(self.resolver.resolve, image, **ask))
+        if hit is None:
+            raise NoPrebuiltImage(image, describe_base(image), self.to, recipe=recipe, version=version)
+        return hit
+
+    def registry(self) -> Any:
+        from imagefarm.registry import RegistryClient
+
+        if self._registry is None:
+            self._registry = RegistryClient(self.settings)
+        return self._registry
+
+    async def image_size(self, hit: Any) -> int:
+        """Bytes of the prebuilt image (config + layers, compressed), from the hit or the registry."""
+        size = getattr(hit, "size", None)
+        if size:
+            return int(size)
+        pinned = pinned_image(hit)
+        if pinned not in self._sizes:
+            def fetch() -> int:
+                m = self.registry().resolve(parse(pinned)).manifest
+                return m.config.size + sum(layer.size for layer in m.layers)
+            try:
+                self._sizes[pinned] = await asyncio.to_thread(fetch)
+            except (ImagefarmError, OSError) as exc:
+                log.info("size of %s unknown: %s", pinned, exc)
+                return 0
+        return self._sizes[pinned]
+
+    def close(self) -> None:
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 from imagefarm.errors import ConfigError
 from imagefarm.settings import Settings
 
-from .manager import ServeConfig
+from .config import ServeConfig
 from .resolver import Resolver
 
 if TYPE_CHECKING:

@@ -4,8 +4,8 @@ A monitor notices containers that exit after they were ready (one ``podman ps`` 
 tick for all); a reaper removes runtimes idle longer than ``idle_timeout`` (idle = no
 API call for the runtime other than status polls and, where the agent server tells, no agent activity per
 ``GET {url}/server_info`` ``idle_time``; else no CPU time used) and failed ones after
-``failed_ttl``. ``Upkeep`` is a part of ``RuntimeManager`` (``manager.py``), split off
-along this seam.
+``failed_ttl``. ``Upkeep`` is given what it reads (podman, the records, the launcher
+whose watches it leaves alone) and removes runtimes through the ``stop`` it is given.
 """
 
 from __future__ import annotations
@@ -14,18 +14,38 @@ import asyncio
 import logging
 import time
 
+from typing import Awaitable, Callable
+
 import httpx
 
-from .backend import LABEL_ID, LABEL_SERVER
-from .launch import _Live
+from .backend import LABEL_ID, LABEL_SERVER, PodmanBackend
+from .config import ServeConfig
+from .launcher import Launcher
+from .records import LIVE, Records
 from .state import Record
 
 log = logging.getLogger("imagefarm.runtime")
 
-LIVE = ("running", "paused")
-
 
 class Upkeep:
+    def __init__(self, *, server_id: str, backend: PodmanBackend, config: ServeConfig, records: Records,
+                 launcher: Launcher, http: httpx.AsyncClient,
+                 stop: Callable[[str, str], Awaitable[None]]) -> None:
+        self.server_id, self.backend, self.config, self.records = server_id, backend, config, records
+        self.launcher, self.http, self.stop = launcher, http, stop
+        self._ticks = 0
+        self._cpu: dict[str, float | None] = {}  #: last CPU-time sample per runtime (activity when it grows)
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._monitor_loop(), name="runtime-monitor"),
+                       asyncio.create_task(self._reaper_loop(), name="runtime-reaper")]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def _monitor_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.monitor_interval)
@@ -52,7 +72,7 @@ class Upkeep:
             await self._sweep_orphans()
         watched = [r for r in self.records.values()
                    if r.status in LIVE and r.pod_status != "pending"
-                   and not (self.live.get(r.runtime_id) and self.live[r.runtime_id].task)]
+                   and not self.launcher.busy(r.runtime_id)]
         if not watched:
             return
         containers = {c.labels.get(LABEL_ID, ""): c for c in await self.backend.list({LABEL_SERVER: self.server_id})}
@@ -61,13 +81,13 @@ class Upkeep:
                 continue
             c = containers.get(rec.runtime_id)
             if c is None or c.state in ("exited", "stopped", "dead", "removing"):
-                await self._mark_exited(rec, await self.backend.inspect(rec.container) if c else None)
+                await self.launcher.mark_exited(rec, await self.backend.inspect(rec.container) if c else None)
             elif c.state == "paused" and rec.status != "paused":
                 rec.status = "paused"
-                self._save(rec)
+                self.records.save(rec)
             elif c.state == "running" and rec.status == "paused":
                 rec.status = "running"
-                self._watch(rec)
+                self.launcher.watch(rec)
 
     async def _reaper_loop(self) -> None:
         idle = self.config.idle_timeout
@@ -84,7 +104,7 @@ class Upkeep:
     async def _agent_activity(self, rec: Record) -> float | None:
         """When the agent server last did something, per its /server_info (None if unknown)."""
         try:
-            r = await self._http.get(f"http://{self.config.probe_host}:{rec.host_port}/server_info", timeout=2.0)
+            r = await self.http.get(f"http://{self.config.probe_host}:{rec.host_port}/server_info", timeout=2.0)
             if r.status_code == 200:
                 idle = r.json().get("idle_time")
                 if isinstance(idle, (int, float)):
@@ -99,7 +119,7 @@ class Upkeep:
             if now - rec.last_activity > self.config.failed_ttl:
                 await self.stop(rec.runtime_id, "removed (failed and untouched)")
             elif not rec.extra.get("removed"):
-                await self._remove_failed(rec)
+                await self.launcher.remove_failed(rec)
         idle = self.config.idle_timeout
         if not idle:
             return
@@ -119,13 +139,14 @@ class Upkeep:
         if need_cpu:
             times = await self.backend.cpu_times([r.container for r in need_cpu])
             for rec in need_cpu:
-                lv = self.live.setdefault(rec.runtime_id, _Live())
-                cpu = times.get(rec.container)
-                if lv.cpu is None:
+                cpu, last = times.get(rec.container), self._cpu.get(rec.runtime_id)
+                if last is None:
                     first_sample.add(rec.runtime_id)  # two samples are needed to see activity
-                elif cpu is not None and cpu - lv.cpu > 0.05:
+                elif cpu is not None and cpu - last > 0.05:
                     rec.last_activity = now
-                lv.cpu = cpu if cpu is not None else lv.cpu
+                self._cpu[rec.runtime_id] = cpu if cpu is not None else last
+        for rid in [r for r in self._cpu if r not in self.records]:
+            del self._cpu[rid]
         for rec in candidates:
             if rec.runtime_id in first_sample:
                 continue

@@ -103,6 +103,16 @@ def fixtures(settings: Settings, registry: Registry) -> FixtureFactory:
 
 
 @pytest.fixture(scope="session")
+def project_group(settings: Settings, registry: Registry):
+    """Four buildah-made r2e images of a real PyPI project (requests), one per release,
+    in the session registry (``imagefarm.host.projects``; built once, then cached)."""
+    from imagefarm.host.projects import SMALL, ProjectImages
+
+    with ProjectImages(settings, registry.host, log=lambda m: print(m, file=sys.stderr)) as p:
+        return p.push(SMALL)
+
+
+@pytest.fixture(scope="session")
 def r2e_base(fixtures: FixtureFactory):
     return fixtures.r2e_base()
 

@@ -41,7 +41,8 @@ def prebuild(
     bandwidth: str = typer.Option("100MB/s", help="--plan: the copy's bandwidth for the time estimate"),
     relayer: bool = typer.Option(False, "--relayer",
                                  help="re-layer the bases of each repository together: their shared files "
-                                      "are pulled once (one common layer, a small layer per image)"),
+                                      "are pulled once (one common layer, a small layer per image); with "
+                                      "--plan: the bytes each group would store and pull per sibling"),
 ) -> None:
     """Turn every base image of a dataset into a verified agent-server image.
 
@@ -59,7 +60,7 @@ def prebuild(
     states = []
     for settings in runs:
         if plan:
-            _plan(settings, dataset, limit, bandwidth, workers, json_out)
+            _plan(settings, dataset, limit, bandwidth, workers, json_out, relayer)
             continue
         states.append(_prebuild(settings, dataset, executor, limit, verify, lockfile, workers, verify_timeout,
                                  relayer))
@@ -109,7 +110,7 @@ def _prebuild(settings: Settings, dataset: str, executor: str, limit: int | None
 
 
 def _plan(settings: Settings, dataset: str, limit: int | None, bandwidth: str, workers: int,
-          json_out: bool) -> None:
+          json_out: bool, relayer: bool = False) -> None:
     import threading
 
     from imagefarm.farm.plan import make_plan, parse_bandwidth, render
@@ -120,7 +121,8 @@ def _plan(settings: Settings, dataset: str, limit: int | None, bandwidth: str, w
 
     def work() -> None:
         try:
-            got["plan"] = make_plan(settings, dataset, limit=limit, bandwidth=rate, workers=workers)
+            got["plan"] = make_plan(settings, dataset, limit=limit, bandwidth=rate, workers=workers,
+                                    relayer=relayer)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the command's thread
             got["error"] = exc
 

@@ -9,6 +9,11 @@ target registry (HEAD): what is missing is what the run copies, each blob once.
 
 Time: layer and payload bytes at ``bandwidth``, plus the windows a source registry's
 pull budget makes the run wait (none, when the plan's cache is where the run reads).
+
+With ``relayer``, each repository's group (as ``prebuild --relayer`` forms them) gets an
+estimate of what re-layering stores and what a node pulls for each further sibling
+(``GroupPlan``): the lower layers all its bases share are counted from the manifests;
+the rest from the file listings of two of its bases (read from their layers).
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class Plan:
     sources: dict[str, Source] = field(default_factory=dict)
     payload_bytes: int | None = 0   #: None: not built here yet
     bandwidth: float = 100e6
+    groups: list["GroupPlan"] | None = None   #: with ``relayer``: one per re-layering group
 
     @property
     def bytes_total(self) -> int:
@@ -104,7 +110,7 @@ class Plan:
 
 def make_plan(settings: Settings, dataset: str, *, limit: int | None = None, bandwidth: float = 100e6,
               workers: int = 16, client: RegistryClient | None = None,
-              log: Callable[[str], None] = lambda m: None) -> Plan:
+              log: Callable[[str], None] = lambda m: None, relayer: bool = False) -> Plan:
     from imagefarm.payload import load_payload
     from imagefarm.payload.recipe import recipe_for
 
@@ -127,6 +133,7 @@ def make_plan(settings: Settings, dataset: str, *, limit: int | None = None, ban
         with ThreadPoolExecutor(max(1, workers)) as pool:
             results = list(pool.map(one, cat.bases))
         firsts: dict[str, tuple[Reference, oci.Descriptor, str]] = {}
+        resolved: dict[str, Any] = {}
         for base, ((kind, what), st) in zip(cat.bases, results):
             src = plan.sources.setdefault(base.registry, Source(base.registry, client.account(base.registry)))
             src.pulls_spent += st.pulls
@@ -136,6 +143,7 @@ def make_plan(settings: Settings, dataset: str, *, limit: int | None = None, ban
                 plan.failing.append({"base": str(base), "reason": what})
             else:
                 plan.to_derive.append(str(base))
+                resolved[str(base)] = what
                 src.bases += 1
                 if client.manifests.get(what.digest, str(base)) is None:  # not kept: the run reads it again
                     src.pulls_for_run += 1
@@ -152,6 +160,10 @@ def make_plan(settings: Settings, dataset: str, *, limit: int | None = None, ban
             if st.registry in plan.sources and st.account == plan.sources[st.registry].account:
                 s = plan.sources[st.registry]
                 s.limit, s.window, s.remaining = st.limit, st.window, st.remaining
+        if relayer:
+            from .relayerplan import plan_groups
+
+            plan.groups = plan_groups(client, resolved, workers=workers, log=log)
         payload = load_payload(settings, recipe)
         if payload is None:
             plan.payload_bytes = None
@@ -226,6 +238,10 @@ def render(plan: Plan) -> list[str]:
     wait = f" + {ratelimit.human(plan.wait_seconds)} waiting for pull windows" if plan.wait_seconds else ""
     out.append(f"  estimate: {size(plan.bytes_total)} at {size(plan.bandwidth)}/s = "
                f"{ratelimit.human(plan.bytes_total / plan.bandwidth)}{wait}")
+    if plan.groups is not None:
+        from .relayerplan import render_groups
+
+        out += render_groups(plan.groups)
     for f in plan.failing[:20]:
         out.append(f"  will fail: {f['base']}: {f['reason']}")
     return out

@@ -70,7 +70,7 @@ def test_restarted_front_finds_its_nodes_and_runtimes_again(fleet_factory, clien
         started = client.post(f"{running.front.url}/start", json=sdk_start_body(prebuilt["busybox_base"], sid)).json()
         wait_pod_status(client, f"{running.front.url}/sessions/{sid}")
         front = running.restart_front()  # a new process's worth of state: sqlite only
-        assert front.manager is not None and sid in front.manager.by_session
+        assert front.manager is not None and front.manager.records.session(sid) is not None
         deadline = time.monotonic() + 30
         while not all(n.state == "up" and n.last_seen for n in front.manager.nodes.values()) or \
                 len(front.manager.nodes) != 2:

@@ -4,7 +4,8 @@ import pytest
 
 from imagefarm.errors import ConfigError, ImagefarmError
 from imagefarm.runtime.backend import _duration
-from imagefarm.runtime.manager import ServeConfig, pinned_image
+from imagefarm.runtime.config import ServeConfig
+from imagefarm.runtime.resolver import pinned_image
 from imagefarm.runtime.ports import agent_port, parse_command
 from imagefarm.serve.lookup import LookupHit
 from imagefarm.runtime.state import Record, Store
