@@ -82,12 +82,13 @@ def test_tree_comparison_passes_on_every_image(group, history, rl, tmp_path):
         assert proof.paths == group.proofs[group.results.index(r)].paths
 
 
-def test_umoci_unpacks_every_image_to_its_base_plus_the_payload(group, rl_settings, payload, tmp_path):
+def test_umoci_unpacks_an_image_to_its_base_plus_the_payload(group, rl_settings, payload, tmp_path):
     """The independent proof (imagefarm/farm/treecheck.py: skopeo + umoci + os.lstat, no
-    code of imagefarm.derive) on every re-layered image of the group."""
+    code of imagefarm.derive) on the group's last image (the one with most siblings
+    before it; each proof unpacks two ~10,000-path trees, so not all six: suite time)."""
     from imagefarm.farm.treecheck import prove_tree
 
-    for r in group.results:
+    for r in group.results[-1:]:
         proof = prove_tree(rl_settings, f"{parse(r.image).name}@{r.digest}", payload_digest=payload.layer.digest,
                            work=tmp_path)
         assert proof.ok and proof.paths > 10_000, (r.image, proof.paths, proof.differences[:10])
