@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import redis
 from celery import Task
@@ -176,4 +177,27 @@ def verify(self, image: str, digest: str, to: str, recipe: str, timeout: float =
            version: str | None = None) -> dict[str, Any]:
     _record_delivery(self)
     settings = Settings.load(to=to, recipe=recipe, agent_server_version=version)
-    return jobs.verify_image(settings, image, digest, timeout)
+    with _one_at_a_time(f"imagefarm:verify:{digest}", ttl=timeout + 300):
+        return jobs.verify_image(settings, image, digest, timeout)
+
+
+@contextmanager
+def _one_at_a_time(key: str, ttl: float) -> Iterator[None]:
+    """One boot check per image at a time, farm-wide. A second delivery of a running
+    verify (its lease renewal lost the race with a restore sweep after a long broker
+    outage on a starved node) waits for the first, then finds its record and skips: one
+    boot, one record. Redis away: the check goes ahead unlocked (a second record is then
+    the cost, not a lost image)."""
+    lock = _redis().lock(key, timeout=ttl, blocking_timeout=ttl)
+    try:
+        held = lock.acquire()
+    except redis.RedisError:
+        held = False
+    try:
+        yield
+    finally:
+        if held:
+            try:
+                lock.release()
+            except redis.RedisError:  # expired or Redis away: the ttl frees it
+                pass
