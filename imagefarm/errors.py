@@ -17,6 +17,7 @@ Catch ``ImagefarmError`` for everything; the tree says what else to catch::
     │   └── TransientRegistryError 429 / 5xx after retries ran out
     ├── DeriveError              a base cannot become an agent-server image
     ├── PayloadError             the agent payload cannot be built
+    ├── SignatureError           something published is not signed by a trusted key
     └── VerifyError              a derived image does not boot or answers wrongly
 
 Every message names the bad input and, where there is one, the fix. Callers read
@@ -111,6 +112,13 @@ class DeriveError(ImagefarmError):
 
 class PayloadError(ImagefarmError):
     """The agent-server payload cannot be built."""
+
+
+class SignatureError(ImagefarmError):
+    """A payload, verification record or provenance without a valid signature by a
+    trusted key (``imagefarm.sign``): refused, never taken as a miss. Servers answer 409."""
+
+    status_code = 409
 
 
 class VerifyError(ImagefarmError):

@@ -57,6 +57,14 @@ class Settings(BaseSettings):
         default_factory=lambda: _xdg("XDG_CACHE_HOME", ".cache") / "imagefarm",
         description="payload blobs, builder rootfs, fixture rootfs",
     )
+    config_dir: Path = Field(
+        default_factory=lambda: _xdg("XDG_CONFIG_HOME", ".config") / "imagefarm",
+        description="the farm's signing key (keys/farm.key, 0600; made on first use or by `imagefarm keys init`)",
+    )
+    trusted_keys: str | None = Field(
+        None, description="public keys (PEM files, or directories of *.pub, separated by ':') whose "
+                          "signatures are trusted besides this machine's own key",
+    )
     recipes_dir: Path = Field(
         default_factory=lambda: _repo_recipes(), description="where recipe files live"
     )
@@ -66,7 +74,7 @@ class Settings(BaseSettings):
     mirrors: dict[str, str] = Field(
         default_factory=dict,
         description='registry -> the mirror its images are read through, as JSON ({"docker.io": '
-                    '"127.0.0.1:5001"}, e.g. `imagefarm dev up --mirror docker.io`); images keep the '
+                    '"127.0.0.1:5001"}, e.g. `imagefarm dev up --cache-registry docker.io`); images keep the '
                     "registry's name",
     )
 
@@ -74,6 +82,13 @@ class Settings(BaseSettings):
     @classmethod
     def _check_to(cls, v: str) -> str:
         Prefix.parse(v)  # InvalidReference is a ValueError: pydantic reports it
+        return v
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _check_trusted(cls, v: str | None) -> str | None:
+        if v:
+            trusted_key_files(v)  # ValueError: pydantic reports it, one line
         return v
 
     @field_validator("agent_server_version")
@@ -97,6 +112,13 @@ class Settings(BaseSettings):
         so ``model_copy(update={"to": ...})`` can never carry a stale prefix."""
         return _prefix(self.to)
 
+    @property
+    def broker(self) -> str:
+        """The Redis URL to connect with: ``broker_url``, plus the password ``imagefarm dev
+        up`` generated (``state_dir/dev/redis.password``, 0600) when the URL names none and
+        points at this machine. Never print it."""
+        return dev_broker(self.broker_url, self.state_dir)
+
     @classmethod
     def load(cls, **overrides: Any) -> "Settings":
         """Settings from the environment with flags (non-None values) on top; a bad value
@@ -111,6 +133,63 @@ class Settings(BaseSettings):
             var = f"IMAGEFARM_{m.group(1).upper()}" if m else "an IMAGEFARM_* variable"
             raise ConfigError(f"{var}={os.environ.get(var)!r}: not valid JSON (list and map values are JSON, e.g. IMAGEFARM_INSECURE_REGISTRIES='[\"reg:5000\"]')"
                               ) from None
+
+
+def trusted_key_files(value: str) -> list[Path]:
+    """The key files ``IMAGEFARM_TRUSTED_KEYS`` names, each an ed25519 PEM public key
+    (``ValueError``, one line, when not): checked when the settings are made."""
+    out: list[Path] = []
+    for part in (p.strip() for p in value.split(os.pathsep)):
+        if not part:
+            continue
+        p = Path(part).expanduser()
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix == ".pub" and q.is_file())
+            if not found:
+                raise ValueError(f"{part}: a directory with no *.pub key in it")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ValueError(f"{part}: no such file or directory")
+    for p in out:
+        load_public_key(p)
+    return out
+
+
+def load_public_key(path: Path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (ValueError, TypeError, OSError) as exc:
+        raise ValueError(f"{path}: not a PEM public key ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path}: not an ed25519 public key")
+    return key
+
+
+DEV_REDIS_USER = "farm"
+
+
+def dev_password_file(state_dir: Path) -> Path:
+    return Path(state_dir) / "dev" / "redis.password"
+
+
+def dev_broker(url: str, state_dir: Path) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    if u.password or u.username or u.hostname not in ("127.0.0.1", "localhost"):
+        return url
+    try:
+        pw = dev_password_file(state_dir).read_text().strip()
+    except OSError:
+        return url
+    if not pw:
+        return url
+    return urlunsplit(u._replace(netloc=f"{DEV_REDIS_USER}:{pw}@{u.netloc}"))
 
 
 _prefix = lru_cache(maxsize=256)(Prefix.parse)

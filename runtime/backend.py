@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from imagefarm.host.containers import container_env, which
+from imagefarm.host.containers import container_env, release_mounts, which
 from imagefarm.settings import Settings
 from imagefarm.host.statedir import state_subdir
 
@@ -93,6 +93,12 @@ class PodmanBackend:
         self.env = container_env(settings)
         self.timeout = timeout
         self._tmp = settings.state_dir / "runtime" / "tmp"
+
+    async def release(self) -> list[str]:
+        """On stop: unmount what podman left under the state directory when no container runs."""
+        import asyncio
+
+        return await asyncio.to_thread(release_mounts, self.settings)
 
     async def _run(self, *args: str, check: bool = True, timeout: float | None = None,
                    merge: bool = False) -> tuple[int, str, str]:

@@ -45,6 +45,13 @@ class UnknownRuntime(RuntimeServerError):
     status_code = 404
 
 
+class NodeForbidden(RuntimeServerError):
+    """A fleet report or leave not from the node whose id it names (its token is not
+    there), or naming a URL off the address it connects from."""
+
+    status_code = 403
+
+
 class CapacityFull(RuntimeServerError):
     status_code = 429
 

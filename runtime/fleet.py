@@ -39,7 +39,7 @@ from imagefarm.serve.apikey import HEADER
 from imagefarm.settings import Settings
 
 from .config import ServeConfig
-from .errors import CapacityFull, NodeError, RuntimeServerError
+from .errors import NodeForbidden, CapacityFull, NodeError, RuntimeServerError
 from .models import PrefetchRequest, RuntimeInfo, StartRequest
 from .placement import NodeView, place, slots_needed
 from .ports import parse_command
@@ -107,6 +107,7 @@ class Node:
     last_seen: float = 0.0         #: monotonic
     images: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    token_hash: str = ""           #: sha256 of the token the node got when it joined
 
     def persist(self) -> dict[str, Any]:
         d = asdict(self)
@@ -129,6 +130,7 @@ class Fleet:
         self.server_id = ""
         self.records = Records(self.store)
         self.nodes: dict[str, Node] = {}
+        self._tokens: dict[str, str] = {}  # tokens handed out by admit() before the node's first report
         self._touched: dict[str, set[str]] = {}
         self.records.on_touch.append(lambda rec: self._touched.setdefault(rec.node_id, set()).add(rec.runtime_id))
         self._http: httpx.AsyncClient | None = None
@@ -378,7 +380,8 @@ class Fleet:
                      "joined" if node is None else ("restarted" if restarted else "is back"),
                      data["address"], data["url"], data["slots"], "" if data.get("ready") else ", prefetching")
         if node is None:
-            node = self.nodes[nid] = Node(node_id=nid, url=data["url"], address=data["address"], slots=data["slots"])
+            node = self.nodes[nid] = Node(node_id=nid, url=data["url"], address=data["address"], slots=data["slots"],
+                                          token_hash=self._tokens.pop(nid, ""))
         node.url, node.address, node.slots = data["url"], data["address"], int(data["slots"])
         node.boot, node.ready, node.state = data["boot"], bool(data.get("ready")), "up"
         node.last_seen = time.monotonic()
@@ -400,6 +403,31 @@ class Fleet:
                                 + (" (the node process restarted)" if restarted else ""))
         touched = sorted(self._touched.pop(nid, set()))
         return {"remove": remove, "touched": touched, "front_id": self.server_id}
+
+    def admit(self, node_id: str, token: str | None, peer: str | None, url: str | None = None) -> str | None:
+        """Who may speak for ``node_id``: the node that joined as it, holding the token it
+        got then (``NodeForbidden``, 403, otherwise); the URL it reports must be on the
+        address it connects from, so the front only ever calls the node itself. A first
+        report (join) returns the node's new token."""
+        if url is not None:
+            host = httpx.URL(url).host
+            if peer not in _addresses(host):
+                raise NodeForbidden(f"node {node_id}: its URL's host {host} is not the address it reports from "
+                                    f"({peer}): refused (set --advertise to an address of that node)")
+        node = self.nodes.get(node_id)
+        if node is not None and node.token_hash:
+            if not token or not secrets.compare_digest(_hash(token), node.token_hash):
+                raise NodeForbidden(f"node {node_id} joined with its own token; this report does not carry it: "
+                                    "refused (a node reports only for its own id)")
+            return None
+        if url is None:  # a leave for a node that never joined: nothing to do, nothing to give
+            return None
+        new = secrets.token_urlsafe(32)
+        if node is not None:
+            node.token_hash = _hash(new)
+        else:
+            self._tokens[node_id] = _hash(new)
+        return new
 
     def leave(self, node_id: str) -> None:
         node = self.nodes.get(node_id)
@@ -470,6 +498,31 @@ class Fleet:
         return rows
 
 
+def _hash(token: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _peer(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _addresses(host: str) -> set[str]:
+    """The IP addresses ``host`` names (itself, for an IP)."""
+    import ipaddress
+    import socket
+
+    try:
+        return {str(ipaddress.ip_address(host.strip("[]")))}
+    except ValueError:
+        pass
+    try:
+        return {ai[4][0] for ai in socket.getaddrinfo(host, None)}
+    except OSError:
+        return set()
+
+
 def _detail(r: httpx.Response) -> str:
     try:
         return str(r.json().get("detail"))
@@ -499,15 +552,18 @@ FRONT_PATHS = ("/fleet/report", "/fleet/leave")
 
 def add_front_routes(app: FastAPI, fleet: Fleet) -> None:
     """``/fleet/report`` and ``/fleet/leave``: what nodes call, with the fleet key."""
-    from .node import read_body
+    from .node import NODE_TOKEN, read_body
 
     @app.post("/fleet/report", tags=["fleet"])
     async def fleet_report(request: Request) -> dict[str, Any]:
         body = await read_body(request, fleet.fleet_key, NodeReport)
-        return fleet.report(body.model_dump())
+        token = fleet.admit(body.node_id, request.headers.get(NODE_TOKEN), _peer(request), body.url)
+        answer = fleet.report(body.model_dump())
+        return {**answer, "node_token": token} if token else answer
 
     @app.post("/fleet/leave", tags=["fleet"])
     async def fleet_leave(request: Request) -> dict[str, str]:
         body = await read_body(request, fleet.fleet_key, NodeLeave)
+        fleet.admit(body.node_id, request.headers.get(NODE_TOKEN), _peer(request))
         fleet.leave(body.node_id)
         return {"node_id": body.node_id, "state": "left"}

@@ -31,6 +31,7 @@ ignored with a log line: everything runs under podman with runc.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -113,6 +114,11 @@ class RuntimeManager:
                 self.records.forget(rid)
         elif self.records:
             log.info("leaving %d runtime(s) running; a restarted server finds them again", len(self.records))
+        release = getattr(self.backend, "release", None)
+        if release is not None:  # no mount left behind under the state directory
+            with contextlib.suppress(Exception):
+                if gone := await release():
+                    log.info("released %d mount(s) podman left under the state directory", len(gone))
         await self._http.aclose()
         self.resolving.close()
         self.store.close()

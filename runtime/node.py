@@ -21,22 +21,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field, ValidationError
 
-from imagefarm.serve.apikey import HEADER, key_matches
+from imagefarm.host.statedir import state_subdir
+from imagefarm.serve.apikey import HEADER, key_matches, safe_errors
 
 from .errors import BackendError
 from .manager import RuntimeManager
 from .models import RuntimeInfo, StartRequest
 from .resolver import pinned_image
 
+#: the header a node sends its own token in (the front gave it when the node joined)
+NODE_TOKEN = "X-Node-Token"
 log = logging.getLogger("imagefarm.runtime.node")
 
 
@@ -89,7 +94,7 @@ async def read_body(request: Request, key: str, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:
-        raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
+        raise HTTPException(422, safe_errors(exc.errors())) from None
 
 
 class NodeAgent:
@@ -106,8 +111,15 @@ class NodeAgent:
 
     # -- lifecycle (app hooks) ---------------------------------------------------------------
     async def start(self) -> None:
+        # reports leave from this node's own address: the front only accepts a URL on the
+        # address a node connects from
+        source = _local_ip(self.config.address)
+        transport = httpx.AsyncHTTPTransport(local_address=source) if source else None
+        headers = {HEADER: self.config.fleet_key}
+        if token := self._token_file().read_text().strip() if self._token_file().exists() else "":
+            headers[NODE_TOKEN] = token
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0), trust_env=False,
-                                       headers={HEADER: self.config.fleet_key})
+                                       headers=headers, transport=transport)
         self._tasks = [asyncio.create_task(self._report_loop(), name="node-report")]
         if self.config.prefetch:
             self._tasks.append(asyncio.create_task(self._join_prefetch(), name="node-prefetch"))
@@ -191,7 +203,21 @@ class NodeAgent:
             except asyncio.TimeoutError:
                 pass
 
+    def _token_file(self) -> Path:
+        """Where this node keeps the token the front gave it (0600, in its private state):
+        a node process started again on the node speaks as the same node."""
+        return state_subdir(self.manager.settings.state_dir, "fleet-node") / "token"
+
+    def _keep_token(self, token: str) -> None:
+        path = self._token_file()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        self._http.headers[NODE_TOKEN] = token
+
     async def _apply(self, answer: dict[str, Any]) -> None:
+        if answer.get("node_token"):
+            self._keep_token(answer["node_token"])
         m = self.manager
         for rid in answer.get("touched") or []:
             if rid in m.records:
@@ -200,6 +226,19 @@ class NodeAgent:
             if rid in m.records:
                 log.info("runtime %s: the front no longer wants it; removing it", rid)
                 await m.stop(rid, "removed (unknown to the front, or failed while this node was away)")
+
+
+def _local_ip(address: str) -> str | None:
+    """``address`` as an IP this machine can send from (None: let the kernel choose)."""
+    import socket
+
+    try:
+        ip = socket.getaddrinfo(address, None, socket.AF_INET)[0][4][0]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+        return ip
+    except OSError:
+        return None
 
 
 def add_node_routes(app: FastAPI, agent: NodeAgent) -> None:

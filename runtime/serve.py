@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import tempfile
 import threading
@@ -89,6 +90,9 @@ def build_server(settings: Settings, config: ServeConfig, *, host: str = "127.0.
     from .backend import PodmanBackend
     from .manager import RuntimeManager
 
+    if front is not None and config.api_key and secrets.compare_digest(front.fleet_key, config.api_key):
+        raise ConfigError("the fleet key is the clients' API key: a trainer holding it could report as a node; "
+                          "give the fleet its own key (--fleet-key-file / IMAGEFARM_FLEET_KEY)")
     sock = bind(host, port)
     url = advertised_url(host, sock.getsockname()[1], public_host)
     resolver = resolver or default_resolver(settings)

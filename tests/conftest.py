@@ -91,7 +91,11 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Redis:
-    with Redis.create(tmp_path_factory.mktemp("redis")) as r:
+    """The session Redis, with an ACL user and password as `dev up` makes it: every
+    farm test's broker URL carries credentials."""
+    import secrets
+
+    with Redis.create(tmp_path_factory.mktemp("redis"), password=secrets.token_hex(16)) as r:
         yield r
 
 

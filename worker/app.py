@@ -40,9 +40,19 @@ def _visibility_timeout() -> int:
     return value
 
 
+def use_broker(app: Celery, url: str) -> None:
+    """Point ``app`` at the Redis ``url`` (broker and results). ``rediss://`` is TLS with
+    certificates checked: Celery refuses a rediss:// URL that says nothing about them."""
+    app.conf.broker_url = app.conf.result_backend = url
+    if url.startswith("rediss://") and "ssl_cert_reqs" not in url:
+        import ssl
+
+        app.conf.broker_use_ssl = app.conf.redis_backend_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
 def make_app(broker_url: str | None = None) -> Celery:
     settings = Settings.load()
-    url = broker_url or settings.broker_url
+    url = broker_url or settings.broker
     visibility = _visibility_timeout()
     app = Celery("imagefarm", broker=url, backend=url, include=["imagefarm.worker.tasks"])
     app.conf.update(
@@ -85,6 +95,7 @@ def make_app(broker_url: str | None = None) -> Celery:
         },
         worker_hijack_root_logger=False,
     )
+    use_broker(app, url)
     from .lease import Lease
 
     app.steps["worker"].add(Lease)

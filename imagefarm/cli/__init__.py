@@ -14,3 +14,4 @@ from . import demo, doctor, farm, launch, lookup  # noqa: E402,F401
 from . import derive  # noqa: E402,F401
 from . import payload, verify  # noqa: E402,F401
 from . import runtime  # noqa: E402,F401
+from . import keys  # noqa: E402,F401

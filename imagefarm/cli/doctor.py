@@ -55,15 +55,24 @@ app.add_typer(dev, name="dev")
 def dev_up(
     to: Optional[str] = typer.Option(None, help="registry prefix; its host:port is where the registry listens"),
     broker_url: Optional[str] = typer.Option(None, help="Redis URL; its port is where Redis listens"),
-    mirror: Optional[str] = typer.Option(None, help="also run a pull-through cache of this registry (docker.io)"),
-    mirror_port: Optional[int] = typer.Option(None, min=1, max=65535, help="the cache's port (default: registry's + 1)"),
+    cache_registry: Optional[str] = typer.Option(
+        None, "--cache-registry", metavar="REGISTRY",
+        help="also run a pull-through cache of this registry (docker.io): the mirror IMAGEFARM_MIRRORS points at"),
+    cache_port: Optional[int] = typer.Option(None, "--cache-port", min=1, max=65535,
+                                             help="the cache's port (default: registry's + 1)"),
+    old_mirror: Optional[str] = typer.Option(None, "--mirror", hidden=True),  # the old name, still read
+    old_mirror_port: Optional[int] = typer.Option(None, "--mirror-port", min=1, max=65535, hidden=True),
 ) -> None:
     """Start the local registry and Redis (idempotent; data kept under the state dir)."""
     settings = Settings.load(to=to, broker_url=broker_url)
+    mirror, mirror_port = cache_registry or old_mirror, cache_port or old_mirror_port
     if mirror:
         devstack.remote_url(mirror)  # a bad name fails here, before anything starts
     for ep in devstack.up(settings, mirror, mirror_port):
         out.print(f"{ep.name:9} {ep.host}:{ep.port}  pid {ep.pid}")
+        if ep.name == "redis" and devstack.dev_password_file(settings.state_dir).exists():
+            out.print(f"          password (ACL user farm) in {devstack.dev_password_file(settings.state_dir)} "
+                      "(0600): commands and workers on this machine read it there", markup=False, soft_wrap=True)
         if ep.name == "mirror":
             out.print(f"          read {mirror} through it: export IMAGEFARM_MIRRORS="
                       f"'{{\"{parse(f'{mirror}/x/y:z').registry}\": \"{ep.host}:{ep.port}\"}}'", markup=False)

@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from imagefarm.farm.prebuild import BatchState, load_state, run_batch
+from imagefarm.farm.batchstate import BatchState, load_state
+from imagefarm.farm.prebuild import run_batch
 from imagefarm.payload.recipe import recipe_for
 from imagefarm.settings import Settings
 from ._app import app, console, emit_json, friendly, out
@@ -163,7 +164,7 @@ class _Pauses:
             if self.executor == "celery":
                 from imagefarm.worker.ratelimit import RedisGate
 
-                self._gate = RedisGate.from_url(self.settings.broker_url)
+                self._gate = RedisGate.from_url(self.settings.broker)
             else:
                 self._gate = ratelimit.current()
         try:

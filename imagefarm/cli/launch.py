@@ -54,6 +54,7 @@ def preflight_cmd(
         exists = L.registry_exists(client)
     try:
         res = L.preflight(cat, lock, recipe=recipe_for(settings), to=settings.to, exists=exists,
+                          verified=L.registry_verified(client) if client else None,
                           require_verified=not allow_unverified, trainer=trainer,
                           python=shlex.join(python or ["python"]),
                           rebuild=_rebuild(dataset, settings.to, lockfile))

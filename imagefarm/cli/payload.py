@@ -51,9 +51,10 @@ def build_cmd(
     agent_server_version: str = version_option(),
     force: bool = typer.Option(False, "--force", help="rebuild even when cached"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
-    mirror: str = typer.Option(
-        None, "--mirror", metavar="URL",
+    debian_mirror: str = typer.Option(
+        None, "--debian-mirror", metavar="URL",
         help="Debian mirror for the builder (default: the recipe's, else this machine's apt sources)"),
+    old_mirror: str = typer.Option(None, "--mirror", hidden=True),  # the old name, still read
 ) -> None:
     """Build (or find in the cache) the payload layer of a recipe.
 
@@ -70,8 +71,10 @@ def build_cmd(
     if not cached:
         console.print(f"building the payload of recipe {rec.name} ({rec.agent_server.package} "
                       f"{rec.agent_server_version}) ...", highlight=False)
+    mirror = debian_mirror if debian_mirror is not None else old_mirror
     if mirror is not None and not mirror.startswith(("http://", "https://", "file:/")):
-        raise typer.BadParameter(f"--mirror must be an http(s):// or file:/ URL, not {mirror!r}")
+        flag = "--debian-mirror" if debian_mirror is not None else "--mirror"
+        raise typer.BadParameter(f"{flag} must be an http(s):// or file:/ URL, not {mirror!r}")
     p = build_payload(settings, rec, force=force, mirror=mirror,
                       log=lambda m: console.print(f"[{time.monotonic() - t0:5.0f}s] {m}", highlight=False,
                                                   markup=False, soft_wrap=True))

@@ -160,7 +160,11 @@ def node_cmd(
     key = _fleet_key(fleet_key_file)
     os.environ.pop("IMAGEFARM_RUNTIME_API_KEY", None)  # the clients' key is the front's, not for podman
     settings = Settings.load(to=to)
-    n = slots or local_slots(cpus_per_factor, memory_per_factor)
+    most = local_slots(cpus_per_factor, memory_per_factor)
+    n = min(slots, most) if slots and most >= 1 else (slots or most)
+    if slots and n < slots:
+        console.print(f"runtime node: --slots {slots} capped at {n}: what this node's CPUs and memory hold "
+                      f"at {cpus_per_factor:g} CPU(s) and {memory_per_factor} MiB a slot")
     if n < 1:
         raise ConfigError(f"this node has no slot: fewer than {cpus_per_factor:g} CPU(s) or "
                           f"{memory_per_factor} MiB (set --slots, or lower the per-factor sizes)")

@@ -22,7 +22,7 @@ from imagefarm.registry import RegistryClient, Resolved, scope
 from imagefarm.registry.manifests import Manifest
 from imagefarm.settings import Settings
 from imagefarm.names.tags import derived_reference
-from . import surgery
+from . import provenance, surgery
 from .blobs import BlobPlacer
 from .values import AppendPayload, DeriveResult, PayloadLike
 
@@ -95,8 +95,12 @@ class Appender:
             if existing is not None:
                 digest, skipped, published = existing, True, True
             else:
-                digest = self._derive(base, source, resolved, target, payload, to, scopes, where, publish)
+                digest, size = self._derive(base, source, resolved, target, payload, to, scopes, where, publish)
                 skipped, published = False, publish
+        if not skipped:  # outside the counts above: those are the image's own
+            provenance.publish(self.client, target, digest, size, base=base, base_digest=resolved.digest,
+                               how="append", recipe=payload.recipe_name, recipe_digest=payload.recipe_digest,
+                               agent_server_version=payload.agent_server_version, payload=payload.layer)
         return DeriveResult(
             base=str(base), base_digest=resolved.digest, image=str(target), digest=digest,
             skipped=skipped, blobs_uploaded=st.blobs_uploaded, bytes_moved=st.blob_bytes_uploaded,
@@ -122,7 +126,8 @@ class Appender:
         return tuple(out)
 
     def _derive(self, base: Reference, source: Reference, resolved: Resolved, target: Reference,
-                payload: PayloadLike, to: Prefix, scopes: tuple[str, ...], where: str, publish: bool = True) -> str:
+                payload: PayloadLike, to: Prefix, scopes: tuple[str, ...], where: str, publish: bool = True
+                ) -> tuple[str, int]:
         m = resolved.manifest
         pinned = source.with_digest(m.digest)
         src_scopes = scopes if source.registry == target.registry else None
@@ -139,11 +144,13 @@ class Appender:
         for attempt in (0, 1):
             self._place_blobs(pinned, target, m, payload, config, home, scopes)
             try:
-                return self.client.put_manifest(dest, manifest, oci.OCI_MANIFEST, scopes=scopes)
+                digest = self.client.put_manifest(dest, manifest, oci.OCI_MANIFEST, scopes=scopes)
             except RegistryError as exc:
                 if not BLOB_UNKNOWN.intersection(exc.codes) or attempt:
                     raise
                 self.blobs.forget(target)  # someone deleted blobs we believed present
+                continue
+            return digest, len(manifest)
         raise AssertionError("unreachable")
 
     def _place_blobs(self, base: Reference, target: Reference, m: Manifest, payload: PayloadLike,

@@ -20,7 +20,7 @@ from imagefarm.names.reference import Prefix, Reference, parse
 from imagefarm.registry import RegistryClient
 from imagefarm.settings import Settings
 from imagefarm.names.tags import derived_reference
-from . import surgery
+from . import provenance, surgery
 from .append import existing_derive
 from .values import DeriveResult
 
@@ -77,6 +77,10 @@ def build(base: Reference | str, recipe: BuildRecipe, settings: Settings, *,
             skipped = digest is not None
             if digest is None:
                 digest = _buildah(base.with_digest(resolved.digest), target, recipe, settings, context)
+                desc = client.head_manifest(target.with_digest(digest))
+                provenance.publish(client, target, digest, desc.size if desc else 0, base=base,
+                                   base_digest=resolved.digest, how="buildah", recipe=recipe.name,
+                                   recipe_digest=recipe.digest, agent_server_version=recipe.agent_server_version)
         # blobs and bytes are buildah's business (not counted); requests are ours only
         return DeriveResult(base=str(base), base_digest=resolved.digest, image=str(target), digest=digest,
                             skipped=skipped, blobs_uploaded=0, bytes_moved=0, requests=st.requests,

@@ -35,11 +35,12 @@ from typing import Any, Sequence
 
 from imagefarm import oci
 from imagefarm.errors import DeriveError
+from imagefarm.host.statedir import state_subdir
 from imagefarm.names.reference import Prefix, Reference, mirrored, parse
 from imagefarm.names.tags import derived_reference
 from imagefarm.registry import RegistryClient
 from imagefarm.registry.manifests import Manifest
-from . import surgery
+from . import provenance, surgery
 from .append import Appender, existing_derive, payload_home
 from .tree import Entry, Op, Spool, Tree, apply, first_difference, read_ops, write_layer
 from .values import AppendPayload, DeriveResult, PayloadLike
@@ -210,7 +211,7 @@ class Relayer:
         if len(done) == len(order):
             return GroupResult(gid, tuple(self._result(g, done[g.manifest.digest], True, True, None)
                                           for g in group), ())
-        self.work.mkdir(parents=True, exist_ok=True)
+        state_subdir(self.work.parent, self.work.name)
         work = Path(tempfile.mkdtemp(dir=self.work, prefix="group-"))
         try:
             return self._relayer(group, order, gid, payload, to, work, publish)
@@ -292,8 +293,12 @@ class Relayer:
         self.a.blobs.ensure(target, payload.layer.descriptor, local=payload.layer.path, home=payload_home(to),
                             source=getattr(payload, "source", None), scopes=scopes)
         self.client.upload_blob(target, oci.sha256_digest(config), config, scopes=scopes)
-        return self.client.put_manifest(target.with_digest(oci.sha256_digest(manifest)), manifest,
-                                        oci.OCI_MANIFEST, scopes=scopes)
+        digest = self.client.put_manifest(target.with_digest(oci.sha256_digest(manifest)), manifest,
+                                          oci.OCI_MANIFEST, scopes=scopes)
+        provenance.publish(self.client, target, digest, len(manifest), base=g.base, base_digest=g.manifest.digest,
+                           how="relayer", recipe=payload.recipe_name, recipe_digest=payload.recipe_digest,
+                           agent_server_version=payload.agent_server_version, payload=payload.layer)
+        return digest
 
     def _prove(self, layers: Layers, g: _Base, digest: str, base_tree: Tree, payload: PayloadLike) -> Proof:
         pl = payload.layer

@@ -1,71 +1,59 @@
 """Verification records kept in the registry, beside the image they vouch for.
 
-The registry is the source of truth for what is built, and for what was proven to
-boot: a passed ``verify`` is pushed as a tiny OCI artifact (``subject`` = the image,
-one JSON blob with what was checked) under the tag ``sha256-<hex>.verified`` in the
-image's repository -- the tag-schema fallback of OCI 1.1 referrers, which registries
-without the referrers API (distribution 2.8) store as a plain tag. A HEAD on that tag
-answers "verified?" without any other database.
+A passed ``verify`` is published as a signed in-toto statement (subject: the image
+digest; predicate: what was checked) in a DSSE envelope, an OCI artifact under the tag
+``sha256-<hex>.verified`` in the image's repository (``imagefarm.sign.artifacts``: the
+cosign-style tag scheme for registries without the referrers API). The tag is only a
+hint: a record counts when a trusted key signed it for this digest. An unsigned or
+forged artifact at that tag is no record (``is_verified`` is False), so the lookup, the
+runtime and ``launch preflight`` never serve an image on its word.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from typing import Any
 
 from imagefarm import oci
-from imagefarm.errors import NotFound
+from imagefarm.errors import NotFound, SignatureError
 from imagefarm.names.reference import Reference
 from imagefarm.registry import RegistryClient
+from imagefarm.sign import artifacts
 
-ARTIFACT_TYPE = "application/vnd.dev.imagefarm.verification.v1+json"
-EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
-EMPTY = b"{}"
+ARTIFACT_TYPE = "https://imagefarm.dev/verification/v1"
+KIND = "verified"
+log = logging.getLogger(__name__)
 
 
 def record_tag(digest: str) -> str:
-    return digest.replace(":", "-") + ".verified"
+    return artifacts.tag_for(digest, KIND)
 
 
 def record(client: RegistryClient, image: Reference, digest: str, result: dict[str, Any],
            image_media_type: str = oci.OCI_MANIFEST, image_size: int | None = None) -> str:
-    """Push the verification record of ``image@digest``; returns the record's digest."""
-    repo = image.with_digest(digest) if image.digest is None else image
+    """Sign and push the verification record of ``image@digest``; returns its digest."""
     if image_size is None:
-        desc = client.head_manifest(repo.with_digest(digest))
+        desc = client.head_manifest(image.with_digest(digest))
         if desc is None:
             raise NotFound(f"cannot record verification: {image.name}@{digest} is not in the registry")
         image_size, image_media_type = desc.size, desc.media_type or image_media_type
-    body = oci.canonical_json(result)
-    for blob in (EMPTY, body):
-        d = oci.sha256_digest(blob)
-        if not client.blob_exists(repo, d):
-            client.upload_blob(repo, d, blob)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": oci.OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
-        "config": {"mediaType": EMPTY_TYPE, "digest": oci.sha256_digest(EMPTY), "size": len(EMPTY)},
-        "layers": [{"mediaType": ARTIFACT_TYPE, "digest": oci.sha256_digest(body), "size": len(body)}],
-        "subject": {"mediaType": image_media_type, "digest": digest, "size": image_size},
-        "annotations": {"org.opencontainers.image.created": oci.EPOCH_ISO},
-    }
-    raw = oci.canonical_json(manifest)
-    tagged = Reference(image.registry, image.repository, record_tag(digest))
-    return client.put_manifest(tagged, raw, oci.OCI_MANIFEST)
-
-
-def is_verified(client: RegistryClient, image: Reference, digest: str) -> bool:
-    tagged = Reference(image.registry, image.repository, record_tag(digest))
-    return client.head_manifest(tagged) is not None
+    subject = oci.Descriptor(image_media_type, digest, image_size)
+    return artifacts.publish(client, image, subject, KIND, ARTIFACT_TYPE, [(image.name, digest)],
+                             {"checked": result})
 
 
 def read(client: RegistryClient, image: Reference, digest: str) -> dict[str, Any] | None:
-    """The recorded verification result, or None if the image was never verified."""
-    tagged = Reference(image.registry, image.repository, record_tag(digest))
+    """What the signed record says was checked, or None when there is no record.
+    ``SignatureError`` when the record is there but not signed by a trusted key."""
+    stmt = artifacts.read(client, image, digest, KIND, ARTIFACT_TYPE, what=f"verification record of {image.name}@{digest[:19]}")
+    return None if stmt is None else stmt["predicate"]["checked"]
+
+
+def is_verified(client: RegistryClient, image: Reference, digest: str) -> bool:
+    """Whether a trusted key signed a verification record for ``image@digest``; an
+    unsigned or forged record is no record (said once in the log)."""
     try:
-        manifest = client.get_manifest(tagged)
-    except NotFound:
-        return None
-    layer = manifest.layers[0]  # type: ignore[union-attr]
-    return json.loads(client.get_blob_bytes(tagged, layer.digest))
+        return read(client, image, digest) is not None
+    except SignatureError as exc:
+        log.warning("%s: treated as no record", exc)
+        return False

@@ -57,8 +57,32 @@ def payload_for(settings: Settings, recipe_name: str, layer: dict[str, Any] | No
     home = artifact_ref(settings.to, recipe.digest)
     got = oci.Layer(None, layer["digest"], int(layer["size"]), layer["diff_id"],
                     layer.get("media_type", oci.OCI_LAYER_GZIP))
+    _check_task_payload(settings, recipe, got)
     return RemotePayload(got, recipe.name, recipe.digest, recipe.agent_server_version, tuple(recipe.env),
                          Reference(home.registry, home.repository))
+
+
+_checked: set[tuple[str, str, str, str]] = set()
+
+
+def _check_task_payload(settings: Settings, recipe: Any, layer: oci.Layer) -> None:
+    """A task names the payload layer to append; append it only when the payload image
+    at ``<to>/imagefarm-payload`` is signed by a trusted key for exactly that layer and
+    diff_id (once per process and layer): a broker message is not proof."""
+    from imagefarm.payload.remote import find
+
+    key = (settings.to, recipe.digest, layer.digest, layer.diff_id)
+    if key in _checked:
+        return
+    found = find(appender(settings).client, recipe, settings.to)  # SignatureError when unsigned
+    if found is None:
+        raise PayloadError(f"the task names payload {layer.digest[:19]} of recipe {recipe.name}, but "
+                           f"{artifact_ref(settings.to, recipe.digest)} does not exist: refused")
+    if (found.layer.digest, found.layer.diff_id) != (layer.digest, layer.diff_id):
+        raise PayloadError(f"the task names payload layer {layer.digest[:19]}, but the signed payload image of "
+                           f"recipe {recipe.name} holds {found.layer.digest[:19]}: refused")
+    with _lock:
+        _checked.add(key)
 
 
 def derive_base(settings: Settings, base: str, recipe: str, layer: dict[str, Any] | None = None,

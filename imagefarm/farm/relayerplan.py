@@ -71,7 +71,7 @@ def plan_groups(client: RegistryClient, resolved: dict[str, Any], *, workers: in
                 log: Callable[[str], None] = lambda m: None) -> list[GroupPlan]:
     """One ``GroupPlan`` per re-layering group of the bases in ``resolved`` (base name ->
     the plan's resolved manifest), repositories of one base left out (they take the plain path)."""
-    from .prebuild import relayer_groups
+    from .selection import relayer_groups
 
     groups = [g for g in relayer_groups(list(resolved)) if len(g) > 1]
     with ThreadPoolExecutor(max(1, min(workers, len(groups) or 1))) as pool:

@@ -165,3 +165,33 @@ def run(
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise ToolError(f"`{' '.join(argv[:4])}` failed (exit {proc.returncode}):\n{tail}")
     return proc
+
+
+def release_mounts(settings: Settings) -> list[str]:
+    """Unmount what podman left mounted under this state directory's storage (the
+    overlay driver's bind mount of its home, stale layer mounts) once no container of
+    it runs: a stopped server or node leaves no mount behind, so its state directory
+    can be removed. Root only (a rootless podman's mounts live in its own namespace and
+    go with it); returns the mount points that were there and are gone."""
+    if os.geteuid() != 0:
+        return []
+    storage = str(Path(settings.state_dir).resolve() / "containers" / "storage")
+    before = _mounts_under(storage)
+    if not before:
+        return []
+    running = run(settings, ["podman", "ps", "-q"], check=False, timeout=60)
+    if running.returncode != 0 or running.stdout.strip():
+        return []  # containers still run (left for a restarted server): their mounts stay
+    for p in sorted(_mounts_under(storage), key=len, reverse=True):
+        subprocess.run(["umount", p], capture_output=True)
+    after = set(_mounts_under(storage))
+    return [p for p in before if p not in after]
+
+
+def _mounts_under(root: str) -> list[str]:
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            points = [line.split()[4].replace("\\040", " ") for line in fh]
+    except OSError:
+        return []
+    return [p for p in dict.fromkeys(points) if p == root or p.startswith(root + "/")]

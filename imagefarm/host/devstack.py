@@ -2,12 +2,15 @@
 
 ``imagefarm dev up`` starts Debian's docker-registry and redis-server as background
 processes under the state directory (pid files, logs, data kept across restarts), on
-the ports the default settings point at; ``imagefarm dev down`` stops them.
+the ports the default settings point at; ``imagefarm dev down`` stops them. Redis gets
+a generated password (an ACL user ``farm``; the default user is off), kept 0600 in
+``state_dir/dev/redis.password``, where every command on this machine finds it.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import time
@@ -18,7 +21,7 @@ from urllib.parse import urlparse
 from imagefarm.errors import ConfigError
 from imagefarm.names.reference import Prefix
 from .proc import pid_alive
-from imagefarm.settings import Settings
+from imagefarm.settings import Settings, dev_password_file
 from .services import Redis, Registry
 from .statedir import state_subdir
 
@@ -72,18 +75,38 @@ def up(settings: Settings, mirror: str | None = None, mirror_port: int | None = 
 
     url = urlparse(settings.broker_url)
     if url.hostname not in ("127.0.0.1", "localhost"):
-        raise ConfigError(f"IMAGEFARM_BROKER_URL={settings.broker_url!r} is not local; `dev up` only starts local Redis")
+        raise ConfigError(f"IMAGEFARM_BROKER_URL names host {url.hostname!r}, not this machine; "
+                          "`dev up` only starts local Redis")
     rport = url.port or 6379
+    password = None if url.password else _password(settings)
     pid = _read_pid(settings, "redis")
     if pid is None and _answers(rport, b"PING\r\n", b"+PONG"):
         pid = 0
     if pid is None:
-        redis = Redis(workdir=base / "redis", port=rport)
+        redis = Redis(workdir=base / "redis", port=rport, password=password)
         redis.start()
         pid = redis.proc.pid
         _pidfile(settings, "redis").write_text(str(pid))
     out.append(Endpoint("redis", "127.0.0.1", rport, pid))
     return out
+
+
+def _password(settings: Settings) -> str:
+    """The dev Redis password: generated once, kept 0600 in the state directory, where
+    the CLI and workers on this machine find it (``Settings.broker``)."""
+    path = dev_password_file(settings.state_dir)
+    try:
+        pw = path.read_text().strip()
+        if pw:
+            os.chmod(path, 0o600)
+            return pw
+    except FileNotFoundError:
+        pass
+    pw = secrets.token_hex(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(pw + "\n")
+    return pw
 
 
 def _registry(settings: Settings, name: str, host: str, port: int, proxy: str | None) -> Endpoint:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -242,34 +243,53 @@ class Redis(_Service):
     lose the last second: a task the driver believes queued, a result a worker stored.)
     """
 
+    #: with a password: the ACL user the farm connects as (the default user is off)
+    password: str | None = field(default=None, repr=False)
+    user: str = "farm"
+
     @classmethod
-    def create(cls, workdir: Path | None = None) -> "Redis":
+    def create(cls, workdir: Path | None = None, password: str | None = None) -> "Redis":
         own = workdir is None
         wd = Path(workdir or tempfile.mkdtemp(prefix="imagefarm-redis-"))
-        return cls(workdir=wd, _own_dir=own)
+        return cls(workdir=wd, _own_dir=own, password=password)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f"{self.user}:{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Start redis-server; its settings (the ACL user's password included) go in a
+        0600 config file, never on its command line."""
         if not self.port:
             self.port = free_port()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "redis.conf"
+        lines = [f"port {self.port}", "bind 127.0.0.1", f'dir "{self.workdir}"', 'save ""', "appendonly yes",
+                 "appendfsync always", "protected-mode yes"]
+        if self.password:
+            lines += ["user default off", f"user {self.user} on >{self.password} ~* &* +@all"]
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        os.chmod(conf, 0o600)
         log = open(self.workdir / "redis.log", "ab")
-        self.proc = subprocess.Popen(
-            [which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.workdir), "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--protected-mode", "yes"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        self.proc = subprocess.Popen([which("redis-server"), str(conf)],
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_port(self.port, proc=self.proc, what="redis-server")
+        hello = f"AUTH {self.user} {self.password}\r\n".encode() if self.password else b""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
+                    s.sendall(hello + b"PING\r\n")
+                    got = b""
+                    while b"PONG" not in got and len(got) < 256:
+                        chunk = s.recv(64)
+                        if not chunk:
+                            break
+                        got += chunk
+                    if b"+PONG" in got:
                         return
             except OSError:
                 pass

@@ -17,6 +17,12 @@ payload image is a valid image any registry and tool accepts (``skopeo inspect``
     <registry>/<prefix>/imagefarm-payload:sha256-<recipe hex>
       config  image config  rootfs.diff_ids = [payload diff_id], Labels = recipe identity
       layers  [the payload layer, tar+gzip]   annotations: recipe, recipe digest, payload digest
+    <registry>/<prefix>/imagefarm-payload:sha256-<manifest hex>.sig
+      the signed in-toto statement (DSSE) over that manifest, its layer and diff_id
+
+The tag and annotations are hints: ``find`` uses a payload only when a trusted key
+signed exactly that manifest, layer and diff_id (``SignatureError`` otherwise, never a
+miss), and ``push`` writes nothing the registry already holds.
 """
 
 from __future__ import annotations
@@ -28,15 +34,18 @@ from typing import Any, Iterable
 
 from imagefarm import oci
 from imagefarm.derive.append import PAYLOAD_REPO
-from imagefarm.errors import NotFound, PayloadError, UnsupportedMedia
+from imagefarm.errors import NotFound, PayloadError, SignatureError, UnsupportedMedia
 from imagefarm.names.reference import Prefix, Reference
 from imagefarm.registry import RegistryClient
 from imagefarm.registry.manifests import Manifest
+from imagefarm.sign import artifacts
 
 from .recipe import Recipe
 
 ANN_PYTHON = "dev.imagefarm.payload.python"
 ANN_UNPACKED = "dev.imagefarm.payload.unpacked-size"
+SIG_KIND = "sig"
+SIG_TYPE = "https://imagefarm.dev/payload/v1"
 
 
 def artifact_ref(prefix: Prefix | str, recipe_digest: str) -> Reference:
@@ -99,8 +108,50 @@ def push(client: RegistryClient, payload: Any, prefix: str) -> tuple[Reference, 
         "layers": [layer.descriptor.to_json()],
         "annotations": {"org.opencontainers.image.created": oci.EPOCH_ISO, **labels},
     }
-    digest = client.put_manifest(ref, oci.canonical_json(manifest), oci.OCI_MANIFEST)
+    raw = oci.canonical_json(manifest)
+    digest = oci.sha256_digest(raw)
+    have = client.head_manifest(ref)
+    if have is None or have.digest != digest:
+        digest = client.put_manifest(ref, raw, oci.OCI_MANIFEST)
+    pinned = ref.with_digest(digest)
+    try:
+        signed = _signed(client, ref, digest, payload.recipe_digest, layer.digest, layer.diff_id) is not None
+    except SignatureError:
+        signed = False  # someone else's or a stale signature there: ours replaces it
+    if not signed:
+        artifacts.publish(client, ref, oci.Descriptor(oci.OCI_MANIFEST, digest, len(raw)), SIG_KIND, SIG_TYPE,
+                          [(pinned.name, digest), ("layer", layer.digest), ("diff_id", layer.diff_id)],
+                          {"recipe": payload.recipe_name, "recipe_digest": payload.recipe_digest,
+                           "agent_server_version": payload.agent_server_version,
+                           "layer": layer.digest, "diff_id": layer.diff_id})
     return ref, digest, sent
+
+
+def _signed(client: RegistryClient, ref: Reference, digest: str, recipe_digest: str, layer: str,
+            diff_id: str) -> dict[str, Any] | None:
+    """The payload's signed statement if a trusted key vouches for exactly this manifest,
+    layer, diff_id and recipe; None if unsigned; ``SignatureError`` if it says otherwise."""
+    what = f"payload image {ref}"
+    stmt = artifacts.read(client, ref, digest, SIG_KIND, SIG_TYPE, what=f"signature of {what}")
+    if stmt is None:
+        return None
+    pred = stmt["predicate"]
+    want = {"recipe_digest": recipe_digest, "layer": layer, "diff_id": diff_id}
+    wrong = {k: pred.get(k) for k, v in want.items() if pred.get(k) != v}
+    if wrong:
+        raise SignatureError(f"{what}: its signed statement names {wrong}, not "
+                             f"{ {k: want[k] for k in wrong} }: refused")
+    return stmt
+
+
+def check_signed(client: RegistryClient, ref: Reference, digest: str, recipe_digest: str, layer: str,
+                 diff_id: str) -> None:
+    """Refuse (``SignatureError``, one line) a payload image no trusted key signed."""
+    if _signed(client, ref, digest, recipe_digest, layer, diff_id) is None:
+        raise SignatureError(
+            f"payload image {ref} ({digest[:19]}) is not signed by any key (no "
+            f"{artifacts.tag_for(digest, SIG_KIND)} beside it): refused; publish it again with "
+            "`imagefarm payload push --to PREFIX` from a machine whose key is trusted here (IMAGEFARM_TRUSTED_KEYS)")
 
 
 def _labels(payload: Any) -> dict[str, str]:
@@ -137,6 +188,7 @@ def find(client: RegistryClient, recipe: Recipe, prefix: str) -> RemotePayload |
         (diff_id,) = cfg["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):
         raise PayloadError(f"{where}: its config does not hold the payload's one diff_id") from None
+    check_signed(client, ref, got.digest, recipe.digest, desc.digest, diff_id)
     layer = oci.Layer(None, desc.digest, desc.size, diff_id, desc.media_type)
     return RemotePayload(layer, recipe.name, recipe.digest, recipe.agent_server_version, tuple(recipe.env),
                          Reference(ref.registry, ref.repository), ann.get(ANN_PYTHON, ""),

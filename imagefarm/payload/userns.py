@@ -21,7 +21,6 @@ recipes/README.md).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -43,11 +42,6 @@ def in_user_namespace() -> bool:
     except OSError:
         return False
     return first != ["0", "0", "4294967295"]
-
-
-def privileged() -> bool:
-    """Root of the host (debootstrap, mount and chroot work as they are)."""
-    return os.geteuid() == 0 and not in_user_namespace()
 
 
 def mmdebstrap_rootfs(suite: str, target: Path, mirror: str, packages: list[str]) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from .auth import Credentials, load_credentials, scope
 from .client import RegistryClient, Resolved
-from .manifests import Index, Manifest, parse, select_platform
+from .manifests import Index, Manifest, parse_manifest, select_platform
 from .stats import Stats
 
 __all__ = ["Credentials", "Index", "Manifest", "RegistryClient", "Resolved", "Stats",
-           "load_credentials", "parse", "scope", "select_platform"]
+           "load_credentials", "parse_manifest", "scope", "select_platform"]

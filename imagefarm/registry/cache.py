@@ -10,11 +10,15 @@ when read: a damaged entry is a miss, never a wrong manifest.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
 from imagefarm import oci
+from imagefarm.host.statedir import state_subdir
 from . import manifests as mf
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class ManifestCache:
@@ -25,16 +29,20 @@ class ManifestCache:
         return self.root / digest.replace(":", "-")
 
     def get(self, digest: str, where: str) -> mf.Manifest | mf.Index | None:
+        if not DIGEST.fullmatch(digest or ""):  # a header's text is no path until checked
+            return None
         try:
             media_type, _, raw = self._path(digest).read_bytes().partition(b"\n")
         except OSError:
             return None
         if oci.sha256_digest(raw) != digest:
             return None
-        return mf.parse(raw, media_type.decode(), digest=digest, where=where)
+        return mf.parse_manifest(raw, media_type.decode(), digest=digest, where=where)
 
     def put(self, got: mf.Manifest | mf.Index) -> None:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not DIGEST.fullmatch(got.digest):
+            return
+        state_subdir(self.root.parent, self.root.name)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".put-")
         with os.fdopen(fd, "wb") as fh:
             fh.write(got.media_type.encode() + b"\n" + got.raw)

@@ -39,7 +39,7 @@ from imagefarm.settings import Settings
 from . import manifests as mf
 from . import ratelimit
 from .auth import Authenticator, Challenge, Credentials, load_credentials, rejected, scope
-from .cache import ManifestCache
+from .cache import DIGEST, ManifestCache
 from .stats import StatsSink
 from .streams import CHUNK, Counted, OneShot, file_chunks, once, read_limited, rechunk
 from .transport import RETRY_STATUS, RetryableStatus, RetryPolicy, http_client, registry_codes, registry_message
@@ -239,6 +239,9 @@ class RegistryClient:
 
     def _send_authed(self, method, ref, url, scopes, what, headers, body, params, stream, follow, auth):
         hdrs = dict(headers or {})
+        # a Link or Location the registry sent may name another host: its credentials
+        # go to the registry's own origin only
+        auth = auth and _origin(url) == _origin(self.base_url(ref))
         if auth:
             h = self._auth.header(ref.registry, scopes)
             if h:
@@ -285,6 +288,13 @@ class RegistryClient:
     # -- manifests -------------------------------------------------------------
     def get_manifest(self, ref: Reference, *, scopes: Sequence[str] | None = None) -> mf.Manifest | mf.Index:
         """GET the manifest or index ``ref`` names (size-limited, digest-checked)."""
+        raw, digest, ctype = self.get_raw_manifest(ref, scopes=scopes)
+        return mf.parse_manifest(raw, ctype, digest=digest, where=f"manifest {ref}")
+
+    def get_raw_manifest(self, ref: Reference, *, scopes: Sequence[str] | None = None
+                         ) -> tuple[bytes, str, str | None]:
+        """(bytes, digest, content type) of any manifest ``ref`` names, artifacts included
+        (size-limited, digest-checked, not parsed)."""
         what = f"manifest {ref}"
         resp = self._request("GET", ref, self._url(ref, f"manifests/{ref.identifier}"),
                              scopes=scopes or (scope(ref.repository),), what=what,
@@ -301,7 +311,7 @@ class RegistryClient:
         digest = oci.sha256_digest(raw)
         if ref.digest and ref.digest != digest:
             raise RegistryError(f"{what}: registry {ref.registry} returned content with digest {digest}")
-        return mf.parse(raw, resp.headers.get("Content-Type"), digest=digest, where=what)
+        return raw, digest, resp.headers.get("Content-Type")
 
     def head_manifest(self, ref: Reference, *, scopes: Sequence[str] | None = None) -> Descriptor | None:
         """Descriptor of ``ref`` (digest from Docker-Content-Digest) or None if absent."""
@@ -339,7 +349,7 @@ class RegistryClient:
             desc = self.head_manifest(ref, scopes=scopes)
             if desc is None:
                 raise NotFound(f"manifest {ref}: not found in registry {ref.registry}")
-            digest = desc.digest or None
+            digest = desc.digest if DIGEST.fullmatch(desc.digest or "") else None  # a header, unchecked
         got = self.manifests.get(digest, f"manifest {ref}") if digest else None
         if got is None:
             got = self.get_manifest(ref.with_digest(digest) if digest else ref, scopes=scopes)
@@ -513,6 +523,11 @@ class RegistryClient:
         finally:
             while stack:
                 stack.pop().close()
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    u = httpx.URL(url)
+    return u.scheme, u.host, u.port
 
 
 def _next_link(resp: httpx.Response, base: str) -> str | None:

@@ -74,8 +74,8 @@ class Index:
         return [format_platform(d.platform) for d in self.manifests if d.platform]
 
 
-def parse(raw: bytes, content_type: str | None = None, *, digest: str | None = None,
-          where: str = "manifest") -> Manifest | Index:
+def parse_manifest(raw: bytes, content_type: str | None = None, *, digest: str | None = None,
+                   where: str = "manifest") -> Manifest | Index:
     """Parse manifest bytes; ``UnsupportedMedia`` says why a thing is not an image."""
     if len(raw) > MANIFEST_LIMIT:
         raise UnsupportedMedia(f"{where}: manifest is {len(raw)} bytes, over the {MANIFEST_LIMIT} byte limit")

@@ -107,6 +107,12 @@ async def _reply(send: Send, status: int, detail: str, headers: dict[str, str] |
     await send({"type": "http.response.body", "body": body})
 
 
+def safe_errors(errors: Iterable[Any]) -> list[dict[str, Any]]:
+    """Validation errors as a 422 may show them: where and what kind, never the value
+    refused (pydantic's ``input`` and ``ctx`` are dropped; a body may hold secrets)."""
+    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
+
+
 def protect(app: Any, *, key: str | None, open_paths: Iterable[str], max_body: int) -> None:
     """Install the guard and a 422 handler that never echoes input on a FastAPI app.
 
@@ -120,8 +126,6 @@ def protect(app: Any, *, key: str | None, open_paths: Iterable[str], max_body: i
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=422)
+        return JSONResponse({"detail": safe_errors(exc.errors())}, status_code=422)
 
     app.add_middleware(Guard, key=key, open_paths=opened, max_body=max_body)

@@ -131,15 +131,18 @@ def check_versions(python: str, trainer: dict[str, str | None], images: dict[str
 
 def preflight(cat: Catalog, lock: Lockfile, *, recipe_digest: str | None = None, to: str, recipe: Any = None,
               exists=None, require_verified: bool = True, trainer: dict[str, str | None] | None = None,
-              python: str = "python", rebuild: str = "imagefarm prebuild ...") -> Preflight:
+              python: str = "python", rebuild: str = "imagefarm prebuild ...", verified=None) -> Preflight:
     """Check every instance; ``exists(entry) -> bool`` asks the registry (optional).
 
     ``recipe`` (a ``Recipe``): each image's recipe digest must be that recipe's at the
     image's own version (``recipe_digest``: one fixed digest instead). ``trainer``
     (``trainer_versions`` of ``python``): each instance must have an image at the
-    trainer's version; the ``versions`` answer names both sides and the fixes."""
+    trainer's version; the ``versions`` answer names both sides and the fixes.
+    ``verified(entry) -> bool`` (optional) asks the registry for a signed verification
+    record: the lockfile's own ``verified`` is a hint, not proof."""
     problems: list[Problem] = []
     seen_digest: dict[str, bool] = {}
+    seen_record: dict[str, bool] = {}
     name = getattr(recipe, "name", None)
     want = VersionCheck(python, trainer, {}).wanted if trainer else None
     images: dict[str, int] = {}
@@ -166,6 +169,12 @@ def preflight(cat: Catalog, lock: Lockfile, *, recipe_digest: str | None = None,
         if expected and entry.recipe_digest != expected:
             problems.append(Problem(inst.instance_id, base, "stale-recipe", fix))
             continue
+        if require_verified and verified is not None and entry.verified:
+            if entry.image_digest not in seen_record:
+                seen_record[entry.image_digest] = bool(verified(entry))
+            if not seen_record[entry.image_digest]:
+                problems.append(Problem(inst.instance_id, base, "unverified", f"imagefarm verify {entry.pinned}"))
+                continue
         if require_verified and not entry.verified:
             problems.append(Problem(inst.instance_id, base, "unverified", f"imagefarm verify {entry.pinned}"))
             continue
@@ -191,6 +200,17 @@ def registry_exists(client) -> Any:
     def exists(entry: Entry) -> bool:
         return client.head_manifest(parse(entry.pinned)) is not None
     return exists
+
+
+def registry_verified(client) -> Any:
+    """A ``verified`` callable for ``preflight``: a verification record signed by a
+    trusted key beside the pinned image (an unsigned one is no record)."""
+    from imagefarm.farm import attest
+
+    def verified(entry: Entry) -> bool:
+        ref = parse(entry.pinned)
+        return attest.is_verified(client, ref, entry.image_digest)
+    return verified
 
 
 # -- dataset rewrite -----------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi import FastAPI, Query, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -25,7 +25,8 @@ from pydantic import BaseModel, Field
 from imagefarm import __version__
 from .apikey import check_key_config, protect
 from imagefarm.farm.catalog import image_of
-from imagefarm.errors import ImageRefused, ImagefarmError, InvalidReference, InvalidRequest, http_status
+from imagefarm.errors import ImageRefused, ImagefarmError, InvalidRequest
+from .httperrors import install_error_handlers
 from .lookup import Lookup, build_command, normalise_query
 
 MAX_BATCH = 20_000
@@ -88,12 +89,18 @@ def _key(q: Any, i: int) -> str:
     return image or f"row {i}"
 
 
+def _outcome(exc: ImagefarmError) -> str:
+    """The metrics label of a lookup that raised."""
+    return "invalid" if isinstance(exc, InvalidRequest) else "refused" if isinstance(exc, ImageRefused) else "error"
+
+
 def create_app(lookup: Lookup, api_key: str | None = None, *, disable_auth: bool = False) -> FastAPI:
     """The app; ``api_key`` is required unless ``disable_auth`` (``ConfigError``)."""
     key = check_key_config(api_key, disable_auth)
     app = FastAPI(title="imagefarm lookup", version=__version__,
                   description="Which prebuilt agent-server image serves this base image?")
     protect(app, key=key, open_paths={"/healthz", "/metrics"}, max_body=MAX_BODY)
+    install_error_handlers(app, registry_context="target registry")
     metrics = CollectorRegistry()
     requests = Counter("imagefarm_lookup_requests_total", "lookups answered", ["result"], registry=metrics)
     latency = Histogram("imagefarm_lookup_seconds", "lookup latency", registry=metrics,
@@ -128,15 +135,9 @@ def create_app(lookup: Lookup, api_key: str | None = None, *, disable_auth: bool
             try:
                 base = normalise_query(image)
                 hit = await run_in_threadpool(lambda: lookup.resolve(str(base), **ask))  # cold: registry I/O
-            except InvalidRequest as exc:
-                requests.labels("invalid").inc()
-                raise HTTPException(http_status(exc), detail=str(exc)) from None
-            except ImageRefused as exc:
-                requests.labels("refused").inc()
-                raise HTTPException(http_status(exc), detail=str(exc)) from None
-            except ImagefarmError as exc:
-                requests.labels("error").inc()
-                raise HTTPException(http_status(exc), detail=f"target registry: {exc}") from None
+            except ImagefarmError as exc:  # answered by the app's error handler
+                requests.labels(_outcome(exc)).inc()
+                raise
             finally:
                 latency.observe(time.perf_counter() - t0)
             if hit is None:
@@ -150,10 +151,7 @@ def create_app(lookup: Lookup, api_key: str | None = None, *, disable_auth: bool
     @app.post("/v1/lookup", response_model=BatchAnswer)
     def lookup_batch(body: BatchRequest) -> BatchAnswer:
         t0 = time.perf_counter()
-        try:  # the selection once, before thousands of lookups: a bad one is a 400 for all
-            lookup.wanted(body.recipe, body.agent_server_version)
-        except InvalidRequest as exc:
-            raise HTTPException(http_status(exc), detail=str(exc)) from None
+        lookup.wanted(body.recipe, body.agent_server_version)  # once, before thousands: a bad one is a 400 for all
         answers = lookup.resolve_many(body.images, recipe=body.recipe, version=body.agent_server_version)
         found, miss, invalid = {}, {}, {}
         for i, (q, a) in enumerate(zip(body.images, answers)):
@@ -172,10 +170,7 @@ def create_app(lookup: Lookup, api_key: str | None = None, *, disable_auth: bool
 
     @app.post("/v1/invalidate")
     def invalidate(image: str | None = Query(None, max_length=4096)) -> dict[str, str]:
-        try:
-            lookup.invalidate(image)
-        except InvalidReference as exc:
-            raise HTTPException(http_status(exc), detail=str(exc)) from None
+        lookup.invalidate(image)
         return {"invalidated": image or "all"}
 
     return app

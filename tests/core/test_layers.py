@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 #: low to high, as drawn in imagefarm/README.md; a package may import its own layer and below
-LAYERS = [{"errors"}, {"names", "oci"}, {"settings"}, {"registry", "host"}, {"derive", "payload"},
+LAYERS = [{"errors"}, {"names", "oci"}, {"settings"}, {"registry", "host", "sign"}, {"derive", "payload"},
           {"farm", "worker"}, {"serve"}, {"runtime"}, {"cli", "demo", "testing"}]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

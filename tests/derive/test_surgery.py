@@ -13,10 +13,10 @@ from imagefarm.derive import AppendPayload
 from imagefarm.derive.surgery import derived_config, derived_manifest, merge_env
 from imagefarm.errors import ConfigError, DeriveError
 from imagefarm.registry.auth import load_credentials, parse_challenge
-from imagefarm.registry.manifests import parse
+from imagefarm.registry.manifests import parse_manifest
 
 LAYER = {"mediaType": oci.DOCKER_LAYER_GZIP, "digest": "sha256:" + "1" * 64, "size": 10}
-MANIFEST = parse(json.dumps({"schemaVersion": 2, "mediaType": oci.DOCKER_MANIFEST, "layers": [LAYER],
+MANIFEST = parse_manifest(json.dumps({"schemaVersion": 2, "mediaType": oci.DOCKER_MANIFEST, "layers": [LAYER],
                              "config": {"mediaType": oci.DOCKER_CONFIG, "digest": "sha256:" + "2" * 64,
                                         "size": 5}}).encode())
 CONFIG = {"architecture": "amd64", "os": "linux", "created": "2024-01-01T00:00:00Z",

@@ -43,3 +43,42 @@ def test_refused_when_others_may_write_or_it_is_a_symlink(tmp_path):
     link.symlink_to(private_dir(tmp_path / "real"))
     with pytest.raises(ConfigError, match="not a directory"):
         private_dir(link)
+
+
+def test_refused_under_a_parent_another_user_could_swap(tmp_path):
+    """A world-writable, non-sticky directory of another user: anything below it could be
+    swapped, so a state directory there is refused, naming that directory -- as a
+    library call and as the CLI's one line with exit 2."""
+    from tests.conftest import imagefarm_cli
+
+    theirs = tmp_path / "shared"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    os.chmod(theirs, 0o777)
+    with pytest.raises(ConfigError, match=f"parent {theirs} belongs to uid {NOBODY}"):
+        private_dir(theirs / "mine" / "state")
+    os.chown(theirs, 0, 0)  # root's, but writable by all and not sticky: still refused
+    with pytest.raises(ConfigError, match=f"parent {theirs} is writable by others"):
+        state_subdir(theirs / "state", "runtime")
+    os.chmod(theirs, 0o1777)  # sticky, like /tmp: others cannot rename what is ours in it
+    assert private_dir(theirs / "state") == theirs / "state"
+    os.chown(theirs, NOBODY, NOBODY)
+    os.chmod(theirs, 0o777)
+    env = {**os.environ, "IMAGEFARM_STATE_DIR": str(theirs / "state2")}
+    p = imagefarm_cli("status", env=env)
+    assert p.returncode == 2 and str(theirs) in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_plan_on_a_fresh_state_dir_makes_it_private(tmp_path, registry):
+    """The manifest cache (what ``prebuild --plan`` fills first) makes the state directory
+    through the one helper: 0700, so the ``prebuild`` that follows accepts it."""
+    from imagefarm.registry.cache import ManifestCache
+    from imagefarm.registry import manifests as mf
+
+    state = tmp_path / "fresh" / "state"
+    raw = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}'
+    ManifestCache(state / "manifests").put(mf.parse_manifest(raw))
+    assert oct(state.stat().st_mode & 0o777) == "0o700" and private_dir(state) == state
+    # a digest header is checked before it becomes a path
+    cache = ManifestCache(state / "manifests")
+    assert cache.get("sha256:../../../etc/passwd", "x") is None and cache.get("../x", "x") is None

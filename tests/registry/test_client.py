@@ -16,7 +16,7 @@ from imagefarm.registry import Index, Manifest, RegistryClient
 from imagefarm.settings import Settings
 from imagefarm.host.services import Registry, free_port
 
-from regkit import push_image, tiny_layers
+from regkit import _reply, push_image, tiny_layers
 
 
 def skopeo_raw(ref: str) -> dict:
@@ -289,3 +289,50 @@ def test_tag_list_that_links_to_itself_stops(client, proxy):
     with pytest.raises(RegistryError, match="already read"):
         client.list_tags(parse(f"{proxy.host}/loop/me:1"))
     assert len(proxy.seen) - n_before <= 3  # stopped at the first repeated link
+
+
+def test_credentials_never_follow_a_link_to_another_host(proxy, tmp_path):
+    """A tag page whose ``Link`` names another host: the page there is read, but the
+    registry's token (or password) is not sent to it."""
+    import http.server
+    import json as _json
+    import threading
+
+    seen: list[str] = []
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization", ""))
+            body = _json.dumps({"name": "links/away", "tags": ["t9"]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        proxy.bearer = {"farm": "pw"}
+        away = f"http://localhost:{other.server_address[1]}/v2/links/away/tags/list?last=t0"
+        page = _json.dumps({"name": "links/away", "tags": ["t0"]}).encode()
+        proxy.canned["/v2/links/away/tags/list"] = ("application/json", page)
+        s = Settings(state_dir=tmp_path, auth_file=_auth_file(tmp_path, proxy.host, "farm", "pw"))
+        orig = proxy.handle
+
+        def with_link(h):  # the canned page, plus a Link to the other host
+            if h.path == "/v2/links/away/tags/list" and proxy._authorized(h):
+                proxy.seen.append(f"{h.command} {h.path}")
+                return _reply(h, 200, page, {"Content-Type": "application/json", "Link": f'<{away}>; rel="next"'})
+            return orig(h)
+
+        proxy.handle = with_link
+        with RegistryClient(s, backoff=0.01) as c:
+            assert c.list_tags(parse(f"{proxy.host}/links/away:1")) == ["t0", "t9"]
+        assert seen == [""], seen  # asked there, with no Authorization
+    finally:
+        other.shutdown()
+        other.server_close()

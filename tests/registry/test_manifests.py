@@ -8,7 +8,7 @@ import pytest
 
 from imagefarm import oci
 from imagefarm.errors import UnsupportedMedia
-from imagefarm.registry.manifests import MANIFEST_LIMIT, Index, Manifest, parse, select_platform
+from imagefarm.registry.manifests import MANIFEST_LIMIT, Index, Manifest, parse_manifest as parse, select_platform
 
 LAYER = {"mediaType": oci.DOCKER_LAYER_GZIP, "digest": "sha256:" + "1" * 64, "size": 10}
 CONFIG = {"mediaType": oci.DOCKER_CONFIG, "digest": "sha256:" + "2" * 64, "size": 5}

@@ -64,6 +64,7 @@ class Evidence:
     tag_puts: Counter = field(default_factory=Counter)           #: (repo, tag) -> 201 PUTs of the tag
     payload_puts: Counter = field(default_factory=Counter)       #: the payload's own tag (``payload push``)
     record_puts: Counter = field(default_factory=Counter)        #: (repo, digest) -> verification records
+    prov_puts: Counter = field(default_factory=Counter)          #: (repo, digest) -> signed provenance
     uploads: Counter = field(default_factory=Counter)            #: (repo, digest) -> completed uploads
     finished_uploads: set[str] = field(default_factory=set)      #: upload session ids completed
     started_uploads: int = 0                                     #: upload sessions opened (POST 202)
@@ -84,6 +85,8 @@ class Evidence:
                         ev.payload_puts[(repo, ref)] += 1
                     elif ref.endswith(".verified"):
                         ev.record_puts[(repo, ref[:-len(".verified")].replace("-", ":", 1))] += 1
+                    elif ref.endswith(".prov"):  # the image's signed provenance, beside it
+                        ev.prov_puts[(repo, ref[:-len(".prov")].replace("-", ":", 1))] += 1
                     elif not ref.startswith("sha256:"):
                         ev.tag_puts[(repo, ref)] += 1
                     continue

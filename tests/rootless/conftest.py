@@ -36,6 +36,7 @@ class AsUser:
     user: NormalUser
     bin: Path
     work: Path  # owned by the user: HOME, per-job state and cache dirs live here
+    trusted: Path  # root's public key: the user trusts what root's farm signed
 
     @property
     def home(self) -> Path:
@@ -57,7 +58,8 @@ class AsUser:
                     "XDG_STATE_HOME": str(self.home / ".local/state"),
                     "XDG_CONFIG_HOME": str(self.home / ".config"),
                     "XDG_RUNTIME_DIR": str(self.work / "run"),
-                    "IMAGEFARM_RECIPES_DIR": str(REPO / "recipes")})
+                    "IMAGEFARM_RECIPES_DIR": str(REPO / "recipes"),
+                    "IMAGEFARM_TRUSTED_KEYS": str(self.trusted)})
         env.update(extra or {})
         return env
 
@@ -97,7 +99,17 @@ def as_user() -> AsUser:
         user.owns(work / d)
     venv_dir = base / "venv"
     bin_dir = user_venv(user, venv_dir)
-    u = AsUser(user, bin_dir, work)
+    # what root publishes (the payload, its signature) is signed with root's key: the
+    # user trusts its public half, as a cluster user trusts the farm's
+    from imagefarm.settings import Settings
+    from imagefarm.sign import keys
+
+    root_pub = keys.signer(Settings().config_dir).path.with_name(keys.PUB_NAME)
+    trusted = base / "trusted"
+    trusted.mkdir(mode=0o755)
+    shutil.copy(root_pub, trusted / "farm-root.pub")
+    (trusted / "farm-root.pub").chmod(0o644)
+    u = AsUser(user, bin_dir, work, trusted)
     yield u
     # leave no container or storage behind: each job's podman, as the user (the SLURM
     # runtime job's node-local state is /tmp/imagefarm-runtime-<job id>, see its script)

@@ -102,3 +102,64 @@ def test_node_cli_bad_input_is_one_line(tmp_path):
         r = subprocess.run([exe, "runtime", *args], env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and want in r.stdout + r.stderr, (args, r.stdout, r.stderr)
         assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_a_node_speaks_only_for_itself_and_only_from_its_own_address(fleet_factory):
+    """Every node holds the fleet key, but a report or leave for a node's id needs the
+    token that node got when it joined (403 without it), and a reported URL must be on
+    the address the report comes from: the front never calls a URL on another host."""
+    import http.server
+    import threading
+
+    called: list[str] = []
+
+    class Trap(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            called.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        do_POST = do_GET
+
+    trap = http.server.ThreadingHTTPServer(("127.0.0.9", 0), Trap)
+    threading.Thread(target=trap.serve_forever, daemon=True).start()
+    with fleet_factory(nodes=1, slots=1) as running:
+        front = running.front
+        (first,) = front.manager.nodes.values()
+        assert first.token_hash  # it got its token when it joined
+        body = {"node_id": first.node_id, "boot": "impostor", "url": first.url, "address": first.address,
+                "slots": 100000, "images": [], "runtimes": []}
+        # a second node process on the same host and address, holding the fleet key
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=first.address), trust_env=False,
+                          headers={"X-API-Key": FLEET_KEY}, timeout=10) as impostor:
+            r = impostor.post(f"{front.url}/fleet/report", json=body)
+            assert r.status_code == 403 and "own id" in r.json()["detail"], r.text
+            assert impostor.post(f"{front.url}/fleet/report", json=body,
+                                 headers={"X-Node-Token": "guess"}).status_code == 403
+            assert impostor.post(f"{front.url}/fleet/leave", json={"node_id": first.node_id}).status_code == 403
+        node = front.manager.nodes[first.node_id]
+        assert node.boot != "impostor" and node.slots == 1 and node.state == "up"  # nothing taken over
+        # a new node id whose URL is on another host than the one it reports from: refused
+        away = f"http://127.0.0.9:{trap.server_address[1]}"
+        evil = {**body, "node_id": "evil", "url": away, "address": "127.0.0.9"}
+        with httpx.Client(trust_env=False, headers={"X-API-Key": FLEET_KEY}, timeout=10) as c:
+            r = c.post(f"{front.url}/fleet/report", json=evil)
+        assert r.status_code == 403 and "127.0.0.9" in r.json()["detail"], r.text
+        assert "evil" not in front.manager.nodes
+        time.sleep(2)  # four heartbeats: the front calls only the nodes it admitted
+        assert called == []
+    trap.shutdown()
+    trap.server_close()
+
+
+def test_a_fleet_key_equal_to_the_client_api_key_is_refused(rt_settings):
+    from imagefarm.errors import ConfigError
+    from imagefarm.runtime import ServeConfig
+    from imagefarm.runtime.fleet import FrontOptions
+    from imagefarm.runtime.serve import build_server
+
+    with pytest.raises(ConfigError, match="fleet key is the clients' API key"):
+        build_server(rt_settings, ServeConfig(api_key=FLEET_KEY), front=FrontOptions(fleet_key=FLEET_KEY))

@@ -205,6 +205,25 @@ def sec_images(rt_settings, fixtures, standin_layer, rt_to):
                 "stale": appender.derive(base.ref, stale, to=rt_to)}
 
 
+def forge_record(client, image, digest: str) -> None:
+    """What the record looked like before records were signed: a bare artifact at
+    ``sha256-<hex>.verified`` whose blob says it booted."""
+    from imagefarm import oci
+    from imagefarm.names.reference import Reference
+
+    body, empty = b'{"alive":true}', b"{}"
+    for blob in (empty, body):
+        client.upload_blob(image, oci.sha256_digest(blob), blob)
+    desc = client.head_manifest(image.with_digest(digest))
+    manifest = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST, "artifactType": attest.ARTIFACT_TYPE,
+                "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": oci.sha256_digest(empty),
+                           "size": 2},
+                "layers": [{"mediaType": "application/json", "digest": oci.sha256_digest(body), "size": len(body)}],
+                "subject": {"mediaType": desc.media_type, "digest": digest, "size": desc.size}}
+    client.put_manifest(Reference(image.registry, image.repository, attest.record_tag(digest)),
+                        oci.canonical_json(manifest), oci.OCI_MANIFEST)
+
+
 def test_one_resolver_refuses_stale_recipes_and_unverified_digests(server_factory, client, sec_images, lookup,
                                                                    rt_settings):
     cur, stale = sec_images["current"], sec_images["stale"]
@@ -225,6 +244,11 @@ def test_one_resolver_refuses_stale_recipes_and_unverified_digests(server_factor
         # the base resolves to the current recipe's image, never to the stale one
         r = client.get(f"{srv.url}/image_exists", params={"image": sec_images["base"]}).json()
         assert r["exists"] and r["image"]["prebuilt_image"] == by_digest
+        # a forged record (an unsigned artifact at the record tag, as anyone with push
+        # rights could put there) is no record: still refused by digest
+        forge_record(lookup.client, parse(cur.image), cur.digest)
+        r = client.post(f"{srv.url}/start", json=sdk_start_body(by_digest, _sid()))
+        assert r.status_code == 409 and "boot check" in r.json()["detail"], r.text
         # once it passed its boot check (the record verify pushes), the digest is served
         attest.record(lookup.client, parse(cur.image), cur.digest, {"alive": True})
         ie = client.get(f"{srv.url}/image_exists", params={"image": by_digest}).json()

@@ -315,7 +315,9 @@ def test_sbatch_script_writes_url_atomically_and_cleans_up(rt_settings, prebuilt
 
     script = Path(imagefarm.runtime.__file__).with_name("runtime_server.sbatch")
     url_file = tmp_path / "shared" / "runtime_url"
-    env = dict(os.environ, IMAGEFARM_RUNTIME_URL_FILE=str(url_file), IMAGEFARM_STATE_DIR=str(rt_settings.state_dir),
+    job_state = tmp_path / "job-state"  # the job's own, as on a node: nothing may stay mounted in it
+    job_settings = rt_settings.model_copy(update={"state_dir": job_state})
+    env = dict(os.environ, IMAGEFARM_RUNTIME_URL_FILE=str(url_file), IMAGEFARM_STATE_DIR=str(job_state),
                IMAGEFARM_CACHE_DIR=str(rt_settings.cache_dir), IMAGEFARM_TO=rt_settings.to,
                RUNTIME_PORT_RANGE="42000-42099", SLURM_JOB_ID="4242", SLURM_CPUS_PER_TASK="2",
                IMAGEFARM=str(Path(os.sys.executable).parent / "imagefarm"))
@@ -342,7 +344,12 @@ def test_sbatch_script_writes_url_atomically_and_cleans_up(rt_settings, prebuilt
         os.killpg(job.pid, signal.SIGTERM)  # what SLURM does at the end of a job
         job.wait(60)
         assert not url_file.exists()
-        assert our_containers(rt_settings, server_id) == []
+        assert our_containers(job_settings, server_id) == []
+        mounted = [line.split()[4] for line in open("/proc/self/mountinfo") if str(job_state) in line.split()[4]]
+        assert mounted == [], mounted  # podman's overlay bind mount went with the job
+        import shutil
+
+        shutil.rmtree(job_state)  # and the directory can be removed ("Device or resource busy" before)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)

@@ -83,7 +83,7 @@ def test_dev_up_mirror_is_a_pull_through_cache(fixtures, registry, tmp_path):
     port, mport, rport = free_port(), free_port(), free_port()
     env = {**os.environ, "IMAGEFARM_STATE_DIR": str(tmp_path / "state"),
            "IMAGEFARM_TO": f"127.0.0.1:{port}/prebuilt", "IMAGEFARM_BROKER_URL": f"redis://127.0.0.1:{rport}/0"}
-    up = imagefarm_cli("dev", "up", "--mirror", registry.host, "--mirror-port", str(mport), env=env, timeout=120)
+    up = imagefarm_cli("dev", "up", "--cache-registry", registry.host, "--cache-port", str(mport), env=env, timeout=120)
     try:
         assert up.returncode == 0, up.stderr
         assert f"IMAGEFARM_MIRRORS='{{\"{registry.host}\": \"127.0.0.1:{mport}\"}}'" in up.stdout
