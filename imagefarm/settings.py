@@ -71,6 +71,20 @@ class Settings(BaseSettings):
     registry_concurrency: int = Field(16, ge=1, description="cap on parallel registry calls")
     copies_per_source: int = Field(
         4, ge=1, description="cap on blobs copied at once from one source registry (per process)")
+    # re-layering reads untrusted base layers (derive.relayer): what one may cost
+    relayer_max_header_bytes: int = Field(
+        1 << 20, ge=512, description="largest PAX / GNU long-name tar header a re-layered base may hold (bytes)")
+    relayer_max_entries: int = Field(2_000_000, ge=1, description="most tar entries in one re-layered base layer")
+    relayer_max_unpacked_bytes: int = Field(
+        32 << 30, ge=1, description="most bytes one re-layered base layer may unpack to")
+    relayer_max_ratio: float = Field(
+        50.0, gt=1, description="most a re-layered base layer may unpack to, as a multiple of its compressed "
+                                "size (layers under 64 MiB unpacked are exempt: tiny files compress far better)")
+    relayer_max_spool_bytes: int = Field(
+        32 << 30, ge=1, description="most file contents one re-layering group keeps on disk at once (bytes)")
+    relayer_group_max: int = Field(
+        32, ge=2, description="most bases re-layered as one group (one task: its trees are read and compared "
+                              "together; a larger repository is split into groups of this size)")
     mirrors: dict[str, str] = Field(
         default_factory=dict,
         description='registry -> the mirror its images are read through, as JSON ({"docker.io": '

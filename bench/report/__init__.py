@@ -83,8 +83,8 @@ def _machine(m: dict[str, Any], pl: dict[str, Any] | None) -> list[str]:
 
 
 def _targets(ctx: Context, all_: list[Section]) -> list[str]:
-    """Each figure against its target in ARCHITECTURE.md, rows from each section."""
-    L = ["## Against the targets (ARCHITECTURE.md)", "", "| figure | target | measured | |", "|---|---|---|---|"]
+    """Each figure against its target in docs/DESIGN.md, rows from each section."""
+    L = ["## Against the targets ([DESIGN.md](DESIGN.md))", "", "| figure | target | measured | |", "|---|---|---|---|"]
     for s in sorted((s for s in all_ if s.targets), key=lambda s: s.order if s.target_order is None else s.target_order):
         L += s.targets(ctx)
     return L + [""]

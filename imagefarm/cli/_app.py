@@ -47,6 +47,18 @@ def friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def option(config: type, name: str, *decls: str, **kw: Any) -> Any:
+    """A Typer option for field ``name`` of the config dataclass ``config``: its default and
+    help come from the field (``metadata={"help": ...}``), so each default is written once,
+    in the config, and the config's ``__post_init__`` is the one place a value is checked."""
+    import dataclasses
+
+    f = next(f for f in dataclasses.fields(config) if f.name == name)
+    default = f.default if f.default is not dataclasses.MISSING else None
+    kw.setdefault("help", f.metadata.get("help"))
+    return typer.Option(default, *decls, **kw)
+
+
 def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -11,10 +11,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from imagefarm.farm.batchstate import BatchState, load_state
-from imagefarm.farm.prebuild import run_batch
+from imagefarm.farm.prebuild import BatchConfig, run_batch
 from imagefarm.payload.recipe import recipe_for
 from imagefarm.settings import Settings
-from ._app import app, console, emit_json, friendly, out
+from ._app import app, console, emit_json, friendly, option, out
 from .payload import version_option
 
 
@@ -27,12 +27,12 @@ def prebuild(
         None, help="recipe name or path (IMAGEFARM_RECIPE); repeat for several recipes in one run "
                    "(--recipe default --recipe v0): one batch per recipe, one after the other"),
     agent_server_version: Optional[str] = version_option(),
-    executor: str = typer.Option("local", help="local (thread pool, no Redis) or celery (workers on the broker)"),
-    limit: Optional[int] = typer.Option(None, min=1, help="only the first N unique bases"),
+    executor: str = option(BatchConfig, "executor"),
+    limit: Optional[int] = option(BatchConfig, "limit", min=1),
     lockfile: Optional[Path] = typer.Option(None, help="write instance -> base@digest -> prebuilt@digest here"),
-    verify: str = typer.Option("all", help="boot-check all, none, or a sample of N images"),
-    workers: int = typer.Option(8, min=1, help="local executor: parallel derives"),
-    verify_timeout: float = typer.Option(120.0, help="seconds an image may take to answer /alive"),
+    verify: str = option(BatchConfig, "verify"),
+    workers: int = option(BatchConfig, "workers", min=1),
+    verify_timeout: float = option(BatchConfig, "verify_timeout"),
     broker_url: Optional[str] = typer.Option(None, help="celery executor: Redis URL (IMAGEFARM_BROKER_URL)"),
     payload_from: Optional[str] = typer.Option(
         None, "--payload-from", metavar="PREFIX",
@@ -49,8 +49,7 @@ def prebuild(
 
     Interrupt with Ctrl-C and run again: finished images are not redone.
     """
-    if executor not in ("local", "celery"):
-        raise typer.BadParameter("--executor must be local or celery")
+    BatchConfig(executor, limit, verify, workers, verify_timeout)  # a bad value: one line, exit 2
     recipes = list(dict.fromkeys(recipe or [None]))
     if len(recipes) > 1 and agent_server_version:
         raise typer.BadParameter("--agent-server-version names one recipe's version: give one --recipe with it")
@@ -190,6 +189,12 @@ def _summary(state: BatchState) -> None:
                   f"asked again by the driver after a stall")
     if state.lockfile:
         out.print(f"lockfile: {state.lockfile}")
+    if state.relayer_mtime_differs:
+        out.print(f"re-layering: {state.relayer_mtime_differs} path(s) carry another mtime than their base's "
+                  "(where a group's images disagree, the one most hold)")
+    for f in state.relayer_fallbacks:
+        out.print(f"re-layering fell back to plain derive for the {f['bases']} bases of {f['group']}: "
+                  f"{f['reason'][:500]}", markup=False, highlight=False)
     if state.failures:
         out.print(f"[bold red]failures[/] ({len(state.failures)}):")
         for f in state.failures[:200]:

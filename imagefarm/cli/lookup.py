@@ -9,8 +9,9 @@ from typing import Optional
 import typer
 
 from imagefarm.serve.lookup import Lookup, build_command, normalise_query
+from imagefarm.serve.config import LookupServerConfig
 from imagefarm.settings import Settings
-from ._app import app, console, emit_json, friendly, out
+from ._app import app, console, emit_json, friendly, option, out
 
 
 @app.command()
@@ -58,37 +59,37 @@ def lookup(
 @app.command("serve-lookup")
 @friendly
 def serve_lookup(
-    host: str = typer.Option("127.0.0.1", help="address to listen on"),
-    port: int = typer.Option(8780, help="port to listen on"),
+    host: str = option(LookupServerConfig, "host"),
+    port: int = option(LookupServerConfig, "port"),
     to: Optional[str] = typer.Option(None, help="registry prefix (IMAGEFARM_TO)"),
     recipe: Optional[str] = typer.Option(None, help="recipe name or path (IMAGEFARM_RECIPE)"),
     agent_server_version: Optional[str] = typer.Option(
         None, "--agent-server-version", metavar="VERSION",
         help="the version a request without `agent_server_version` gets (IMAGEFARM_AGENT_SERVER_VERSION); "
              "default: the newest verified one of each base"),
-    lockfile: Optional[Path] = typer.Option(None, help="answer from this lockfile first"),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="IMAGEFARM_LOOKUP_API_KEY", show_envvar=True,
-                                          help="key clients send as X-API-Key (prefer the variable: argv is visible)"),
-    disable_auth: bool = typer.Option(False, "--disable-auth", help="accept requests without a key (loudly logged)"),
-    ttl: float = typer.Option(60.0, help="seconds a found answer is cached"),
+    lockfile: Optional[Path] = option(LookupServerConfig, "lockfile"),
+    api_key: Optional[str] = option(LookupServerConfig, "api_key", "--api-key", envvar="IMAGEFARM_LOOKUP_API_KEY",
+                                    show_envvar=True),
+    disable_auth: bool = option(LookupServerConfig, "disable_auth", "--disable-auth"),
+    ttl: float = option(LookupServerConfig, "ttl"),
 ) -> None:
     """Serve lookups over HTTP: /v1/lookup, /healthz, /metrics, /docs."""
     import os
 
     import uvicorn
 
-    from imagefarm.serve.apikey import check_key_config
     from imagefarm.serve.lookup_api import create_app
 
-    check_key_config(api_key, disable_auth, "IMAGEFARM_LOOKUP_API_KEY")  # before anything starts: exit 2 with the fix
+    # checked before anything starts: a bad value or a missing key is one line, exit 2, with the fix
+    cfg = LookupServerConfig(host, port, lockfile, ttl, api_key, disable_auth)
     os.environ.pop("IMAGEFARM_LOOKUP_API_KEY", None)
     settings = Settings.load(to=to, recipe=recipe, agent_server_version=agent_server_version)
-    lk = Lookup(settings, lockfile=lockfile, ttl=ttl)
-    app_ = create_app(lk, api_key, disable_auth=disable_auth)
+    lk = Lookup(settings, lockfile=cfg.lockfile, ttl=cfg.ttl)
+    app_ = create_app(lk, cfg.api_key, disable_auth=cfg.disable_auth)
     if disable_auth:
         logging.getLogger("imagefarm").warning("!!! AUTHENTICATION DISABLED (--disable-auth): anyone who reaches "
                                                "this port can query and invalidate the lookup !!!")
         console.print("[red]!!! AUTHENTICATION DISABLED (--disable-auth) !!![/]")
     console.print(f"lookup API on http://{host}:{port} for {lk.to} "
                   f"(API key {'not required' if disable_auth else 'required'})", highlight=False)
-    uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(app_, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)

@@ -18,9 +18,13 @@ gives the same digests, and a rerun after a crash uploads nothing the registry
 already has (blobs are HEAD-skipped, tags are put last). The tag is the one a plain
 derive of the base gets: lookups find re-layered images exactly as plain ones.
 
-Limits: each image's merged tree is held in memory (metadata only: one small value a
-path), file contents are kept on disk once per digest while the group runs; tar and
-tar+gzip layers only (zstd is refused); mtimes and hard links as ``tree`` says.
+Limits: every tree is kept on disk (one SQLite file per group, under the work
+directory) and file contents once per digest while the group runs; what reading an
+untrusted base layer may cost is bounded by the ``IMAGEFARM_RELAYER_*`` settings, and a
+group that meets a limit fails as a whole (the farm then derives its bases plainly and
+says why). tar, tar+gzip and tar+zstd layers. A common entry carries the mtime most of
+the group's images hold it with (exact wherever they agree); each proof counts the paths
+whose mtime is not their base's. Hard links as ``tree`` says.
 """
 
 from __future__ import annotations
@@ -40,9 +44,11 @@ from imagefarm.names.reference import Prefix, Reference, mirrored, parse
 from imagefarm.names.tags import derived_reference
 from imagefarm.registry import RegistryClient
 from imagefarm.registry.manifests import Manifest
+from imagefarm.settings import Settings
 from . import provenance, surgery
 from .append import Appender, existing_derive, payload_home
-from .tree import Entry, Op, Spool, Tree, apply, first_difference, read_ops, write_layer
+from .tree import (_ENTRY_COLS, _SAME, Entry, Limits, Op, Spool, StoredTree, Tree, TreeStore, _entry, _key, _path,
+                   apply, first_difference, link_groups, read_ops, settle_links, write_layer)
 from .values import AppendPayload, DeriveResult, PayloadLike
 
 #: bump when the choice of common files changes: a group id names the algorithm too
@@ -70,6 +76,11 @@ class GroupResult:
     own: tuple[oci.Layer, ...] = ()
     bytes_read: int = 0          #: layer bytes read from the registry
 
+    @property
+    def mtime_differs(self) -> int:
+        """Paths, over the group's images, whose mtime is not their base's (see ``choose_common``)."""
+        return sum(p.mtime_differs for p in self.proofs)
+
 
 def group_id(base_digests: Sequence[str], share: float) -> str:
     """Names what was re-layered: the set of base digests, the share and the algorithm."""
@@ -78,73 +89,147 @@ def group_id(base_digests: Sequence[str], share: float) -> str:
 
 
 class Layers:
-    """Layers as ops, each blob read once per process (keyed by digest)."""
+    """Layers applied to trees on disk (a ``TreeStore``). The tree of each chain of layers
+    read is remembered, so the group's lower layers (and a proof's common layer) are read
+    once; ops are kept in memory only for layers asked to (the payload: one, small)."""
 
-    def __init__(self, client: RegistryClient, spool: Spool) -> None:
-        self.client, self.spool = client, spool
-        self._ops: dict[str, tuple[list[Op], bool]] = {}
+    def __init__(self, client: RegistryClient, spool: Spool, limits: Limits = Limits(),
+                 store: TreeStore | None = None) -> None:
+        self.client, self.spool, self.limits = client, spool, limits
+        self.store = store or TreeStore(spool.root / ".trees.sqlite")
+        self._chains: dict[tuple[str, ...], tuple[StoredTree, bool]] = {}
+        self._ops: dict[str, list[Op]] = {}
         self.bytes_read = 0
 
     def ops(self, ref: Reference, desc: oci.Descriptor, diff_id: str | None, below: Tree, *,
-            keep: bool = False) -> list[Op]:
+            keep: bool = False, cache: bool = False) -> list[Op]:
         got = self._ops.get(desc.digest)
-        if got is not None and (got[1] or not keep):
-            return got[0]
+        if got is not None:
+            return got
         with self.client.open_blob(ref, desc.digest) as chunks:
             ops = read_ops(chunks, desc, diff_id, below=below, spool=self.spool if keep else None,
-                           where=f"{ref.name}@{ref.digest or ref.tag}")
+                           where=f"{ref.name}@{ref.digest or ref.tag}", limits=self.limits)
         self.bytes_read += desc.size
-        self._ops[desc.digest] = (ops, keep)
+        if cache:
+            self._ops[desc.digest] = ops
         return ops
 
     def tree(self, ref: Reference, layers: Sequence[oci.Descriptor], diff_ids: Sequence[str | None],
-             start: Tree | None = None, *, keep: bool = False) -> Tree:
+             start: StoredTree | None = None, *, keep: bool = False) -> StoredTree:
+        """A new tree (the caller's: it may change it): ``start`` (or nothing) plus
+        ``layers``. Without ``start`` each prefix of the chain is remembered, and the
+        longest one already read (with contents kept, if ``keep``) is where reading starts."""
         if len(diff_ids) != len(layers):
             raise DeriveError(f"{ref}: its config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
-        t: Tree = dict(start or {})
-        for d, diff_id in zip(layers, diff_ids):
-            apply(t, self.ops(ref, d, diff_id, t, keep=keep))
+        digests = tuple(d.digest for d in layers)
+        done, chain = 0, start is None
+        if chain:
+            for k in range(len(digests), 0, -1):
+                hit = self._chains.get(digests[:k])
+                if hit is not None and (hit[1] or not keep):
+                    start, done = hit[0], k
+                    break
+        t = self.store.new(copy_of=start)
+        for k in range(done, len(digests)):
+            ops = self.ops(ref, layers[k], diff_ids[k], t, keep=keep)
+            with self.store.batch():
+                apply(t, ops)
+            del ops
+            settle_links(t)
+            if chain:  # every prefix: siblings share their lower layers, proofs the common one
+                self._chains[digests[:k + 1]] = (self.store.new(copy_of=t), keep)
         return t
 
 
-def choose_common(lower: Tree, trees: Sequence[Tree], share: float) -> Tree:
+def choose_common(lower: StoredTree, trees: Sequence[StoredTree], share: float) -> StoredTree:
     """The entries (path and everything compared) more than ``share`` of the group holds
     above ``lower``; each kept only where its parent is a directory below it or named
-    by no layer (a common file never conjures a directory an image lacks). Each entry's mtime is that of the
-    first image holding it (images in group order)."""
-    counts: Counter[tuple[str, Entry]] = Counter()
-    first: dict[tuple[str, Entry], Entry] = {}
-    for t in trees:
-        for path, e in t.items():
-            if lower.get(path) != e:
-                counts[(path, e)] += 1
-                first.setdefault((path, e), e)
+    by no layer (a common file never conjures a directory an image lacks), a hard link
+    only with the file it names. Each entry's mtime is the one most of its holders have
+    (the earliest image's, in group order, on a tie). Counted in SQL, streamed by path."""
+    db, store = lower.db, lower.store
+    ids = ",".join(str(t.t) for t in trees)
+    cols = ", ".join(f"a.{c}" for c in _ENTRY_COLS)
+    db.execute("DROP TABLE IF EXISTS cand")
+    db.execute(f"CREATE TABLE cand AS SELECT a.path AS path, {cols}, COUNT(*) AS n, MIN(a.t) AS first "
+               f"FROM e a LEFT JOIN e b ON b.t = {lower.t} AND b.path = a.path "
+               f"WHERE a.t IN ({ids}) AND (b.path IS NULL OR NOT ({_SAME})) GROUP BY a.path, {cols}")
+    db.execute("CREATE INDEX cand_path ON cand (path)")
     need = share * len(trees)
-    named = {p for p, _ in counts}  # paths some image holds as an entry of its own
-    common: Tree = {}
-    for (path, e), n in sorted(counts.items(), key=lambda kv: kv[0][0]):
-        if n <= need:
-            continue
+    common = store.new()
+
+    def decide(path: str, rows: list[tuple]) -> None:
+        by_key: dict[tuple, list[tuple]] = {}
+        for r in rows:
+            by_key.setdefault(r[:-3], []).append(r)  # the entry without mtime
+        key, holders = max(by_key.items(), key=lambda kv: (sum(r[-2] for r in kv[1]), -min(r[-1] for r in kv[1])))
+        if sum(r[-2] for r in holders) <= need:
+            return
         parent = path.rpartition("/")[0]
         above = common.get(parent) or lower.get(parent)
         # a parent no layer names (tar's implicit directories) is no obstacle
-        if parent and (above.type != "d" if above is not None else parent in named):
-            continue
-        common[path] = first[(path, e)]
+        if parent and (above.type != "d" if above is not None else db.execute(
+                "SELECT 1 FROM cand WHERE path = ?", (_key(parent),)).fetchone() is not None):
+            return
+        # exact wherever the group agrees; each image's other mtimes are counted by its proof
+        best = max(holders, key=lambda r: (r[-2], -r[-1]))
+        common[path] = _entry((*key, best[-3]))
+
+    with store.batch():
+        cur, rows = None, []
+        for r in _stream(db, f"SELECT path, {', '.join(_ENTRY_COLS)}, n, first FROM cand ORDER BY path"):
+            path = _path(r[0])
+            if path != cur and rows:
+                decide(cur, rows)
+                rows = []
+            cur = path
+            rows.append(r[1:])
+        if rows:
+            decide(cur, rows)
+        # a hard link goes in only with the file it names: one layer holds each inode
+        for path, e in common.linked():
+            if common.get(e.link) != replace(e, link=""):
+                common.pop(path)
+    db.execute("DROP TABLE cand")
     return common
 
 
-def own_items(common_tree: Tree, full: Tree) -> list[tuple[str, Entry | None]]:
+def _stream(db, query: str, size: int = 4096):
+    """Rows of ``query`` in batches: the cursor stays on ``cand``, writes go to ``e``."""
+    cur = db.execute(query)
+    while rows := cur.fetchmany(size):
+        yield from rows
+
+
+def common_tree_of(lower: StoredTree, common: StoredTree) -> StoredTree:
+    """``lower`` with the common entries added (a non-directory over a lower directory
+    replaces its subtree)."""
+    db, t = lower.db, lower.store.new(copy_of=lower)
+    with lower.store.batch():
+        for (k,) in db.execute(f"SELECT c.path FROM e c JOIN e l ON l.t = {lower.t} AND l.path = c.path "
+                               f"WHERE c.t = {common.t} AND c.type != 'd' AND l.type = 'd'").fetchall():
+            t.drop_under(_path(k))
+        db.execute(f"INSERT OR REPLACE INTO e SELECT {t.t}, path, {', '.join(_ENTRY_COLS)} FROM e "
+                   f"WHERE t = {common.t}")
+    return t
+
+
+def own_items(common_tree: StoredTree, full: StoredTree) -> list[tuple[str, Entry | None]]:
     """What one image's own layer holds over ``common_tree`` (lower + common) to give
     ``full``: entries that differ or are new, whiteouts (topmost) for paths it lacks."""
-    items: list[tuple[str, Entry | None]] = [(p, e) for p, e in full.items() if common_tree.get(p) != e]
-    for p in common_tree:
-        if p in full:
+    items: list[tuple[str, Entry | None]] = []
+    for p, mine, _ in full.differing(common_tree):
+        if mine is not None:
+            items.append((p, mine))
             continue
         parent = p.rpartition("/")[0]
         if parent and parent in common_tree and parent not in full:
             continue  # the parent's whiteout hides it
         items.append((p, None))
+    own = {p for p, e in items if e is not None}
+    for group in link_groups(full).values():  # a group written at all is written whole, here
+        if own.intersection(group):
+            items += [(p, full[p]) for p in group if p not in own]
     return items
 
 
@@ -242,24 +327,35 @@ class Relayer:
 
     def _relayer(self, group: list[_Base], order: list[_Base], gid: str, payload: PayloadLike, to: Prefix,
                  work: Path, publish: bool) -> GroupResult:
-        spool = Spool(work / "spool")
-        layers = Layers(self.client, spool)
+        limits = limits_of(self.a.settings)
+        spool = Spool(work / "spool", limits.spool_bytes)
+        layers = Layers(self.client, spool, limits, TreeStore(work / "trees.sqlite"))
+        try:
+            return self._relayer_on(layers, spool, group, order, gid, payload, to, work, publish)
+        finally:
+            layers.store.close()
+
+    def _relayer_on(self, layers: Layers, spool: Spool, group: list[_Base], order: list[_Base], gid: str,
+                    payload: PayloadLike, to: Prefix, work: Path, publish: bool) -> GroupResult:
         lower = _shared_prefix([g.manifest.layers for g in order])
         first = order[0]
         lower_tree = layers.tree(first.source, first.manifest.layers[:lower], first.diff_ids[:lower])
         fulls = [layers.tree(g.source, g.manifest.layers[lower:], g.diff_ids[lower:], lower_tree, keep=True)
                  for g in order]
         common = choose_common(lower_tree, fulls, self.share)
-        common_tree = apply(dict(lower_tree), [("add", p, e) for p, e in sorted(common.items())])
+        common_tree = common_tree_of(lower_tree, common)
         out = work / "layers"
         owns = {g.manifest.digest: own_items(common_tree, f) for g, f in zip(order, fulls)}
+        common_tree.drop()
         # an image may keep a lower file the common layer replaces (or hard-link one): only
         # then are the lower layers read again, to keep those contents too
         need = {e.digest for items in owns.values() for _, e in items if e is not None and e.type == "f"}
         if any(not spool.path(d).exists() for d in need):
-            layers.tree(first.source, first.manifest.layers[:lower], first.diff_ids[:lower], keep=True)
-        common_layer = write_layer(common.items(), out, spool)
+            layers.tree(first.source, first.manifest.layers[:lower], first.diff_ids[:lower], keep=True).drop()
+        common_layer = write_layer(common.items(), out, spool, presorted=True)
+        common.drop()
         own = {d: write_layer(items, out, spool) for d, items in owns.items()}
+        del owns
         bases_tree = {g.manifest.digest: f for g, f in zip(order, fulls)}
         results, proofs = [], []
         for g in group:  # in the order asked (two tags of one digest are two images)
@@ -302,14 +398,23 @@ class Relayer:
 
     def _prove(self, layers: Layers, g: _Base, digest: str, base_tree: Tree, payload: PayloadLike) -> Proof:
         pl = payload.layer
-        want = apply(dict(base_tree), layers.ops(g.target, pl.descriptor, pl.diff_id, base_tree))
-        return prove_tree(layers, g.target.with_digest(digest), want)
+        want = layers.store.new(copy_of=base_tree)
+        with layers.store.batch():
+            apply(want, layers.ops(g.target, pl.descriptor, pl.diff_id, want, cache=True))
+        return prove_tree(layers, g.target.with_digest(digest), settle_links(want))
 
     def _result(self, g: _Base, digest: str, skipped: bool, published: bool, st) -> DeriveResult:
         return DeriveResult(base=str(g.base), base_digest=g.manifest.digest, image=str(g.target), digest=digest,
                             skipped=skipped, blobs_uploaded=st.blobs_uploaded if st else 0,
                             bytes_moved=st.blob_bytes_uploaded if st else 0, requests=st.requests if st else 0,
                             kind="relayer", published=published)
+
+
+def limits_of(settings: Settings) -> Limits:
+    """What reading one untrusted base layer may cost, from the ``IMAGEFARM_RELAYER_*`` settings."""
+    return Limits(header_bytes=settings.relayer_max_header_bytes, entries=settings.relayer_max_entries,
+                  unpacked_bytes=settings.relayer_max_unpacked_bytes, ratio=settings.relayer_max_ratio,
+                  spool_bytes=settings.relayer_max_spool_bytes)
 
 
 def _shared_prefix(layer_lists: Sequence[Sequence[oci.Descriptor]]) -> int:
@@ -330,14 +435,25 @@ def prove_tree(layers: Layers, derived: Reference, want: Tree) -> Proof:
     if not isinstance(m, Manifest):
         raise DeriveError(f"{derived}: is an index, not an image")
     cfg = json.loads(client.get_blob_bytes(derived, m.config.digest))
-    got = layers.tree(derived, m.layers, (cfg.get("rootfs") or {}).get("diff_ids") or [None] * len(m.layers))
-    path = first_difference(want, got)
-    if path is not None:
-        w, h = want.get(path), got.get(path)
-        raise DeriveError(f"{derived}: re-layered tree differs from its base plus the payload at /{path}: "
-                          f"base has {w.describe() if w else 'nothing'}, derived has {h.describe() if h else 'nothing'}")
-    moved = sum(1 for p, e in want.items() if got[p].mtime != e.mtime)
-    return Proof(str(derived), len(want), moved)
+    ids = (cfg.get("rootfs") or {}).get("diff_ids") or [None] * len(m.layers)
+    if len(ids) != len(m.layers):
+        raise DeriveError(f"{derived}: its config lists {len(ids)} diff_ids for {len(m.layers)} layers")
+    # all but the top two layers (own + payload) as one remembered chain: a group's
+    # images share it, so its common layer is read back once, not once per image
+    head = layers.tree(derived, m.layers[:-2], ids[:-2])
+    got = layers.tree(derived, m.layers[-2:], ids[-2:], head)
+    head.drop()
+    try:
+        path = first_difference(want, got)
+        if path is not None:
+            w, h = want.get(path), got.get(path)
+            raise DeriveError(f"{derived}: re-layered tree differs from its base plus the payload at /{path}: "
+                              f"base has {w.describe() if w else 'nothing'}, derived has "
+                              f"{h.describe() if h else 'nothing'}")
+        return Proof(str(derived), len(want), want.mtimes_differ(got))
+    finally:
+        got.drop()
+        want.drop()
 
 
 def prove(client: RegistryClient, base: Reference, derived: Reference, work: Path,
@@ -358,5 +474,6 @@ def prove(client: RegistryClient, base: Reference, derived: Reference, work: Pat
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         layers = layers or Layers(client, Spool(Path(tmp)))
         want = layers.tree(base, b.layers, (bcfg.get("rootfs") or {}).get("diff_ids") or [])
-        apply(want, layers.ops(derived, m.layers[-1], dcfg["rootfs"]["diff_ids"][-1], want))
-        return prove_tree(layers, derived, want)
+        with layers.store.batch():
+            apply(want, layers.ops(derived, m.layers[-1], dcfg["rootfs"]["diff_ids"][-1], want, cache=True))
+        return prove_tree(layers, derived, settle_links(want))

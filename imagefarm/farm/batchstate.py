@@ -52,6 +52,9 @@ class BatchState:
     redelivered: int = 0           #: tasks the broker delivered more than once (a worker was lost)
     extra_deliveries: int = 0      #: deliveries beyond the first (and beyond a task's own retries)
     failures: list[dict[str, str]] = field(default_factory=list)
+    #: re-layering groups derived plainly instead: {"group": first base, "bases": n, "reason": ...}
+    relayer_fallbacks: list[dict[str, Any]] = field(default_factory=list)
+    relayer_mtime_differs: int = 0  #: re-layered paths whose mtime is not their base's (derive.relayer)
     lockfile: str = ""
 
     @property

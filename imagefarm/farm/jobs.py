@@ -122,7 +122,7 @@ def relayer_group(settings: Settings, bases: list[str], recipe: str, layer: dict
             raise
         return {"ok": False, "bases": bases, "error": str(exc), "error_type": type(exc).__name__}
     return {"ok": True, "group": group.group, "common": group.common.digest if group.common else None,
-            "results": results}
+            "results": results, "mtime_differs": group.mtime_differs}
 
 
 def verify_image(settings: Settings, image: str, digest: str, timeout: float = 120.0) -> dict[str, Any]:

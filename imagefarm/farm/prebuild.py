@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +29,36 @@ from .executors import CeleryExecutor, Executor, LocalExecutor, redacted
 from .lockfile import Lockfile
 from .pinning import write_lockfile
 from .selection import choose_verify, relayer_groups
+from imagefarm.errors import ConfigError
 from imagefarm.settings import Settings
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How a batch runs (the ``prebuild`` options): each default written once, here; checked
+    when made, before any payload is pushed."""
+
+    executor: str = field(default="local",
+                          metadata=_help("local (thread pool, no Redis) or celery (workers on the broker)"))
+    limit: int | None = field(default=None, metadata=_help("only the first N unique bases"))
+    verify: str = field(default="all", metadata=_help("boot-check all, none, or a sample of N images"))
+    workers: int = field(default=8, metadata=_help("local executor: parallel derives"))
+    verify_timeout: float = field(default=120.0, metadata=_help("seconds an image may take to answer /alive"))
+
+    def __post_init__(self) -> None:
+        if self.executor not in ("local", "celery"):
+            raise ConfigError(f"--executor must be local or celery, not {self.executor!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, not {self.limit}")
+        choose_verify([], self.verify)  # all, none or a number, said in its own words
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, not {self.workers}")
+        if not self.verify_timeout > 0:
+            raise ConfigError(f"--verify-timeout must be a positive number of seconds, not {self.verify_timeout}")
 
 
 @dataclass(frozen=True)
@@ -92,9 +121,13 @@ class Batch:
         if stage == "relayer" and not res.get("ok"):  # nothing lost: the plain path
             self.log(f"re-layering the {len(self.groups[base])} bases of {base.rsplit(':', 1)[0]} failed "
                      f"({res.get('error', 'unknown error')}): deriving them one by one")
+            self.state.relayer_fallbacks.append({"group": base, "bases": len(self.groups[base]),
+                                                 "reason": res.get("error", "unknown error")})
             for b in self.groups[base]:
                 self.submit("derive", b)
             return
+        if stage == "relayer":
+            self.state.relayer_mtime_differs += res.get("mtime_differs", 0)
         for b, r in (zip(self.groups[base], res["results"]) if stage == "relayer" else [(base, res)]):
             apply(self.state, self.outcomes[b], "verify" if stage == "verify" else "derive", r)
             if stage != "verify" and self.outcomes[b].ok and b in self.to_verify:
@@ -118,13 +151,15 @@ class Batch:
         return len(stale)
 
 
-def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limit: int | None = None,
-              verify: str = "all", lockfile: Path | None = None, workers: int = 8,
-              verify_timeout: float = 120.0, on_progress: Callable[[BatchState], None] | None = None,
+def run_batch(settings: Settings, dataset: str, *, executor: str = BatchConfig.executor,
+              limit: int | None = BatchConfig.limit, verify: str = BatchConfig.verify, lockfile: Path | None = None,
+              workers: int = BatchConfig.workers, verify_timeout: float = BatchConfig.verify_timeout,
+              on_progress: Callable[[BatchState], None] | None = None,
               log: Callable[[str], None] = lambda m: None, relayer: bool = False) -> BatchResult:
     """``relayer``: the bases of one repository are re-layered together (``derive.relayer``,
     one task per group) instead of derived one by one; a repository with one base is
-    derived as usual."""
+    derived as usual. The options are checked first (``BatchConfig``)."""
+    BatchConfig(executor, limit, verify, workers, verify_timeout)
     from imagefarm.payload.recipe import recipe_for
     from imagefarm.payload.remote import locate, push
     from imagefarm.registry import RegistryClient
@@ -151,7 +186,7 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = "local", limi
     save_state(settings, state)
     ex: Executor = (LocalExecutor(settings, layer, workers, verify_timeout=verify_timeout) if executor == "local"
                     else CeleryExecutor(settings, layer, verify_timeout))
-    groups = {g[0]: g for g in relayer_groups(bases) if len(g) > 1} if relayer else {}
+    groups = {g[0]: g for g in relayer_groups(bases, settings.relayer_group_max) if len(g) > 1} if relayer else {}
     batch = Batch(state, ex, bases, choose_verify(bases, verify), groups, log)
     interrupted = False
     old_handler = signal.getsignal(signal.SIGTERM)

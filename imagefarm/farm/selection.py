@@ -8,7 +8,7 @@ import hashlib
 from imagefarm.errors import ConfigError
 from imagefarm.names.reference import parse
 
-#: the most bases one re-layering task takes (its trees are held in memory)
+#: the default of ``IMAGEFARM_RELAYER_GROUP_MAX``: one task per group, so a group is the unit of retry
 RELAYER_GROUP_MAX = 32
 
 
@@ -30,11 +30,11 @@ def choose_verify(bases: list[str], verify: str) -> set[str]:
     return set(sorted(bases, key=hash_of)[:max(0, n)])
 
 
-def relayer_groups(bases: list[str]) -> list[list[str]]:
+def relayer_groups(bases: list[str], size: int = RELAYER_GROUP_MAX) -> list[list[str]]:
     """The bases of one repository (registry and path), in dataset order, in groups of
-    at most ``RELAYER_GROUP_MAX``: what ``--relayer`` re-layers together."""
+    at most ``size`` (``IMAGEFARM_RELAYER_GROUP_MAX``): what ``--relayer`` re-layers together."""
     by_repo: dict[str, list[str]] = {}
     for b in bases:
         ref = parse(b)
         by_repo.setdefault(f"{ref.registry}/{ref.repository}", []).append(b)
-    return [bs[i:i + RELAYER_GROUP_MAX] for bs in by_repo.values() for i in range(0, len(bs), RELAYER_GROUP_MAX)]
+    return [bs[i:i + size] for bs in by_repo.values() for i in range(0, len(bs), size)]
