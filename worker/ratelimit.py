@@ -23,6 +23,8 @@ PREFIX = "imagefarm:ratelimit:"
 KEYS = PREFIX + "keys"
 #: seconds a counted request may stay unanswered before its place is given back
 LEASE = 120.0
+#: seconds an unreachable Redis is waited for before a counted request fails (transient)
+BROKER_PATIENCE = 300.0
 #: seconds what a registry said about a budget is kept after its last answer
 KEEP = 2 * 24 * 3600
 
@@ -108,12 +110,21 @@ class RedisGate:
             return Permit(key, False)
         token = uuid.uuid4().hex
         deadline = time.monotonic() + max_wait
+        away_since = time.monotonic()
         while True:
             try:
                 state, wait = self._acquire(keys=self._keys(key),
                                             args=[token, LEASE, registry, account, KEEP])
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Redis restarting is waited out, like the slot semaphore does: failing here
+                # would send the task into a retry whose countdown outlasts the outage
+                if time.monotonic() > away_since + BROKER_PATIENCE:
+                    raise TransientRegistryError(f"the rate-limit gate in Redis is unreachable: {exc}") from None
+                time.sleep(0.5)
+                continue
             except redis.RedisError as exc:
                 raise TransientRegistryError(f"the rate-limit gate in Redis is unreachable: {exc}") from None
+            away_since = time.monotonic()
             if state == "ok":
                 return Permit(key, True, token)
             wait = float(wait)

@@ -8,9 +8,10 @@ is put back (same task id, no retry used up) to run when it opens.
 
 Every delivery of a task is counted in ``imagefarm:task:<id>`` (a hash: ``deliveries``,
 ``redelivered`` -- the broker put it back after a lost worker --, ``retries`` -- the
-task's own retries --, ``paused`` -- sent again to wait for the rate-limit gate -- and
-the worker process that took it last): the broker-side record the driver reads to
-report repeated work.
+task's own retries --, ``paused`` -- sent again to wait for the rate-limit gate --, the
+worker process that took it last, ``seen`` -- when, epoch -- and ``eta`` -- when a retry
+or a pause sent it again to run): the broker-side record the driver reads to report
+repeated work, and to tell a task that waits out a countdown from a lost one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import redis
 from celery import Task
@@ -32,8 +34,10 @@ from .app import app
 from .ratelimit import RedisGate
 from .semaphore import RedisSemaphore
 
-RETRY = dict(autoretry_for=(ImagefarmError, ConnectionError, OSError), retry_backoff=2, retry_backoff_max=120,
-             retry_jitter=True, max_retries=8)
+#: backoff capped at 30 s (a task never waits long after a fault cleared: batches end
+#: within a minute of it), with retries enough for about 4 minutes of a registry outage
+RETRY = dict(autoretry_for=(ImagefarmError, ConnectionError, OSError), retry_backoff=2, retry_backoff_max=30,
+             retry_jitter=True, max_retries=12)
 #: how long a retry waits for a broker that is away before Celery's rejection stands
 BROKER_PATIENCE = 300.0
 
@@ -46,6 +50,9 @@ class FarmTask(Task):
     restart would fail its base. Here the retry waits for the broker instead."""
 
     def retry(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - raises Retry, as Celery's does
+        countdown = kwargs.get("countdown")
+        _note_eta(self, kwargs["eta"].timestamp() if kwargs.get("eta") else
+                  time.time() + (self.default_retry_delay if countdown is None else countdown))
         deadline, delay = time.monotonic() + BROKER_PATIENCE, 0.5
         while True:
             try:
@@ -87,6 +94,7 @@ def _record_delivery(task, patience: float = 300.0) -> None:
                 .hincrby(key, "deliveries", 1) \
                 .hincrby(key, "redelivered", 1 if info.get("redelivered") else 0) \
                 .hset(key, mapping={"pid": os.getpid(), "retries": req.retries or 0, "name": task.name,
+                                    "seen": f"{time.time():.3f}",
                                     "arg": arg, "host": req.hostname or socket.gethostname()}) \
                 .expire(key, RECORD_TTL) \
                 .execute()
@@ -96,6 +104,15 @@ def _record_delivery(task, patience: float = 300.0) -> None:
                 return
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+def _note_eta(task, when: float) -> None:
+    """The epoch at which this task, sent again with a countdown, is due: the driver does
+    not take a task that waits out its countdown for a lost one."""
+    try:
+        _redis().hset(task_key(task.request.id), "eta", f"{when:.3f}")
+    except redis.RedisError:
+        pass  # the driver then sees the delivery time only, and waits its stall timer
 
 
 def _count(task, field_: str) -> None:
@@ -140,6 +157,7 @@ def _paced(task, settings: Settings, work) -> dict[str, Any]:
         # retry count: waiting for a window uses up none of the retries for real errors
         wait = max(0.0, min(MAX_COUNTDOWN, exc.until - time.time()))
         _count(task, "paused")
+        _note_eta(task, time.time() + wait)
         task.apply_async(args=task.request.args, kwargs=task.request.kwargs, task_id=task.request.id,
                          countdown=wait, retries=task.request.retries)
         raise Ignore() from None
@@ -159,4 +177,27 @@ def verify(self, image: str, digest: str, to: str, recipe: str, timeout: float =
            version: str | None = None) -> dict[str, Any]:
     _record_delivery(self)
     settings = Settings.load(to=to, recipe=recipe, agent_server_version=version)
-    return jobs.verify_image(settings, image, digest, timeout)
+    with _one_at_a_time(f"imagefarm:verify:{digest}", ttl=timeout + 300):
+        return jobs.verify_image(settings, image, digest, timeout)
+
+
+@contextmanager
+def _one_at_a_time(key: str, ttl: float) -> Iterator[None]:
+    """One boot check per image at a time, farm-wide. A second delivery of a running
+    verify (its lease renewal lost the race with a restore sweep after a long broker
+    outage on a starved node) waits for the first, then finds its record and skips: one
+    boot, one record. Redis away: the check goes ahead unlocked (a second record is then
+    the cost, not a lost image)."""
+    lock = _redis().lock(key, timeout=ttl, blocking_timeout=ttl)
+    try:
+        held = lock.acquire()
+    except redis.RedisError:
+        held = False
+    try:
+        yield
+    finally:
+        if held:
+            try:
+                lock.release()
+            except redis.RedisError:  # expired or Redis away: the ttl frees it
+                pass

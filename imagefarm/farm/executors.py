@@ -25,6 +25,7 @@ class Executor(Protocol):
     def unconsumed(self, queues: set[str]) -> list[str] | None: ...
     def start_hint(self, queue: str) -> str: ...
     def deliveries(self) -> dict[str, int]: ...
+    def last_activity(self, handles) -> float | None: ...
     def close(self) -> None: ...
 
 
@@ -66,6 +67,9 @@ class LocalExecutor:
 
     def deliveries(self) -> dict[str, int]:
         return {}  # a thread pool delivers each unit once
+
+    def last_activity(self, handles) -> float | None:
+        return time.time()  # threads are never lost: always alive
 
     def close(self) -> None:
         self._derive_pool.shutdown(wait=False, cancel_futures=True)
@@ -216,6 +220,26 @@ class CeleryExecutor:
 
     def start_hint(self, queue: str) -> str:
         return f"imagefarm worker --queues {queue} --broker-url {redacted(self.settings.broker_url)}"
+
+    def last_activity(self, handles) -> float | None:
+        """The latest sign of life among ``handles``' tasks (epoch), from their delivery
+        records: a delivery, or the time a retry's or a pause's countdown ends (in the
+        future while it waits). None when the broker does not answer."""
+        from imagefarm.worker.tasks import task_key
+
+        client = self.app.backend.client
+        latest = 0.0
+        try:
+            ids = [h.id for h in handles]
+            for i in range(0, len(ids), self.CHUNK):
+                pipe = client.pipeline(transaction=False)
+                for tid in ids[i:i + self.CHUNK]:
+                    pipe.hmget(task_key(tid), "seen", "eta")
+                for got in pipe.execute():
+                    latest = max([latest, *(float(x) for x in got if x)])
+        except Exception:  # noqa: BLE001 - a broker that is away: no claim either way
+            return None
+        return latest
 
     def deliveries(self) -> dict[str, int]:
         """From the tasks' delivery records: tasks the broker delivered more than once

@@ -202,7 +202,8 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = BatchConfig.e
     # Tasks come back through the broker when a worker is lost (acks_late, leases).
     # Two things it cannot fix: no worker consumes a queue (said so, with the command
     # that starts one, every ``check`` seconds of silence), and a result lost between a
-    # worker and the driver: when nothing at all has finished for ``stall`` seconds while
+    # worker and the driver: when nothing at all has finished, been delivered or been
+    # due after a retry's countdown (the tasks' records) for ``stall`` seconds while
     # workers are there, the driver asks again for what it waits on (tasks are
     # idempotent), and counts it.
     stall = max(120.0, 2 * verify_timeout) if executor == "celery" else None
@@ -225,6 +226,10 @@ def run_batch(settings: Settings, dataset: str, *, executor: str = BatchConfig.e
                         f"wait there; start one with `{ex.start_hint(q)}`")
                 if missing:
                     last_result = now  # a stall with no consumer is not a lost result: do not ask again
+                elif missing is not None and idle > stall and (busy := ex.last_activity(batch.pending)) is None:
+                    pass  # the broker is away again: nothing to judge by
+                elif missing is not None and idle > stall and time.time() - busy < stall:
+                    last_result = now - max(0.0, time.time() - busy)  # delivered, or waits out a countdown
                 elif missing is not None and idle > stall:
                     log(f"no result for {stall:.0f}s: asking again for {len(batch.pending)} task(s) (idempotent)")
                     batch.ask_again()

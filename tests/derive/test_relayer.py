@@ -82,6 +82,18 @@ def test_tree_comparison_passes_on_every_image(group, history, rl, tmp_path):
         assert proof.paths == group.proofs[group.results.index(r)].paths
 
 
+def test_umoci_unpacks_an_image_to_its_base_plus_the_payload(group, rl_settings, payload, tmp_path):
+    """The independent proof (imagefarm/farm/treecheck.py: skopeo + umoci + os.lstat, no
+    code of imagefarm.derive) on the group's last image (the one with most siblings
+    before it; each proof unpacks two ~10,000-path trees, so not all six: suite time)."""
+    from imagefarm.farm.treecheck import prove_tree
+
+    for r in group.results[-1:]:
+        proof = prove_tree(rl_settings, f"{parse(r.image).name}@{r.digest}", payload_digest=payload.layer.digest,
+                           work=tmp_path)
+        assert proof.ok and proof.paths > 10_000, (r.image, proof.paths, proof.differences[:10])
+
+
 def test_own_layers_hold_whiteouts_for_deleted_common_files(group, rl):
     """The history deletes a file every 4th commit: those images' own layers hide it."""
     seen = []
@@ -92,7 +104,7 @@ def test_own_layers_hold_whiteouts_for_deleted_common_files(group, rl):
     assert any(p.startswith("testbed/relayer/mod_") for p in seen), seen
 
 
-def test_altered_image_fails_naming_the_path(group, history, rl, tmp_path):
+def test_altered_image_fails_naming_the_path(group, history, rl, rl_settings, tmp_path):
     client, r, h = rl.client, group.results[1], history[1]
     ref = parse(r.image)
     m = manifest(client, r.image, r.digest)
@@ -117,6 +129,10 @@ def test_altered_image_fails_naming_the_path(group, history, rl, tmp_path):
     altered = client.put_manifest(ref.with_digest(oci.sha256_digest(raw)), raw, oci.OCI_MANIFEST)
     with pytest.raises(DeriveError, match=r"differs from its base plus the payload at /testbed/run_tests\.sh: "):
         prove(client, parse(h.ref).with_digest(r.base_digest), ref.with_digest(altered), tmp_path)
+    from imagefarm.farm.treecheck import prove_tree  # and the independent proof sees it too
+
+    bad = prove_tree(rl_settings, f"{ref.name}@{altered}", work=tmp_path)
+    assert [d.split(":", 1)[0] for d in bad.differences] == ["testbed/run_tests.sh"], bad.differences
 
 
 def test_same_group_gives_the_same_digests(group, history, rl, registry, payload):

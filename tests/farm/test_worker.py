@@ -135,33 +135,3 @@ def test_bad_visibility_timeout_is_one_line(cli_env):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "error: IMAGEFARM_VISIBILITY_TIMEOUT must be a whole number of seconds, at least 5, not 'soon'"]
-
-
-def test_retry_waits_for_a_broker_that_is_away(monkeypatch):
-    """Celery rejects a task for good when its retry cannot be sent (the broker is down);
-    the farm's tasks wait for the broker instead. Celery's send is the stand-in here: it
-    fails twice, as it does while Redis restarts, then sends."""
-    from celery import Task
-    from celery.exceptions import Reject, Retry
-
-    from imagefarm.worker import tasks
-
-    sent = []
-
-    def send(self, *args, **kwargs):
-        sent.append(kwargs.get("exc"))
-        if len(sent) < 3:
-            raise Reject(ConnectionError("Error 111 connecting to the broker"), requeue=False)
-        raise Retry("sent", exc=kwargs.get("exc"))
-
-    monkeypatch.setattr(Task, "retry", send)
-    monkeypatch.setattr(tasks.time, "sleep", lambda s: None)
-    boom = OSError("registry reset the connection")
-    with pytest.raises(Retry):
-        tasks.FarmTask.retry(tasks.verify, exc=boom)
-    assert sent == [boom, boom, boom]
-    monkeypatch.setattr(tasks, "BROKER_PATIENCE", -1.0)  # a broker that never comes back
-    sent.clear()
-    with pytest.raises(Reject):
-        tasks.FarmTask.retry(tasks.verify, exc=boom)
-    assert len(sent) == 1
