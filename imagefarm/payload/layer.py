@@ -52,7 +52,10 @@ def launcher_script(recipe: Recipe) -> str:
 #: the zip of the ``zip`` layout and the .pth that puts it on sys.path (site.py reads
 #: .pth lines relative to site-packages, in -I mode too)
 SITE_ZIP = "imagefarm-packages.zip"
-SITE_PTH = "imagefarm-packages.pth"
+#: site.py reads .pth files in name order: this one sorts first, so the zip is on sys.path
+#: before another .pth imports from it (setuptools' distutils-precedence.pth imports
+#: _distutils_hack, which the zip holds)
+SITE_PTH = "00-imagefarm-packages.pth"
 #: a package whose code says one of these may read its own files from disk
 _READS_FILES = re.compile(rb"__file__|__path__\[0\]|resource_filename|pkg_resources|importlib[._]resources|get_data\(")
 #: files that are code or documentation, never read at run time as data

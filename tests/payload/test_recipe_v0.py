@@ -38,6 +38,7 @@ def test_layer_entries_name_each_directory_once(tmp_path) -> None:
     v0 = load_recipe("v0", RECIPES)
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin/python3.13").write_bytes(b"\x7fELF")
+    (tmp_path / f"venv/lib/python{v0.builder.python}/site-packages").mkdir(parents=True)  # the zip layout reads it
     names = [e[0] for e in layer_entries(tmp_path, v0)]
     dirs = [n for n in names if n in ("openhands", "openhands/code", "openhands/micromamba",
                                       "openhands/micromamba/bin", "openhands/v0", "openhands/v0/import-cwd")]
