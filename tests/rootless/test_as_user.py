@@ -284,11 +284,14 @@ def test_doctor_as_user_sees_what_rootless_needs(as_user):
 def test_nothing_written_outside_the_users_state_and_cache(as_user, user_derived):
     """After the user's derive/verify/prebuild/runtime runs of this module: every file the
     user owns in HOME and the temporary directories is in a job's state/cache dir, its
-    runtime dir (podman's run root), or the SLURM job's node-local state dir. podman's
+    runtime dir (podman's run root), the SLURM job's node-local state dir, or the user's
+    own signing key pair (made on first use under XDG_CONFIG_HOME/imagefarm/keys). podman's
     rootless lock segment in /dev/shm (shared memory, not disk) is the one exception."""
     allowed = [as_user.work / "jobs", as_user.work / "run", as_user.work / "slurm-run", as_user.work / "data",
                *Path("/tmp").glob("imagefarm-runtime-*")]
+    keys = as_user.work / "home/.config/imagefarm/keys"
     extra = {as_user.work / n for n in ("lock.json", "server.log", "runtime-url", "worker.log")}
+    extra |= {keys / "farm.key", keys / "farm.pub"}
     shm_lock = Path(f"/dev/shm/libpod_rootless_lock_{as_user.user.uid}")
     outside = [f for f in as_user.written_outside(allowed) if Path(f) not in extra and Path(f) != shm_lock]
     assert outside == []
