@@ -89,9 +89,9 @@ def serve_cmd(
         pids_limit=pids_limit, user_policy=user_policy, stop_on_exit=stop_on_exit,  # type: ignore[arg-type]
         image_cache_gib=image_cache_gib, payloads=_payloads(payload), warm_idle_timeout=warm_idle_timeout)
     front = None
+    if not fleet:  # checked as a front would check them, so a typo is not silently ignored
+        FrontOptions(fleet_key=_FRONT.fleet_key, node_timeout=node_timeout, placement=placement)
     if fleet:
-        from imagefarm.runtime.config import FrontOptions
-
         front = FrontOptions(fleet_key=_fleet_key(fleet_key_file), node_timeout=node_timeout, placement=placement)
     os.environ.pop("IMAGEFARM_RUNTIME_API_KEY", None)  # not inherited by podman and its children
     where = settings.state_dir / ("fleet" if fleet else "runtime")
