@@ -161,7 +161,8 @@ def test_real_sdk_workspaces_on_both_nodes_run_in_testbed(fleet, agent_images, s
     assert r.status_code == 200, r.text
     planned = r.json()["images"]
     assert len({p["node"] for p in planned}) == 2 and all(p["pull"] for p in planned)
-    _poll(lambda: all(n["stats"].get("pulling") == 0 and n["stats"].get("pulls", 0) >= 1 for n in fleet.nodes()),
+    # each node: its join-time payload pull, then the one image planned for it
+    _poll(lambda: all(n["stats"].get("pulling") == 0 and n["stats"].get("pulls", 0) >= 2 for n in fleet.nodes()),
           "the prefetches", 600, 1)
     gets = len(registry.blob_gets())
     procs = [subprocess.Popen(sdk_python.argv(HERE / "sdk_client.py", fleet.url, fleet.key, img, "--exec",
@@ -178,7 +179,9 @@ def test_real_sdk_workspaces_on_both_nodes_run_in_testbed(fleet, agent_images, s
         assert s["exec"]["exit_code"] == 0 and "from-sdk" in s["exec"]["stdout"], s["exec"]
         assert "/testbed/.venv" in s["exec"]["stdout"]
         assert s["stopped"]["runtime_id"] == s["ready"]["runtime_id"]
-    assert len(registry.blob_gets()) == gets  # prefetched: the starts pulled nothing
+    pulled = [(a.method, a.path, a.status, getattr(a, "agent", "")) for a in registry.accesses()
+              if a.method == "GET" and "/blobs/sha256:" in a.path and a.status in (200, 307)][gets:]
+    assert pulled == [], pulled  # prefetched: the starts pulled nothing
 
 
 def test_second_start_lands_where_the_image_is_and_pulls_nothing(fleet, standins, registry):
@@ -239,7 +242,8 @@ def test_second_job_joins_the_running_fleet_and_leaves_it(fleet, standins, rt_se
     env = {k: v for k, v in os.environ.items() if k != "IMAGEFARM_RUNTIME_API_KEY"}
     env.update(IMAGEFARM_FLEET_KEY_FILE=str(fleet.fleet_key_file), IMAGEFARM_STATE_DIR=str(fleet.state),
                IMAGEFARM_CACHE_DIR=str(rt_settings.cache_dir), IMAGEFARM_TO=rt_settings.to,
-               RUNTIME_BIND="advertise", RUNTIME_SLOTS="4", IMAGEFARM=IMAGEFARM)
+               RUNTIME_BIND="advertise", RUNTIME_SLOTS="4", IMAGEFARM=IMAGEFARM,
+               RUNTIME_CPUS_PER_FACTOR="0.5")  # 4 slots fit this 2-CPU host only at half a CPU each
     job2 = fleet.cluster.sbatch(SCRIPT, "--nodes", "1", *SMALL, f"--output={fleet.state}/job2-%j.log",
                                 env=env, script_args=("--join", fleet.url))
     before = {n["node_id"] for n in fleet.nodes()}
