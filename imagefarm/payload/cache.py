@@ -9,6 +9,7 @@ from typing import Any
 
 from imagefarm import oci
 from imagefarm.settings import Settings
+from .layer import LAYER_FORMAT
 from .recipe import Recipe
 
 
@@ -37,6 +38,7 @@ class Payload:
             "uncompressed_size": self.uncompressed_size,
             "python_version": self.python_version,
             "build_seconds": round(self.build_seconds, 1),
+            "layer_format": LAYER_FORMAT,
         }
 
     @classmethod
@@ -68,11 +70,15 @@ def cached_payloads(settings: Settings) -> list[Payload]:
 
 
 def load_payload(settings: Settings, recipe: Recipe) -> Payload | None:
-    """The cached payload of ``recipe`` or None (no record, or its blob is gone)."""
+    """The cached payload of ``recipe`` or None (no record, its blob is gone, or it was
+    laid out by another ``LAYER_FORMAT``)."""
     rec = record_path(settings, recipe)
     try:
-        payload = Payload.from_json(json.loads(rec.read_text()))
-    except (OSError, ValueError, KeyError):
+        record = json.loads(rec.read_text())
+        if record.get("layer_format") != LAYER_FORMAT:
+            return None
+        payload = Payload.from_json(record)
+    except (OSError, ValueError, KeyError, AttributeError):
         return None
     try:
         if payload.layer.path.stat().st_size != payload.layer.size:

@@ -26,6 +26,10 @@ def _template(name: str) -> Template:
 LAUNCHER_ENV = _template("launcher_env.py.tmpl")
 LAUNCHERS = {"entrypoint": _template("launcher.py.tmpl"), "micromamba": _template("micromamba.py.tmpl")}
 
+#: how ``layer_entries`` lays a tree out; a cached layer of another format is rebuilt from
+#: its (cached) tree, so a change here never ships an old layout under the recipe's digest
+LAYER_FORMAT = 2
+
 #: an empty directory of the payload: the launcher's working directory while it imports
 IMPORT_CWD = "{prefix}/import-cwd"
 

@@ -105,7 +105,7 @@ def _write_public(path: Path) -> Path:
     pub = path.with_name(PUB_NAME)
     data = public_pem(_load_private(path).public_key())
     if not pub.exists() or pub.read_bytes() != data:
-        tmp = pub.with_name(f".{PUB_NAME}.{os.getpid()}")
+        tmp = pub.with_name(f".{PUB_NAME}.{os.getpid()}.{threading.get_ident()}")
         tmp.write_bytes(data)
         os.chmod(tmp, 0o644)
         tmp.replace(pub)

@@ -117,3 +117,29 @@ def test_payload_show_says_how_to_build(tmp_path) -> None:
     show = subprocess.run([IMAGEFARM, "payload", "show"], capture_output=True, text=True, env=env)
     assert show.returncode == 1
     assert "imagefarm payload build --recipe default" in show.stderr.replace("\n", " ")
+
+
+def test_a_layer_of_another_layout_is_a_cache_miss(tmp_path) -> None:
+    """The cache is keyed by recipe digest; a layer written by an older ``layer_entries``
+    (another ``LAYER_FORMAT``) must be rebuilt, not shipped under the same recipe."""
+    from imagefarm import oci
+    from imagefarm.payload.cache import Payload, record_path
+    from imagefarm.payload.layer import LAYER_FORMAT
+    from imagefarm.settings import Settings
+
+    settings = Settings(state_dir=tmp_path, cache_dir=tmp_path, recipes_dir=RECIPES)
+    recipe = load_recipe("default", RECIPES)
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"layer")
+    layer = oci.Layer(blob, "sha256:" + hashlib.sha256(b"layer").hexdigest(), 5, "sha256:" + "0" * 64)
+    record = Payload(recipe.name, recipe.digest, recipe.agent_server_version, layer).to_json()
+    assert record["layer_format"] == LAYER_FORMAT
+    rec = record_path(settings, recipe)
+    rec.parent.mkdir(parents=True)
+    rec.write_text(json.dumps(record))
+    assert load_payload(settings, recipe) is not None
+    rec.write_text(json.dumps({**record, "layer_format": LAYER_FORMAT - 1}))
+    assert load_payload(settings, recipe) is None
+    del record["layer_format"]
+    rec.write_text(json.dumps(record))
+    assert load_payload(settings, recipe) is None
