@@ -43,15 +43,17 @@ def test_shipped_worker_heartbeats_restarts_and_stops(cli_env, fixtures, payload
             w = workers.start("derive", concurrency=1, name="shipped")
             app = make_app(broker.url)
             # heartbeats: the worker's own worker-heartbeat events on the broker
+            # (one subscription held for the whole wait: events are pub/sub, and a loop of
+            # short captures can miss every 2 s beat between its unsubscribe and subscribe)
             beats: list[dict] = []
-            deadline = time.monotonic() + 60
             with app.connection_for_read() as conn:
                 recv = app.events.Receiver(conn, handlers={"worker-heartbeat": beats.append})
-                while not beats and time.monotonic() < deadline:
-                    try:
-                        recv.capture(limit=1, timeout=1)
-                    except (TimeoutError, socket.timeout):
-                        pass
+                try:
+                    for _ in recv.itercapture(timeout=60, wakeup=False):
+                        if beats:
+                            break
+                except (TimeoutError, socket.timeout):
+                    pass
             assert beats and beats[0]["hostname"].startswith("shipped@"), workers.log(0)[-3000:]
             first_main = _wait(lambda: workers.celery_main(w), "the Celery worker under imagefarm worker")
 
