@@ -85,6 +85,11 @@ class RegistryError(ImagefarmError):
         self.registry_status, self.codes = registry_status, tuple(codes)
         self.reference, self.request = reference, request
 
+    @property
+    def blob_unknown(self) -> bool:
+        """A manifest named a blob the repository does not have (deleted, or mid-upload elsewhere)."""
+        return bool({"BLOB_UNKNOWN", "MANIFEST_BLOB_UNKNOWN"}.intersection(self.codes))
+
 
 class RegistryUnreachable(RegistryError):
     transient = True

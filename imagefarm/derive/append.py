@@ -27,8 +27,6 @@ from .blobs import BlobPlacer
 from .values import AppendPayload, DeriveResult, PayloadLike
 
 PAYLOAD_REPO = "imagefarm-payload"
-#: the registry's codes for "a manifest names a blob I do not have"
-BLOB_UNKNOWN = frozenset({"BLOB_UNKNOWN", "MANIFEST_BLOB_UNKNOWN"})
 
 
 def payload_home(to: Prefix | str) -> str:
@@ -146,7 +144,7 @@ class Appender:
             try:
                 digest = self.client.put_manifest(dest, manifest, oci.OCI_MANIFEST, scopes=scopes)
             except RegistryError as exc:
-                if not BLOB_UNKNOWN.intersection(exc.codes) or attempt:
+                if not exc.blob_unknown or attempt:
                     raise
                 self.blobs.forget(target)  # someone deleted blobs we believed present
                 continue

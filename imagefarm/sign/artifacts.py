@@ -22,7 +22,7 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 from imagefarm import oci
-from imagefarm.errors import NotFound, SignatureError
+from imagefarm.errors import NotFound, RegistryError, SignatureError
 from imagefarm.names.reference import Reference
 from imagefarm.registry import RegistryClient
 
@@ -34,8 +34,15 @@ EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY = b"{}"
 EMPTY_DIGEST = oci.sha256_digest(EMPTY)
 
+
+class _Once:
+    """The empty blob in one repository: put by one thread while the others wait."""
+    def __init__(self) -> None:
+        self.lock, self.done = threading.Lock(), False
+
+
 _empty_lock = threading.Lock()
-_empty_in: "WeakKeyDictionary[RegistryClient, set[str]]" = WeakKeyDictionary()
+_empty_in: "WeakKeyDictionary[RegistryClient, dict[str, _Once]]" = WeakKeyDictionary()
 
 
 def tag_for(digest: str, kind: str) -> str:
@@ -50,16 +57,19 @@ def farm_trust(settings: Any) -> TrustStore:
     return trust_store(settings.config_dir, settings.trusted_keys)
 
 
-def _ensure_empty(client: RegistryClient, repo: Reference) -> None:
+def _ensure_empty(client: RegistryClient, repo: Reference, *, again: bool = False) -> None:
+    """Put the empty blob into ``repo`` once per client. One writer per repository at a
+    time: the registry's filesystem driver rewrites a blob's link in place, so a second
+    upload of the same blob can make a concurrent manifest PUT see it missing."""
     key = f"{repo.registry}/{repo.repository}"
     with _empty_lock:
-        known = _empty_in.setdefault(client, set())
-        if key in known:
+        once = _empty_in.setdefault(client, {}).setdefault(key, _Once())
+    with once.lock:
+        if once.done and not again:
             return
-    if not client.blob_exists(repo, EMPTY_DIGEST):
-        client.upload_blob(repo, EMPTY_DIGEST, EMPTY)
-    with _empty_lock:
-        known.add(key)
+        if again or not client.blob_exists(repo, EMPTY_DIGEST):
+            client.upload_blob(repo, EMPTY_DIGEST, EMPTY)
+        once.done = True
 
 
 def manifest_for(env: dict[str, Any], artifact_type: str, subject: oci.Descriptor) -> bytes:
@@ -83,10 +93,17 @@ def publish(client: RegistryClient, image: Reference, subject: oci.Descriptor, k
     s = signer_ or farm_signer(client.settings)
     env = envelope.seal(s, envelope.statement(subjects, artifact_type, predicate))
     repo = Reference(image.registry, image.repository)
-    _ensure_empty(client, repo)
     raw = manifest_for(env, artifact_type, subject)
-    return client.put_manifest(Reference(image.registry, image.repository, tag_for(subject.digest, kind)),
-                               raw, oci.OCI_MANIFEST)
+    tagged = Reference(image.registry, image.repository, tag_for(subject.digest, kind))
+    _ensure_empty(client, repo)
+    try:
+        return client.put_manifest(tagged, raw, oci.OCI_MANIFEST)
+    except RegistryError as exc:
+        if not exc.blob_unknown:
+            raise
+    # another process uploaded the empty blob at the same moment, or it was deleted
+    _ensure_empty(client, repo, again=True)
+    return client.put_manifest(tagged, raw, oci.OCI_MANIFEST)
 
 
 def read(client: RegistryClient, image: Reference, digest: str, kind: str, artifact_type: str,
