@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Protocol
 
 from . import jobs
+from imagefarm.errors import ImagefarmError
 from imagefarm.registry.ratelimit import RateLimited
 from imagefarm.settings import Settings
 
@@ -106,8 +107,6 @@ def _resubmit(pool: ThreadPoolExecutor, attempt: Callable[[], None], outer: Futu
 def _retrying(fn: Callable[[], dict[str, Any]], what: str, attempts: int = 6) -> dict[str, Any]:
     """The local pool's retry policy for transient errors (Celery has its own); a rate
     limit is no error here: ``_deferring`` waits it out."""
-    from imagefarm.errors import ImagefarmError
-
     for attempt in range(attempts):
         try:
             return fn()
@@ -143,20 +142,17 @@ class CeleryExecutor:
     def derive(self, base: str, publish: bool):
         from imagefarm.worker import tasks
 
-        return self._sent(tasks.derive.apply_async(
-            args=[base, self.settings.to, self.settings.recipe, self.layer, publish], kwargs=self._version))
+        return self._send(tasks.derive, [base, self.settings.to, self.settings.recipe, self.layer, publish])
 
     def relayer(self, bases: list[str], publish: list[str]):
         from imagefarm.worker import tasks
 
-        return self._sent(tasks.relayer.apply_async(
-            args=[bases, self.settings.to, self.settings.recipe, self.layer, publish], kwargs=self._version))
+        return self._send(tasks.relayer, [bases, self.settings.to, self.settings.recipe, self.layer, publish])
 
     def verify(self, image: str, digest: str):
         from imagefarm.worker import tasks
 
-        return self._sent(tasks.verify.apply_async(
-            args=[image, digest, self.settings.to, self.settings.recipe, self.verify_timeout], kwargs=self._version))
+        return self._send(tasks.verify, [image, digest, self.settings.to, self.settings.recipe, self.verify_timeout])
 
     @property
     def _version(self) -> dict[str, str]:
@@ -164,7 +160,31 @@ class CeleryExecutor:
         v = self.settings.agent_server_version
         return {"version": v} if v else {}
 
-    def _sent(self, handle):
+    def _send(self, task: Any, args: list[Any]):
+        """Send one task, waiting out a broker that is away (a Redis restart) as the
+        workers' retries do; after ``BROKER_PATIENCE`` the batch stops with a clear error
+        (its state is saved, a rerun skips what is done)."""
+        import redis
+        from kombu.exceptions import OperationalError
+
+        from imagefarm.worker.tasks import BROKER_PATIENCE
+
+        deadline, delay = time.monotonic() + BROKER_PATIENCE, 0.5
+        while True:
+            try:
+                handle = task.apply_async(args=args, kwargs=self._version)
+                break
+            except (OperationalError, RuntimeError) as exc:
+                # RuntimeError: Celery's result subscriber gave up reconnecting (it tries
+                # again on the next send)
+                if isinstance(exc, RuntimeError) and not isinstance(exc.__cause__, redis.ConnectionError):
+                    raise
+                if time.monotonic() > deadline:
+                    raise ImagefarmError(f"the broker {redacted(self.settings.broker_url)} took no task for "
+                                         f"{BROKER_PATIENCE:.0f} s ({exc}): is Redis running? run the same "
+                                         "command again once it is (what is done is skipped)") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
         self.submitted.append(handle.id)
         return handle
 

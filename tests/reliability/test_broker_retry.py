@@ -69,3 +69,33 @@ def test_retry_waits_for_the_broker_to_come_back(broker_at):
     mine = [m for m in queued if m["headers"]["id"] == tid]
     assert len(mine) == 1, queued
     assert mine[0]["headers"]["retries"] == 1 and mine[0]["headers"]["task"] == "imagefarm.verify", mine[0]["headers"]
+
+
+def test_the_driver_sends_a_task_once_the_broker_is_back(own_redis):
+    """The prebuild driver submits verify tasks as derives finish, so a submission can
+    meet a Redis restart (seen in the Redis-rounds test: the driver died of kombu's
+    ``OperationalError``). Its send waits the broker out: the task is on the queue once,
+    sent after the restart. The sender is its own process, as the driver is."""
+    import subprocess
+    import sys
+
+    own_redis.kill()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(own_redis.url).ping()  # the broker is away when the send starts
+    code = ("import sys; from imagefarm.settings import Settings; from imagefarm.farm.executors import CeleryExecutor; "
+            "s = Settings.load().model_copy(update={'broker_url': sys.argv[1]}); "
+            "print(CeleryExecutor(s, None).verify('127.0.0.1:1/x/y:z', 'sha256:' + '0' * 64).id)")
+    sender = subprocess.Popen([sys.executable, "-c", code, own_redis.url], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    back = threading.Timer(20.0, own_redis.start)  # as long as the rounds' longest
+    back.start()
+    try:
+        out, err = sender.communicate(timeout=120)
+    finally:
+        back.join()
+        sender.kill()
+    assert sender.returncode == 0, err[-3000:]
+    task_id = out.strip()
+    queued = [json.loads(m) for m in redis.Redis.from_url(own_redis.url).lrange(VERIFY_QUEUE, 0, -1)]
+    mine = [m for m in queued if m["headers"]["id"] == task_id]
+    assert len(mine) == 1 and mine[0]["headers"]["task"] == "imagefarm.verify", queued
