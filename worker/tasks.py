@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import redis
 from celery import Task
@@ -53,15 +53,25 @@ class FarmTask(Task):
         countdown = kwargs.get("countdown")
         _note_eta(self, kwargs["eta"].timestamp() if kwargs.get("eta") else
                   time.time() + (self.default_retry_delay if countdown is None else countdown))
-        deadline, delay = time.monotonic() + BROKER_PATIENCE, 0.5
-        while True:
-            try:
-                return super().retry(*args, **kwargs)
-            except Reject:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return broker_patient(lambda: super(FarmTask, self).retry(*args, **kwargs),
+                              lambda exc: isinstance(exc, Reject))
+
+
+def broker_patient(call: Callable[[], Any], away: Callable[[BaseException], bool],
+                   patience: float = BROKER_PATIENCE) -> Any:
+    """``call()``, called again (backing off to 5 s) while it fails in a way ``away`` says
+    means the broker is away; after ``patience`` seconds that failure is raised."""
+    deadline, delay = time.monotonic() + patience, 0.5
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not away(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 RECORD_TTL = 7 * 24 * 3600
 _client: tuple[int, redis.Redis] | None = None
 

@@ -167,24 +167,22 @@ class CeleryExecutor:
         import redis
         from kombu.exceptions import OperationalError
 
-        from imagefarm.worker.tasks import BROKER_PATIENCE
+        from imagefarm.worker.tasks import BROKER_PATIENCE, broker_patient
 
-        deadline, delay = time.monotonic() + BROKER_PATIENCE, 0.5
-        while True:
-            try:
-                handle = task.apply_async(args=args, kwargs=self._version)
-                break
-            except (OperationalError, RuntimeError) as exc:
-                # RuntimeError: Celery's result subscriber gave up reconnecting (it tries
-                # again on the next send)
-                if isinstance(exc, RuntimeError) and not isinstance(exc.__cause__, redis.ConnectionError):
-                    raise
-                if time.monotonic() > deadline:
-                    raise ImagefarmError(f"the broker {redacted(self.settings.broker_url)} took no task for "
-                                         f"{BROKER_PATIENCE:.0f} s ({exc}): is Redis running? run the same "
-                                         "command again once it is (what is done is skipped)") from None
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        def away(exc: BaseException) -> bool:
+            # RuntimeError: Celery's result subscriber gave up reconnecting (it tries
+            # again on the next send)
+            return isinstance(exc, OperationalError) or (
+                isinstance(exc, RuntimeError) and isinstance(exc.__cause__, redis.ConnectionError))
+
+        try:
+            handle = broker_patient(lambda: task.apply_async(args=args, kwargs=self._version), away)
+        except (OperationalError, RuntimeError) as exc:
+            if not away(exc):
+                raise
+            raise ImagefarmError(f"the broker {redacted(self.settings.broker_url)} took no task for "
+                                 f"{BROKER_PATIENCE:.0f} s ({exc}): is Redis running? run the same "
+                                 "command again once it is (what is done is skipped)") from None
         self.submitted.append(handle.id)
         return handle
 
