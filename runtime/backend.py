@@ -101,24 +101,33 @@ class PodmanBackend:
         return await asyncio.to_thread(release_mounts, self.settings)
 
     async def _run(self, *args: str, check: bool = True, timeout: float | None = None,
-                   merge: bool = False) -> tuple[int, str, str]:
+                   merge: bool = False, finish: bool = False) -> tuple[int, str, str]:
+        """One podman verb. Cancelled, it is killed, unless ``finish``: then it runs to
+        its end first (``podman run`` killed between runc create and runc start leaves
+        conmon and ``runc init`` running, which no podman verb finds again)."""
         t0 = time.monotonic()
         log.debug("podman %s", " ".join(args))
         proc = await asyncio.create_subprocess_exec(
             self.exe, *args, env=self.env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT if merge else asyncio.subprocess.PIPE)
+        talk = asyncio.ensure_future(proc.communicate())
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout or self.timeout)
+            out, err = await asyncio.wait_for(asyncio.shield(talk), timeout or self.timeout)
         except asyncio.CancelledError:
+            if finish:
+                try:
+                    await asyncio.wait_for(talk, timeout or self.timeout)
+                except (asyncio.TimeoutError, asyncio.CancelledError):
+                    pass
             _kill(proc)
             try:  # reap it now: a transport collected after the loop closed warns
-                await asyncio.wait_for(proc.wait(), 5)
+                await asyncio.wait_for(talk, 5)
             finally:
                 raise
         except asyncio.TimeoutError:
             _kill(proc)
-            await proc.wait()
+            await talk
             raise BackendError(f"`podman {' '.join(args[:2])}` timed out after {timeout or self.timeout}s",
                                BackendError.TIMEOUT) from None
         so = out.decode(errors="replace")
@@ -194,7 +203,7 @@ class PodmanBackend:
                 args.append("--tls-verify=false")
             args += spec.extra
             args += ["--entrypoint", json.dumps(spec.argv[:1]), spec.image, *spec.argv[1:]]
-            _, out, _ = await self._run(*args, timeout=300)
+            _, out, _ = await self._run(*args, timeout=300, finish=True)
             return out.strip().splitlines()[-1] if out.strip() else ""
         finally:
             Path(env_file).unlink(missing_ok=True)
