@@ -17,7 +17,9 @@ join with their capacity. The front
   ``node_timeout`` from the front's start to do so).
 
 Front and nodes authenticate each other with the fleet key (``IMAGEFARM_FLEET_KEY``
-or a key file), never the clients' key.
+or a key file), never the clients' key. Who joined and what each node last said is
+``nodes.NodeBook``'s; the routes nodes call are ``frontapi``'s; this module keeps the
+runtimes (records, placement, forwarding, prefetch).
 """
 
 from __future__ import annotations
@@ -32,14 +34,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
-from pydantic import BaseModel, Field
 
 from imagefarm.serve.apikey import HEADER
 from imagefarm.settings import Settings
 
 from .config import FrontOptions, ServeConfig
-from .errors import NodeForbidden, CapacityFull, NodeError, RuntimeServerError
+from .errors import CapacityFull, NodeError, RuntimeServerError
+from .nodes import Node, NodeBook
 from .models import PrefetchRequest, RuntimeInfo, StartRequest
 from .placement import NodeView, place, prefetch_target, slots_needed
 from .ports import parse_command
@@ -89,28 +90,6 @@ class FrontRecord:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-@dataclass
-class Node:
-    node_id: str
-    url: str
-    address: str
-    slots: int
-    boot: str = ""
-    ready: bool = False
-    state: str = "up"              #: up | lost | left
-    last_seen: float = 0.0         #: monotonic
-    images: list[str] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)
-    warm: dict[str, int] = field(default_factory=dict)        #: warm sandboxes per pinned image
-    payloads: list[dict[str, Any]] = field(default_factory=list)
-    token_hash: str = ""           #: sha256 of the token the node got when it joined
-
-    def persist(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("last_seen")
-        return d
-
-
 class Fleet:
     """The ``RuntimeService`` of a fleet's front: runtimes on the nodes that joined it."""
 
@@ -124,8 +103,7 @@ class Fleet:
         self.store = Store(config.state_dir or settings.state_dir / "fleet", record=FrontRecord)
         self.server_id = ""
         self.records = Records(self.store)
-        self.nodes: dict[str, Node] = {}
-        self._tokens: dict[str, str] = {}  # tokens handed out by admit() before the node's first report
+        self.book = NodeBook(self.store)
         self._touched: dict[str, set[str]] = {}
         self.records.on_touch.append(lambda rec: self._touched.setdefault(rec.node_id, set()).add(rec.runtime_id))
         self.templates = Templates(self.store, settings.recipe)  #: start shapes, for the nodes' warm sandboxes
@@ -135,16 +113,17 @@ class Fleet:
         self._chores: set[asyncio.Task] = set()
         self.on_ready: list = []
 
+    @property
+    def nodes(self) -> dict[str, Node]:
+        return self.book.nodes
+
     # -- lifecycle ------------------------------------------------------------------------
     async def startup(self) -> None:
         self.store.lock()
         self.server_id = self.store.server_id()
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=2.0), trust_env=False,
                                        headers={HEADER: self.fleet_key})
-        now = time.monotonic()
-        for d in json.loads(self.store.meta("nodes") or "{}").values():
-            node = Node(**d, last_seen=now)  # a grace of node_timeout to report again
-            self.nodes[node.node_id] = node
+        self.book.load()
         self.records.load()
         self._bg = [asyncio.create_task(self._watch_nodes(), name="fleet-watch")]
         log.info("fleet front %s: %d node(s) and %d runtime(s) found again; node timeout %gs, placement %s",
@@ -161,7 +140,7 @@ class Fleet:
         if self._http:
             await self._http.aclose()
         self.resolving.close()
-        self._save_nodes()
+        self.book.save()
         self.store.close()
 
     def _chore(self, coro) -> None:
@@ -169,9 +148,6 @@ class Fleet:
         task = asyncio.create_task(coro)
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
-
-    def _save_nodes(self) -> None:
-        self.store.set_meta("nodes", json.dumps({n.node_id: n.persist() for n in self.nodes.values()}))
 
     # -- the manager surface the app uses --------------------------------------------------
     def live_count(self) -> int:
@@ -381,23 +357,8 @@ class Fleet:
     def report(self, data: dict[str, Any]) -> dict[str, Any]:
         """A node's report (join, heartbeat or change): merge, answer what it should do."""
         nid = data["node_id"]
-        node = self.nodes.get(nid)
-        restarted = node is not None and node.boot and node.boot != data["boot"]
-        if node is None or restarted or node.state != "up":
-            log.info("node %s %s at %s (API %s): %d slot(s)%s", nid,
-                     "joined" if node is None else ("restarted" if restarted else "is back"),
-                     data["address"], data["url"], data["slots"], "" if data.get("ready") else ", prefetching")
-        if node is None:
-            node = self.nodes[nid] = Node(node_id=nid, url=data["url"], address=data["address"], slots=data["slots"],
-                                          token_hash=self._tokens.pop(nid, ""))
-        node.url, node.address, node.slots = data["url"], data["address"], int(data["slots"])
-        node.boot, node.ready, node.state = data["boot"], bool(data.get("ready")), "up"
-        node.last_seen = time.monotonic()
-        node.images = list(data.get("images") or [])
-        node.stats = dict(data.get("stats") or {})
-        node.warm = dict(data.get("warm") or {})
-        node.payloads = list(data.get("payloads") or [])
-        self._save_nodes()
+        noted = self.book.note(data)
+        node, restarted = noted.node, noted.restarted
         reported = {r["runtime_id"]: r for r in data.get("runtimes") or []}
         remove = []
         for rid, info in reported.items():
@@ -414,40 +375,10 @@ class Fleet:
         touched = sorted(self._touched.pop(nid, set()))
         return {"remove": remove, "touched": touched, "front_id": self.server_id}
 
-    def admit(self, node_id: str, token: str | None, peer: str | None, url: str | None = None) -> str | None:
-        """Who may speak for ``node_id``: the node that joined as it, holding the token it
-        got then (``NodeForbidden``, 403, otherwise); the URL it reports must be on the
-        address it connects from, so the front only ever calls the node itself. A first
-        report (join) returns the node's new token."""
-        if url is not None:
-            host = httpx.URL(url).host
-            if peer not in _addresses(host):
-                raise NodeForbidden(f"node {node_id}: its URL's host {host} is not the address it reports from "
-                                    f"({peer}): refused (set --advertise to an address of that node)")
-        node = self.nodes.get(node_id)
-        if node is not None and node.token_hash:
-            if not token or not secrets.compare_digest(_hash(token), node.token_hash):
-                raise NodeForbidden(f"node {node_id} joined with its own token; this report does not carry it: "
-                                    "refused (a node reports only for its own id)")
-            return None
-        if url is None:  # a leave for a node that never joined: nothing to do, nothing to give
-            return None
-        new = secrets.token_urlsafe(32)
-        if node is not None:
-            node.token_hash = _hash(new)
-        else:
-            self._tokens[node_id] = _hash(new)
-        return new
-
     def leave(self, node_id: str) -> None:
-        node = self.nodes.get(node_id)
-        if node is None:
-            return
-        node.state = "left"
-        for rec in [r for r in self.records.values() if r.node_id == node_id and r.status in LIVE]:
+        node = self.book.leave(node_id)
+        for rec in [r for r in self.records.values() if node and r.node_id == node_id and r.status in LIVE]:
             self._fail(rec, f"node {node_id} ({node.address}) left the fleet (its job ended)")
-        log.info("node %s left the fleet", node_id)
-        self._save_nodes()
 
     def _merge(self, rec: FrontRecord, info: dict[str, Any], *, reported: bool) -> None:
         was = rec.pod_status
@@ -470,16 +401,9 @@ class Fleet:
     async def _watch_nodes(self) -> None:
         while True:
             await asyncio.sleep(min(0.5, self.node_timeout / 4))
-            now = time.monotonic()
-            for node in list(self.nodes.values()):
-                if node.state == "up" and now - node.last_seen > self.node_timeout:
-                    node.state = "lost"
-                    why = (f"node {node.node_id} ({node.address}) stopped answering: no report for "
-                           f"{now - node.last_seen:.1f}s (node timeout {self.node_timeout:g}s)")
-                    log.warning("%s", why)
-                    for rec in [r for r in self.records.values() if r.node_id == node.node_id and r.status in LIVE]:
-                        self._fail(rec, why)
-                    self._save_nodes()
+            for node, why in self.book.expire(self.node_timeout):
+                for rec in [r for r in self.records.values() if r.node_id == node.node_id and r.status in LIVE]:
+                    self._fail(rec, why)
             # failed runtimes nobody polls are forgotten after failed_ttl, as on one node
             ttl = self.config.failed_ttl
             for rec in [r for r in self.records.values() if r.status == "error" and time.time() - r.last_activity > ttl]:
@@ -505,74 +429,8 @@ class Fleet:
         return rows
 
 
-def _hash(token: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _peer(request: Request) -> str | None:
-    return request.client.host if request.client else None
-
-
-def _addresses(host: str) -> set[str]:
-    """The IP addresses ``host`` names (itself, for an IP)."""
-    import ipaddress
-    import socket
-
-    try:
-        return {str(ipaddress.ip_address(host.strip("[]")))}
-    except ValueError:
-        pass
-    try:
-        return {ai[4][0] for ai in socket.getaddrinfo(host, None)}
-    except OSError:
-        return set()
-
-
 def _detail(r: httpx.Response) -> str:
     try:
         return str(r.json().get("detail"))
     except ValueError:
         return r.text[:500]
-
-
-class NodeReport(BaseModel):
-    node_id: str = Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z_.-]+$")
-    boot: str = Field(min_length=1, max_length=64)
-    url: str = Field(min_length=1, max_length=1024, pattern=r"^https?://")
-    address: str = Field(min_length=1, max_length=255)
-    slots: int = Field(ge=0, le=100000)
-    ready: bool = True
-    images: list[str] = Field(default_factory=list, max_length=100000)
-    runtimes: list[dict[str, Any]] = Field(default_factory=list, max_length=100000)
-    stats: dict[str, Any] = Field(default_factory=dict)
-    warm: dict[str, int] = Field(default_factory=dict)
-    payloads: list[dict[str, Any]] = Field(default_factory=list, max_length=64)
-
-
-class NodeLeave(BaseModel):
-    node_id: str = Field(min_length=1, max_length=64)
-
-
-#: what nodes call on the front: open to the app's guard, checked against the fleet key instead
-FRONT_PATHS = ("/fleet/report", "/fleet/leave")
-
-
-def add_front_routes(app: FastAPI, fleet: Fleet) -> None:
-    """``/fleet/report`` and ``/fleet/leave``: what nodes call, with the fleet key."""
-    from .node import NODE_TOKEN, read_body
-
-    @app.post("/fleet/report", tags=["fleet"])
-    async def fleet_report(request: Request) -> dict[str, Any]:
-        body = await read_body(request, fleet.fleet_key, NodeReport)
-        token = fleet.admit(body.node_id, request.headers.get(NODE_TOKEN), _peer(request), body.url)
-        answer = fleet.report(body.model_dump())
-        return {**answer, "node_token": token} if token else answer
-
-    @app.post("/fleet/leave", tags=["fleet"])
-    async def fleet_leave(request: Request) -> dict[str, str]:
-        body = await read_body(request, fleet.fleet_key, NodeLeave)
-        fleet.admit(body.node_id, request.headers.get(NODE_TOKEN), _peer(request))
-        fleet.leave(body.node_id)
-        return {"node_id": body.node_id, "state": "left"}

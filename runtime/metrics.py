@@ -11,7 +11,6 @@ with ``http_headers`` in its scrape config).
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import Response

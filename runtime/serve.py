@@ -97,7 +97,8 @@ def build_server(settings: Settings, config: ServeConfig, *, host: str = "127.0.
     url = advertised_url(host, sock.getsockname()[1], public_host)
     resolver = resolver or default_resolver(settings)
     if front is not None:
-        from .fleet import FRONT_PATHS, Fleet, add_front_routes
+        from .fleet import Fleet
+        from .frontapi import FRONT_PATHS, add_front_routes
 
         fleet = Fleet(settings, resolver, config, front)
         app = create_app(settings, None, resolver, config, manager=fleet, open_paths=FRONT_PATHS)

@@ -7,7 +7,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from imagefarm.runtime.fleet import NodeReport
+from imagefarm.runtime.frontapi import NodeReport
 from imagefarm.runtime.node import NodeStart, read_body
 from imagefarm.serve.apikey import HEADER
 
