@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from imagefarm.errors import ConfigError, ImagefarmError
-from imagefarm.names.reference import parse
+from imagefarm.names.reference import Reference, parse
 from imagefarm.payload.recipe import load_recipe
 
 from .errors import NoPrebuiltImage
@@ -40,9 +40,10 @@ VERSION_ENV = "IMAGEFARM_AGENT_SERVER_VERSION"
 
 
 class Resolver(Protocol):
-    def resolve(self, image: str, *, recipe: str | None = None, version: str | None = None) -> Any:
-        """The prebuilt image serving ``image`` (a base or a derived reference) of
-        ``recipe`` at ``version`` (None: the resolver's defaults), or None."""
+    def resolve(self, image: Reference, *, recipe: str | None = None, version: str | None = None) -> Any:
+        """The prebuilt image serving ``image`` (a base or a derived reference, parsed
+        once by the server) of ``recipe`` at ``version`` (None: the resolver's
+        defaults), or None."""
 
 
 #: what the agent server answers once it serves
@@ -87,15 +88,6 @@ def recipe_for_command(settings: Any, argv: Sequence[str]) -> str | None:
     return _launchers(Path(settings.recipes_dir), settings.recipe).get(argv[0])
 
 
-def describe_base(image: str) -> str:
-    """The base a request names, normalised for messages (the input if unparsable)."""
-    try:
-        ref = parse(image)
-    except Exception:  # noqa: BLE001
-        return image
-    return ref.familiar
-
-
 def pinned_image(hit: Any) -> str:
     """``repo@sha256:...`` from a resolver hit (``.pinned`` if it has one, else ``.image``)."""
     image = getattr(hit, "pinned", None) or hit.image
@@ -118,11 +110,11 @@ class Resolving:
         """The resolver's hit for ``image`` of ``recipe`` (None: the settings'; the caller
         takes it from the client's command with ``recipe_for_command``) at agent-server
         ``version`` (None: the resolver's default); ``NoPrebuiltImage`` without one."""
-        parse(image)  # InvalidReference (400) before any registry traffic
+        ref = parse(image)  # the one parse of a request's image: InvalidReference (400) before any registry traffic
         ask = {k: v for k, v in (("recipe", recipe), ("version", version)) if v}
-        hit = await asyncio.to_thread(functools.partial(self.resolver.resolve, image, **ask))
+        hit = await asyncio.to_thread(functools.partial(self.resolver.resolve, ref, **ask))
         if hit is None:
-            raise NoPrebuiltImage(image, describe_base(image), self.to, recipe=recipe, version=version)
+            raise NoPrebuiltImage(image, ref.familiar, self.to, recipe=recipe, version=version)
         return hit
 
     def registry(self) -> Any:

@@ -59,9 +59,9 @@ class LookupHit:
     verified: bool
     source: str = "registry"   #: "registry" or "lockfile"
 
-    @property
+    @cached_property
     def pinned(self) -> str:
-        """``repository@digest``: what a runtime should start."""
+        """``repository@digest``: what a runtime should start (parsed once per hit)."""
         return parse(self.image).with_digest(self.digest).pinned
 
     def to_json(self) -> dict[str, Any]:
@@ -75,7 +75,10 @@ class LookupHit:
 
 def normalise_query(query: Any) -> Reference:
     """A base reference from what users have: a reference string (short or full,
-    by tag or digest), a SkyRL/R2E dataset row, or its JSON text."""
+    by tag or digest), a SkyRL/R2E dataset row, or its JSON text; a ``Reference``
+    (parsed at the caller's edge) as it is."""
+    if isinstance(query, Reference):
+        return query
     if isinstance(query, str) and query.lstrip().startswith("{"):
         try:
             query = json.loads(query)

@@ -22,12 +22,31 @@ def _sid(prefix: str = "agent-server") -> str:
     return f"{prefix}-{uuid.uuid4()}"
 
 
-def test_sdk_start_ready_agent_writes_testbed_stop(server_factory, client, prebuilt, rt_settings, caplog):
+def _count_parses(monkeypatch, text: str) -> list[str]:
+    """Wrap ``names.reference.parse`` wherever a loaded module holds it; the calls on ``text``."""
+    import sys
+
+    from imagefarm.names import reference
+
+    orig, calls = reference.parse, []
+
+    def counting(value, *a, **k):
+        if value == text:
+            calls.append(value)
+        return orig(value, *a, **k)
+    for mod in [m for m in list(sys.modules.values()) if getattr(m, "parse", None) is orig]:
+        monkeypatch.setattr(mod, "parse", counting)
+    return calls
+
+
+def test_sdk_start_ready_agent_writes_testbed_stop(server_factory, client, prebuilt, rt_settings, caplog,
+                                                   monkeypatch):
     caplog.set_level(logging.INFO, logger="imagefarm.runtime")
     with server_factory() as srv:
         sid = _sid()
         assert client.get(f"{srv.url}/sessions/{sid}").status_code == 404  # SDK: 404 means new
 
+        parses = _count_parses(monkeypatch, prebuilt["r2e_base"])
         r = client.post(f"{srv.url}/start", json=sdk_start_body(prebuilt["r2e_base"], sid))
         assert r.status_code == 200, r.text
         started = r.json()
@@ -39,6 +58,7 @@ def test_sdk_start_ready_agent_writes_testbed_stop(server_factory, client, prebu
 
         ready = wait_pod_status(client, f"{srv.url}/sessions/{sid}")
         assert ready["status"] == "running" and ready["runtime_id"] == started["runtime_id"]
+        assert len(parses) == 1  # the request's image is parsed once, at the edge, from /start to ready
         assert ready["container_statuses"][0]["ready"] is True
         # what the SDK then does: GET {url}/health without any header
         assert httpx.get(f"{started['url']}/health", timeout=5).status_code == 200
