@@ -209,6 +209,52 @@ def test_runtime_server_started_by_the_user_serves_api_remote_workspace(as_user,
             proc.wait(60)
 
 
+@pytest.mark.soak
+def test_twenty_rootless_starts_in_a_row(as_user, rreg, user_derived, base):
+    """By hand (``pytest -m soak -s -k twenty_rootless``): 20 starts of one image, one at a
+    time, on a runtime server the user runs; each must turn ready (none failed, none
+    past the server's ready timeout). Prints each start's seconds to ready and the
+    agent server's own boot as the server logged it."""
+    import httpx
+
+    from tests.runtime.rtkit import sdk_start_body
+
+    _doc, env = user_derived
+    key = secrets.token_urlsafe(24)
+    port = free_port()
+    url_file = as_user.work / "runtime-url-soak"
+    env = {**env, "IMAGEFARM_TO": f"{rreg.host}/team", "IMAGEFARM_RUNTIME_API_KEY": key}
+    log = as_user.work / "server-soak.log"
+    proc = as_user.popen([str(as_user.bin / "imagefarm"), "runtime", "serve", "--port", str(port),
+                          "--port-range", "38500-38599", "--url-file", str(url_file), "--stop-on-exit"], env, log)
+    rows = []
+    try:
+        deadline = time.monotonic() + 120
+        while not url_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        url = url_file.read_text().strip()
+        with httpx.Client(headers={"X-API-Key": key}, timeout=60) as c:
+            for i in range(20):
+                sid = f"soak-{i}-{secrets.token_hex(4)}"
+                t0 = time.monotonic()
+                started = c.post(f"{url}/start", json=sdk_start_body(base.ref, sid))
+                assert started.status_code == 200, started.text
+                while (st := c.get(f"{url}/sessions/{sid}").json())["pod_status"] not in (
+                        "ready", "failed", "crashloopbackoff", "unknown"):
+                    time.sleep(0.05)
+                rows.append((i, st["pod_status"], round(time.monotonic() - t0, 2)))
+                print(f"ROOTLESS-START {i}: {st['pod_status']} after {rows[-1][2]}s", flush=True)
+                assert st["pod_status"] == "ready", (rows, st.get("pod_logs"))
+                c.post(f"{url}/stop", json={"runtime_id": st["runtime_id"]})
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(60)
+        boots = re.findall(r"ready in ([0-9.]+)s after /start", log.read_text(errors="replace"))
+        print(f"ROOTLESS-STARTS {rows}; the server's own start->ready: {boots}", flush=True)
+
+
 def _wait_job(cluster, job, timeout=600):
     done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
     deadline = time.monotonic() + timeout
