@@ -35,7 +35,9 @@ import httpx
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field, ValidationError
 
+from imagefarm.errors import InvalidReference
 from imagefarm.host.statedir import state_subdir
+from imagefarm.names.reference import parse
 from imagefarm.serve.apikey import HEADER, key_matches, safe_errors
 
 from .manager import RuntimeManager
@@ -81,6 +83,14 @@ class PinnedHit:
     size: int | None = None
     verified: bool = False
     agent_server_version: str | None = None
+
+    @classmethod
+    def of(cls, pinned: str, base: str | None, size: int = 0) -> "PinnedHit":
+        """From the front's ``repo@sha256:...``, parsed once here (the wire model checked its shape)."""
+        ref = parse(pinned)
+        if ref.digest is None:
+            raise InvalidReference(f"{pinned!r} names no digest: the front sends pinned images only")
+        return cls(image=pinned, base=base, digest=ref.digest, size=size or None)
 
 
 @dataclass
@@ -160,8 +170,7 @@ class NodeAgent:
         """Pull what the front sends and keep its warm sandboxes; {image: warm}."""
         warm = {}
         for item in items:
-            hit = PinnedHit(image=item.image, base=item.base, digest=item.image.rsplit("@", 1)[1],
-                            size=item.size or None)
+            hit = PinnedHit.of(item.image, item.base, item.size)
             template = Template.from_json(item.template) if item.template else None
             _pull, warm[item.image] = self.manager.prefetch_pinned(hit, item.image, item.size, item.recipe,
                                                                    item.warm, template)
@@ -253,8 +262,7 @@ def add_node_routes(app: FastAPI, agent: NodeAgent) -> None:
     async def node_start(request: Request) -> RuntimeInfo:
         """A runtime the front placed here (image resolved and pinned by the front)."""
         body = await read_body(request, key, NodeStart)
-        hit = PinnedHit(image=body.prebuilt, base=body.base, digest=body.prebuilt.rsplit("@", 1)[1],
-                         size=body.size or None)
+        hit = PinnedHit.of(body.prebuilt, body.base, body.size)
         rec = await manager.start(body.request, hit=hit, runtime_id=body.runtime_id)
         return manager.info(rec)
 
