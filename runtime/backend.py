@@ -189,6 +189,13 @@ class PodmanBackend:
                 args += ["--label", f"{k}={v}"]
             for addr, hport, cport in spec.publish:
                 args += ["--publish", f"{addr}:{hport}:{cport}" if addr not in ("", "0.0.0.0") else f"{hport}:{cport}"]
+            if spec.publish:
+                # rootless podman dials each connection to a published port from inside the
+                # container's network namespace; before the server listens, a dial whose
+                # ephemeral source port is the server's own connects to itself and holds it
+                # (the server then fails "address already in use"): no dial may take it
+                ports = ",".join(sorted({str(c) for _, _, c in spec.publish}))
+                args += ["--sysctl", f"net.ipv4.ip_local_reserved_ports={ports}"]
             if spec.working_dir:
                 args += ["--workdir", spec.working_dir]
             if spec.user is not None:

@@ -7,6 +7,7 @@ the container they serve) and podman's container list.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from pathlib import Path
 
@@ -73,3 +74,70 @@ def test_a_podman_run_cancelled_between_create_and_start_leaves_no_container_beh
     assert _processes_of(name) == []
     listed = run(rt_settings, ["podman", "ps", "--all", "--filter", f"name={name}", "--format", "{{.Names}}"]).stdout
     assert listed.split() == []
+
+
+#: in the container: dial the agent port as rootlessport does (Go: no SO_REUSEADDR), then
+#: bind it as uvicorn does (SO_REUSEADDR)
+DIAL_THEN_SERVE = """
+import socket, sys, time
+c = socket.socket()
+try:
+    c.connect(("127.0.0.1", 60000))
+    print("dial: connected from", c.getsockname(), flush=True)
+except OSError as exc:
+    print("dial:", exc, flush=True)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("0.0.0.0", 60000))
+    s.listen()
+except OSError as exc:
+    print("serve:", exc, flush=True)
+    sys.exit(3)
+print("serve: listening", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("through", ["backend", "plain-podman"])
+def test_a_dial_inside_the_container_never_takes_the_agent_port(rt_settings, prebuilt, through):
+    """Rootless podman dials each connection to a published port from inside the
+    container's own network namespace; before the agent server listens, a dial whose
+    ephemeral source port is the agent's port connects to itself and holds it, and the
+    agent server then fails with "address already in use" (seen: 1 start in 27, the
+    server probing every 20 ms while the agent boots). Here the container's ephemeral
+    range is narrowed to that one port, so the self-connect is certain rather than rare:
+    a plain ``podman run`` shows it land; the backend reserves the agent port in the
+    container's namespace (``ip_local_reserved_ports``), so the dial finds no port and
+    the server binds."""
+    image = f"{prebuilt['r2e'].image.rsplit(':', 1)[0]}@{prebuilt['r2e'].digest}"
+    name = f"imagefarm-selfconnect-{uuid.uuid4().hex[:10]}"
+    port = PortPool((45000, 45999), "127.0.0.1").take(())
+    narrow = ["--sysctl", "net.ipv4.ip_local_port_range=60000 60000"]
+    argv = ["/usr/bin/python3", "-c", DIAL_THEN_SERVE]
+
+    async def scenario() -> str:
+        backend = PodmanBackend(rt_settings)
+        if not await backend.image_exists(image):
+            await backend.pull(image, tls_verify=False)
+        try:
+            if through == "backend":
+                await backend.run(ContainerSpec(name=name, image=image, argv=argv, env={}, labels={},
+                                                publish=[("127.0.0.1", port, 60000)], extra=narrow))
+            else:
+                run(rt_settings, ["podman", "run", "--detach", "--name", name, "--publish", f"127.0.0.1:{port}:60000",
+                                  *narrow, "--entrypoint", argv[0], image, *argv[1:]])
+            for _ in range(100):
+                logs = await backend.logs(name)
+                if "serve:" in logs:
+                    return logs
+                await asyncio.sleep(0.1)
+            return logs
+        finally:
+            await backend.remove(name)
+
+    logs = asyncio.run(scenario())
+    if through == "backend":
+        assert "serve: listening" in logs and "dial: connected" not in logs, logs
+    else:  # the fault, shown to land: the dial connected to itself and the bind failed
+        assert "dial: connected from ('127.0.0.1', 60000)" in logs and "Address already in use" in logs, logs
