@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -125,6 +126,21 @@ def as_user() -> AsUser:
             assert done.returncode == 0, f"the user's containers in {state} were not removed: {done.stderr[-2000:]}"
     for d in (base, *job_states):
         shutil.rmtree(d, ignore_errors=True)
+    if os.geteuid() == 0:  # the account is the suite's: its rootless podman pause processes go too
+        _kill_pause_processes(user.uid)
+
+
+def _kill_pause_processes(uid: int) -> None:
+    """Rootless podman keeps one pause process per runtime directory (its user namespace),
+    for ever: argv is the podman executable alone."""
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and p.stat().st_uid == uid:
+                argv = (p / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+                if len(argv) == 1 and argv[0].rsplit(b"/", 1)[-1] == b"podman":
+                    os.kill(int(p.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 @pytest.fixture(scope="module")
