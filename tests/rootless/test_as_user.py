@@ -7,6 +7,7 @@ the registry's access log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -182,79 +183,74 @@ def _server_processes(user: str) -> list[str]:
     return [line for line in out.splitlines() if "runtime serve" in line]
 
 
+@contextlib.contextmanager
+def _user_server(as_user, env: dict[str, str], name: str, port_range: str, *extra: str):
+    """``imagefarm runtime serve`` as the user: (url, key, port, log) once its URL is written;
+    stopped (SIGTERM to its group) after."""
+    key = secrets.token_urlsafe(24)
+    port = free_port()
+    url_file = as_user.work / f"runtime-url-{name}"
+    env = {**env, "IMAGEFARM_RUNTIME_API_KEY": key}
+    log = as_user.work / f"server-{name}.log"
+    proc = as_user.popen([str(as_user.bin / "imagefarm"), "runtime", "serve", "--port", str(port),
+                          "--port-range", port_range, "--url-file", str(url_file), *extra], env, log)
+    try:
+        deadline = time.monotonic() + 120
+        while not url_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        yield url_file.read_text().strip(), key, port, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(60)
+
+
 @pytest.mark.slow
 def test_runtime_server_started_by_the_user_serves_api_remote_workspace(as_user, rreg, user_derived, base,
                                                                           sdk_python):
     """The trainer's client (root here, another process in real life) talks to a
     runtime server the user started: the sandbox runs in the user's rootless podman."""
     _doc, env = user_derived
-    key = secrets.token_urlsafe(24)
-    port = free_port()
-    url_file = as_user.work / "runtime-url"
-    env = {**env, "IMAGEFARM_TO": f"{rreg.host}/team", "IMAGEFARM_RUNTIME_API_KEY": key}
-    log = as_user.work / "server.log"
-    proc = as_user.popen([str(as_user.bin / "imagefarm"), "runtime", "serve", "--port", str(port),
-                          "--port-range", "38600-38699", "--url-file", str(url_file)], env, log)
-    try:
-        deadline = time.monotonic() + 120
-        while not url_file.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+    with _user_server(as_user, {**env, "IMAGEFARM_TO": f"{rreg.host}/team"}, "sdk", "38600-38699") as (url, key, port, _):
         assert any(str(port) in line for line in _server_processes(as_user.user.name))
         # a loaded 2-core machine: the first start of an image in rootless storage took 79 s once
-        _sdk_exec(sdk_python, url_file.read_text().strip(), key, base.ref, startup=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)
-            proc.wait(60)
+        _sdk_exec(sdk_python, url, key, base.ref, startup=600)
 
 
 @pytest.mark.soak
 def test_twenty_rootless_starts_in_a_row(as_user, rreg, user_derived, base):
-    """By hand (``pytest -m soak -s -k twenty_rootless``): 20 starts of one image, one at a
-    time, on a runtime server the user runs; each must turn ready (none failed, none
-    past the server's ready timeout). Prints each start's seconds to ready and the
-    agent server's own boot as the server logged it."""
+    """By hand (``pytest -m soak -s -k twenty_rootless``, ``ROOTLESS_STARTS=40`` for more):
+    starts of one image, one at a time, on a runtime server the user runs; each must turn
+    ready. Prints each start's seconds to ready (and a failed one's logs) and the
+    server's own start->ready figures."""
     import httpx
 
     from tests.runtime.rtkit import sdk_start_body
 
     _doc, env = user_derived
-    key = secrets.token_urlsafe(24)
-    port = free_port()
-    url_file = as_user.work / "runtime-url-soak"
-    env = {**env, "IMAGEFARM_TO": f"{rreg.host}/team", "IMAGEFARM_RUNTIME_API_KEY": key}
-    log = as_user.work / "server-soak.log"
-    proc = as_user.popen([str(as_user.bin / "imagefarm"), "runtime", "serve", "--port", str(port),
-                          "--port-range", "38500-38599", "--url-file", str(url_file), "--stop-on-exit"], env, log)
     rows = []
-    try:
-        deadline = time.monotonic() + 120
-        while not url_file.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
-        url = url_file.read_text().strip()
-        with httpx.Client(headers={"X-API-Key": key}, timeout=60) as c:
-            for i in range(int(os.environ.get("ROOTLESS_STARTS", "20"))):
-                sid = f"soak-{i}-{secrets.token_hex(4)}"
-                t0 = time.monotonic()
-                started = c.post(f"{url}/start", json=sdk_start_body(base.ref, sid))
-                assert started.status_code == 200, started.text
-                while (st := c.get(f"{url}/sessions/{sid}").json())["pod_status"] not in (
-                        "ready", "failed", "crashloopbackoff", "unknown"):
-                    time.sleep(0.05)
-                rows.append((i, st["pod_status"], round(time.monotonic() - t0, 2)))
-                print(f"ROOTLESS-START {i}: {st['pod_status']} after {rows[-1][2]}s", flush=True)
-                if st["pod_status"] != "ready":
-                    print(f"ROOTLESS-FAILED {st.get('restart_reasons')}\n{st.get('pod_logs')}\n"
-                          f"--- server log ---\n{log.read_text(errors='replace')[-6000:]}", flush=True)
-                c.post(f"{url}/stop", json={"runtime_id": st["runtime_id"]})
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)
-            proc.wait(60)
-        boots = re.findall(r"ready in ([0-9.]+)s after /start", log.read_text(errors="replace"))
-        print(f"ROOTLESS-STARTS {rows}; the server's own start->ready: {boots}", flush=True)
+    with _user_server(as_user, {**env, "IMAGEFARM_TO": f"{rreg.host}/team"}, "soak", "38500-38599",
+                      "--stop-on-exit") as (url, key, _port, log):
+        try:
+            with httpx.Client(headers={"X-API-Key": key}, timeout=60) as c:
+                for i in range(int(os.environ.get("ROOTLESS_STARTS", "20"))):
+                    sid = f"soak-{i}-{secrets.token_hex(4)}"
+                    t0 = time.monotonic()
+                    started = c.post(f"{url}/start", json=sdk_start_body(base.ref, sid))
+                    assert started.status_code == 200, started.text
+                    while (st := c.get(f"{url}/sessions/{sid}").json())["pod_status"] not in (
+                            "ready", "failed", "crashloopbackoff", "unknown"):
+                        time.sleep(0.05)
+                    rows.append((i, st["pod_status"], round(time.monotonic() - t0, 2)))
+                    print(f"ROOTLESS-START {i}: {st['pod_status']} after {rows[-1][2]}s", flush=True)
+                    if st["pod_status"] != "ready":
+                        print(f"ROOTLESS-FAILED {st.get('restart_reasons')}\n{st.get('pod_logs')}\n"
+                              f"--- server log ---\n{log.read_text(errors='replace')[-6000:]}", flush=True)
+                    c.post(f"{url}/stop", json={"runtime_id": st["runtime_id"]})
+        finally:
+            boots = re.findall(r"ready in ([0-9.]+)s after /start", log.read_text(errors="replace"))
+            print(f"ROOTLESS-STARTS {rows}; the server's own start->ready: {boots}", flush=True)
     assert [r for r in rows if r[1] != "ready"] == [], rows
 
 
@@ -339,7 +335,8 @@ def test_nothing_written_outside_the_users_state_and_cache(as_user, user_derived
     allowed = [as_user.work / "jobs", as_user.work / "run", as_user.work / "slurm-run", as_user.work / "data",
                *Path("/tmp").glob("imagefarm-runtime-*")]
     keys = as_user.work / "home/.config/imagefarm/keys"
-    extra = {as_user.work / n for n in ("lock.json", "server.log", "runtime-url", "worker.log")}
+    extra = {as_user.work / n for n in ("lock.json", "worker.log", "server-sdk.log", "runtime-url-sdk",
+                                        "server-soak.log", "runtime-url-soak")}
     extra |= {keys / "farm.key", keys / "farm.pub"}
     shm_lock = Path(f"/dev/shm/libpod_rootless_lock_{as_user.user.uid}")
     outside = [f for f in as_user.written_outside(allowed) if Path(f) not in extra and Path(f) != shm_lock]
