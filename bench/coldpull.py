@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from imagefarm import oci
-from imagefarm.host.containers import container_env, run
+from imagefarm.host.containers import run
 from imagefarm.host.services import Registry, free_port
 from imagefarm.payload import build_payload
 from imagefarm.payload.recipe import load_recipe

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from imagefarm.host.containers import container_env, release_mounts, which
+from imagefarm.host.containers import container_env, release_mounts, reserved_ports, which
 from imagefarm.settings import Settings
 from imagefarm.host.statedir import state_subdir
 
@@ -189,13 +189,7 @@ class PodmanBackend:
                 args += ["--label", f"{k}={v}"]
             for addr, hport, cport in spec.publish:
                 args += ["--publish", f"{addr}:{hport}:{cport}" if addr not in ("", "0.0.0.0") else f"{hport}:{cport}"]
-            if spec.publish:
-                # rootless podman dials each connection to a published port from inside the
-                # container's network namespace; before the server listens, a dial whose
-                # ephemeral source port is the server's own connects to itself and holds it
-                # (the server then fails "address already in use"): no dial may take it
-                ports = ",".join(sorted({str(c) for _, _, c in spec.publish}))
-                args += ["--sysctl", f"net.ipv4.ip_local_reserved_ports={ports}"]
+            args += reserved_ports(c for _, _, c in spec.publish)
             if spec.working_dir:
                 args += ["--workdir", spec.working_dir]
             if spec.user is not None:

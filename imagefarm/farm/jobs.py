@@ -69,7 +69,7 @@ def _check_task_payload(settings: Settings, recipe: Any, layer: oci.Layer) -> No
     """A task names the payload layer to append; append it only when the payload image
     at ``<to>/imagefarm-payload`` is signed by a trusted key for exactly that layer and
     diff_id (once per process and layer): a broker message is not proof."""
-    from imagefarm.payload.remote import find
+    from imagefarm.payload.remote import artifact_ref, find
 
     key = (settings.to, recipe.digest, layer.digest, layer.diff_id)
     if key in _checked:

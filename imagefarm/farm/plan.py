@@ -22,7 +22,7 @@ import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from imagefarm import oci
 from imagefarm.derive.append import PAYLOAD_REPO, existing_derive
@@ -32,6 +32,9 @@ from imagefarm.names.reference import Prefix, Reference
 from imagefarm.names.tags import derived_reference
 from imagefarm.registry import RegistryClient, ratelimit
 from imagefarm.settings import Settings
+
+if TYPE_CHECKING:
+    from .relayerplan import GroupPlan
 
 from .catalog import load
 

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from imagefarm import oci
-from imagefarm.host.containers import run
+from imagefarm.host.containers import reserved_ports, run
 from imagefarm.errors import ConfigError, ToolError, VerifyError
 from imagefarm.names.reference import parse
 from imagefarm.payload.recipe import Recipe, load_recipe, recipe_for
@@ -141,7 +141,7 @@ def verify(
     port = _free_port()
     name = f"imagefarm-verify-{secrets.token_hex(6)}"
     argv = ["podman", "run", "-d", "--name", name, "--label", f"{LABEL}=verify",
-            "-p", f"127.0.0.1:{port}:{PORT}",
+            "-p", f"127.0.0.1:{port}:{PORT}", *reserved_ports([PORT]),
             # the key by name only: podman takes the value from its own environment, so it is
             # never on a command line (ps, /proc/<pid>/cmdline) nor in an error message
             "-e", "SESSION_API_KEY", "-e", "LITELLM_LOCAL_MODEL_COST_MAP=True",

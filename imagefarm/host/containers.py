@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from imagefarm.errors import ConfigError, ToolError, ToolMissing
@@ -114,6 +114,17 @@ def containers_conf(state_dir: Path) -> Path:
         # rootless podman keeps CNI network configs (and their lock) in ~/.config/cni
         + ("" if os.geteuid() == 0 else f'[network]\nnetwork_config_dir = "{root / "cni"}"\n')
     ))
+
+
+def reserved_ports(ports: Iterable[int]) -> list[str]:
+    """``podman run`` flags that keep a container's published ports out of its own
+    ephemeral range. Rootless podman dials each connection to a published port from
+    inside the container's network namespace; before the server listens, a dial whose
+    ephemeral source port is the server's own connects to itself and holds it, and the
+    server's bind then fails "address already in use" (60000 lies in Linux's default
+    range; seen in 1 rootless start of 27 while the server probed every 20 ms)."""
+    listed = ",".join(sorted({str(int(p)) for p in ports}))
+    return ["--sysctl", f"net.ipv4.ip_local_reserved_ports={listed}"] if listed else []
 
 
 def container_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -6,6 +6,7 @@ the real payload build."""
 from __future__ import annotations
 
 import shutil
+import tarfile
 import subprocess
 from pathlib import Path
 

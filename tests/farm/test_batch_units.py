@@ -143,3 +143,23 @@ def test_lockfile_entries_ask_the_registry_once_per_unchecked_digest():
     got = entries(cat, outcomes, recipe, lambda image, digest: asked.append(image) or True)
     assert [e.instance_id for e in got] == ["i0", "i1", "i2"]  # i3's base failed: no entry
     assert [e.verified for e in got] == [True, True, False] and asked == [BASES[0] + "-p"]
+
+
+def test_a_task_naming_a_payload_that_is_not_published_is_refused_with_its_name(monkeypatch, tmp_path):
+    """The worker's check of a task's payload: no payload image at ``<to>`` is a
+    PayloadError naming where it looked (it was a NameError on this path)."""
+    import types
+
+    from imagefarm import oci
+    from imagefarm.errors import PayloadError
+    from imagefarm.farm import jobs
+    from imagefarm.payload import remote
+    from imagefarm.settings import Settings
+
+    settings = Settings(state_dir=tmp_path / "state", to="127.0.0.1:5999/pre")
+    recipe = types.SimpleNamespace(name="default", digest="sha256:" + "a" * 64)
+    layer = oci.Layer(tmp_path / "l", "sha256:" + "b" * 64, 1, "sha256:" + "c" * 64)
+    monkeypatch.setattr(jobs, "appender", lambda s: types.SimpleNamespace(client=None))
+    monkeypatch.setattr(remote, "find", lambda client, recipe, to: None)
+    with pytest.raises(PayloadError, match=r"127\.0\.0\.1:5999/pre/imagefarm-payload:sha256-a{64} does not exist"):
+        jobs._check_task_payload(settings, recipe, layer)

@@ -4,7 +4,6 @@ password is answered NOAUTH, and the password is in no log or output."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import stat
 import tempfile
