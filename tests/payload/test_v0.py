@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from imagefarm.farm.verify import pull, verify
-from imagefarm.host.containers import run
+from imagefarm.host.containers import reserved_ports, run
 from imagefarm.payload.recipe import recipe_for
 from imagefarm.registry import RegistryClient
 from imagefarm.names.reference import parse
@@ -91,8 +91,11 @@ def test_agent_skills_and_jupyter_plugins_start(settings, v0_images) -> None:
     at = command.index("--username")
     command[at:at] = ["--plugins", "agent_skills", "jupyter"]
     key, port, name = secrets.token_urlsafe(16), _free_port(), f"imagefarm-v0-jupyter-{secrets.token_hex(4)}"
-    run(settings, ["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:60000", "-e", "SESSION_API_KEY",
-                   "--entrypoint", command[0], image, *command[1:]], timeout=120, env={"SESSION_API_KEY": key})
+    # as the runtime starts it: the server's port reserved in the container (a Jupyter kernel
+    # binds five ephemeral ports; one of them was 60000 once in CI, and the server could not bind)
+    run(settings, ["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:60000", *reserved_ports([60000]),
+                   "-e", "SESSION_API_KEY", "--entrypoint", command[0], image, *command[1:]],
+        timeout=120, env={"SESSION_API_KEY": key})
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 240
