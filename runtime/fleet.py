@@ -377,7 +377,9 @@ class Fleet:
 
     def leave(self, node_id: str) -> None:
         node = self.book.leave(node_id)
-        for rec in [r for r in self.records.values() if node and r.node_id == node_id and r.status in LIVE]:
+        if node is None:
+            return
+        for rec in [r for r in self.records.values() if r.node_id == node_id and r.status in LIVE]:
             self._fail(rec, f"node {node_id} ({node.address}) left the fleet (its job ended)")
 
     def _merge(self, rec: FrontRecord, info: dict[str, Any], *, reported: bool) -> None:

@@ -73,18 +73,6 @@ class NodeBook:
     def save(self) -> None:
         self.store.set_meta("nodes", json.dumps({n.node_id: n.persist() for n in self.nodes.values()}))
 
-    def get(self, node_id: str) -> Node | None:
-        return self.nodes.get(node_id)
-
-    def __getitem__(self, node_id: str) -> Node:
-        return self.nodes[node_id]
-
-    def __len__(self) -> int:
-        return len(self.nodes)
-
-    def values(self) -> list[Node]:
-        return list(self.nodes.values())
-
     def admit(self, node_id: str, token: str | None, peer: str | None, url: str | None = None) -> str | None:
         """Who may speak for ``node_id``: the node that joined as it, holding the token it
         got then (``NodeForbidden``, 403, otherwise); the URL it reports must be on the
